@@ -1,0 +1,123 @@
+"""convert(): the pipeline, top to bottom, one line per stage.
+
+    >>> import amp_compiler as ac
+    >>> amp = ac.convert(model, dtype="bfloat16")
+    >>> amp.report()
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from amp_compiler.errors import ConfigError
+from amp_compiler.frontend import build_dataflow, capture
+from amp_compiler.module import AmpModule
+from amp_compiler.passes.classify import classify
+from amp_compiler.passes.fold_weights import fold_weights
+from amp_compiler.passes.insert_casts import insert_casts
+from amp_compiler.passes.policy import policy_for
+from amp_compiler.passes.propagate import propagate
+
+log = logging.getLogger("amp_compiler")
+
+_DTYPE_NAMES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "mixed_float16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "mixed_bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """'float16' / 'bfloat16' / 'mixed_float16' / 'mixed_bfloat16' / torch dtypes -> torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.lower()]
+    raise ConfigError(f"dtype={dtype!r} is not a low-precision dtype; use 'float16' or 'bfloat16' "
+                      f"(or torch.float16 / torch.bfloat16)")
+
+
+def model_device_type(model: nn.Module, example_inputs) -> str:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device.type
+    for a in example_inputs or ():
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="float16",
+            training: bool | None = None, keep_fp32: Iterable = (), force_low: Iterable = (),
+            calibration=None, tolerance: float | None = None, loss_scale="dynamic",
+            dynamic_batch: bool = True) -> AmpModule:
+    """Convert ``model`` to mixed precision; the model itself is never modified.
+
+    Args:
+        model: an ``nn.Module``.
+        example_inputs: a tuple of inputs. Given: ``torch.export`` captures the model (needed
+            for models fx cannot trace). Absent: ``torch.fx`` symbolic tracing.
+        dtype: ``"float16"`` | ``"bfloat16"`` (also torch dtypes and ``"mixed_*"`` spellings).
+        training: None follows ``model.training``; False folds weight casts once (inference).
+        keep_fp32 / force_low: op kinds, module-path globs, nn.Module classes or node names.
+        loss_scale: ``"dynamic"`` (fp16 training gets a LossScaler), a float (static), or None.
+
+    Example:
+        >>> amp = convert(model, dtype="bfloat16")
+        >>> amp.plan["fc1"].precision
+        torch.bfloat16
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    training = model.training if training is None else bool(training)
+    return _build(model, example_inputs, training=training, fold=not training, dtype=dtype,
+                  keep_fp32=keep_fp32, force_low=force_low, calibration=calibration,
+                  tolerance=tolerance, loss_scale=loss_scale, dynamic_batch=dynamic_batch)
+
+
+def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtype, keep_fp32,
+           force_low, calibration, tolerance, loss_scale, dynamic_batch) -> AmpModule:
+    """The pipeline; ``fold`` is False for the eval variant of a training conversion."""
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    low = resolve_dtype(dtype)
+    device_type = model_device_type(model, example_inputs)
+    options = dict(dtype=low, keep_fp32=tuple(keep_fp32) if not isinstance(keep_fp32, (str, type)) else (keep_fp32,),
+                   force_low=tuple(force_low) if not isinstance(force_low, (str, type)) else (force_low,),
+                   calibration=calibration, tolerance=tolerance, loss_scale=loss_scale,
+                   dynamic_batch=dynamic_batch)
+
+    was_training = model.training
+    try:
+        model.train(training)  # trace the graph of the mode asked for; restored below
+        # 1. capture: an FX GraphModule of our own (the user's parameters are shared, not copied)
+        gm, source = capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    finally:
+        model.train(was_training)
+    log.info("captured %s graph: %d nodes", source, len(gm.graph.nodes))
+    # 2. describe it IR-neutrally: kinds, dtypes, module paths, castable uses
+    dataflow = build_dataflow(gm)
+    # 3. classify: op kind -> category from the (device, dtype) policy; overrides resolved
+    policy = policy_for(device_type, low)
+    classes = classify(dataflow, policy, keep_fp32=options["keep_fp32"], force_low=options["force_low"])
+    # 4. propagate: paint precisions (rules R0-R7), every node gets a Decision
+    plan = propagate(dataflow, classes, policy)
+    log.info("plan: %s", plan)
+    # 5. insert casts: one per (value, dtype), outputs restored (rules I1-I6)
+    casts = insert_casts(gm, dataflow, plan)
+    log.info("inserted %d casts", casts.count)
+    # 6. inference: parameter casts folded into stored low-precision copies, once
+    if fold:
+        log.info("folded %d parameter casts", fold_weights(gm, casts.casts))
+    # 7. training in fp16: a loss scaler (bf16 has fp32's range and needs none)
+    scaler = None
+
+    def rebuild(mode: bool) -> AmpModule:
+        return _build(model, example_inputs, training=mode, fold=False, **options)
+
+    return AmpModule(gm, plan, dataflow=dataflow, casts=casts.casts, low_dtype=low,
+                     training=training, folded=fold, scaler=scaler, source=source,
+                     rebuild=rebuild)

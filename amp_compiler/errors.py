@@ -1,0 +1,34 @@
+"""Typed errors: every error amp_compiler raises on purpose derives from AmpCompilerError.
+
+Each message names the node / module / op involved and says what the user can do about it.
+"""
+
+from __future__ import annotations
+
+
+class AmpCompilerError(Exception):
+    """Base class of every error amp_compiler raises on purpose."""
+
+
+class TraceError(AmpCompilerError):
+    """The model could not be captured as a graph (symbolic tracing or torch.export failed)."""
+
+
+class ConfigError(AmpCompilerError, ValueError):
+    """A convert() argument is invalid (unknown dtype, unknown override, bad tolerance...)."""
+
+
+class UnsupportedModelError(AmpCompilerError):
+    """The model is valid PyTorch but something in it cannot be converted; the message says why."""
+
+
+class ToleranceError(AmpCompilerError):
+    """Tolerance mode could not bring the error under epsilon; the message gives the best reached."""
+
+
+class LossScalerError(AmpCompilerError):
+    """Loss scaler misuse (fp16 master weights, step() before scale(), ...)."""
+
+
+class OnnxError(AmpCompilerError):
+    """ONNX export or conversion failed; the message names the node and what to do."""

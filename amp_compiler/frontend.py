@@ -1,0 +1,308 @@
+"""Front end: capture an nn.Module as an FX GraphModule, then describe it as a DataflowGraph.
+
+Two capture paths:
+
+- no ``example_inputs``: ``torch.fx`` symbolic tracing that traces *through* every module
+  (parameters become ``get_attr`` nodes, so their casts are visible), except recurrent modules,
+  whose forward branches on input properties and which stay one ``rnn`` node;
+- with ``example_inputs``: ``torch.export.export(strict=False)`` with the batch dimension
+  dynamic (``Dim.AUTO``), then the exported program's module. Dtypes and shapes come from the
+  fake tensors export records.
+
+    >>> gm, source = capture(model)                         # fx
+    >>> gm, source = capture(model, (torch.randn(2, 784),)) # torch.export
+    >>> graph = build_dataflow(gm)
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from amp_compiler.errors import TraceError
+from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.kinds import LEAF_MODULE_KINDS, torch_kind
+from amp_compiler.passes.policy import CAST_ONLY_ARGS, NON_FLOAT
+
+# Arguments that carry integers or booleans by the op's definition (torch-level positions and
+# keyword names). Only needed where tracing recorded no dtypes (the fx path): such inputs are
+# never cast. Source: the torch.nn.functional / torch signatures.
+NON_FLOAT_ARGS: dict[str, tuple] = {
+    "embedding": (0, "input"),
+    "masked_fill": (1, "mask"),
+    "where": (0, "condition"),
+    "cross_entropy": (1, "target"),
+    "nll_loss": (1, "target"),
+    "gather": (2, "index"),
+    "scatter": (2, "index"),
+    "index_put": (1, "indices"),
+    "getitem": (1,),
+}
+
+# Consumers that read a value without computing on its floating-point data: they never cause a
+# cast and do not count as low/fp32 neighbours.
+_NO_CAST_KINDS = NON_FLOAT | {"cast", "getitem", "output"}
+
+
+def _fqn(mod: type) -> str:
+    return f"{mod.__module__}.{mod.__qualname__}"
+
+
+class _ThroughTracer(fx.Tracer):
+    """Traces through every module except recurrent ones; remembers where it was on failure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path_stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _fqn(type(m)) in LEAF_MODULE_KINDS
+
+    def call_module(self, m, forward, args, kwargs):
+        self.path_stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.path_stack.pop()
+
+
+def _user_frame(tb) -> str:
+    """The innermost traceback frame outside torch: the model line that broke tracing."""
+    frames = [f for f in traceback.extract_tb(tb)
+              if "/torch/" not in f.filename.replace("\\", "/") and "amp_compiler" not in f.filename]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def symbolic_capture(model: nn.Module) -> fx.GraphModule:
+    """fx.symbolic_trace through every submodule; TraceError names the module path and line."""
+    tracer = _ThroughTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 -- any tracing failure becomes one typed error
+        where = tracer.path_stack[-1] if tracer.path_stack else "<root>"
+        raise TraceError(
+            f"model is not symbolically traceable at `{where or '<root>'}` ({_user_frame(exc.__traceback__)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass "
+            f"example_inputs=(...) to convert() to use torch.export instead") from exc
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def export_capture(model: nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True) -> fx.GraphModule:
+    """torch.export (non-strict), batch dimension dynamic; returns the exported module."""
+    from torch.export import Dim, export
+
+    dynamic_shapes = None
+    if dynamic_batch:
+        dynamic_shapes = tuple({0: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+                               for a in example_inputs)
+    try:
+        ep = export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise TraceError(f"torch.export could not capture the model ({_user_frame(exc.__traceback__)}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                         f"Data-dependent Python control flow cannot be captured: rewrite it with "
+                         f"torch.where / torch.cond, or convert the submodules that are traceable") from exc
+    gm = ep.module()
+    _rebind_parameters(gm, model)
+    return gm
+
+
+def _rebind_parameters(gm: nn.Module, model: nn.Module) -> None:
+    """Make the exported module hold the user's own Parameter objects (fp32 master weights)."""
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)):
+        if name in originals:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            if owner._parameters.get(leaf) is not originals[name]:
+                owner._parameters[leaf] = originals[name]
+
+
+def capture(model: nn.Module, example_inputs: tuple | None = None, *,
+            dynamic_batch: bool = True) -> tuple[fx.GraphModule, str]:
+    """Capture ``model``: ("fx" | "export"), see the module docstring."""
+    if example_inputs is None:
+        return symbolic_capture(model), "fx"
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    return export_capture(model, example_inputs, dynamic_batch=dynamic_batch), "export"
+
+
+# -- FX -> DataflowGraph ------------------------------------------------------------------------
+
+def target_name(node: fx.Node) -> str:
+    """The op's own name: aten packet name, function __name__, method name, or module class."""
+    t = node.target
+    if node.op == "call_method":
+        return str(t)
+    if node.op == "call_module":
+        return str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t.__name__
+    return getattr(t, "__name__", str(t))
+
+
+def node_kind(node: fx.Node, gm: fx.GraphModule) -> str:
+    """Canonical kind of an FX node."""
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "get_attr":
+        return "param"
+    if node.op == "output":
+        return "output"
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if node.target == "_guards_fn" or type(mod).__name__.endswith("GuardsFn"):
+            return "guards"
+        return LEAF_MODULE_KINDS.get(_fqn(type(mod)), f"module:{type(mod).__name__}")
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return "shape"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return "getitem"
+    return torch_kind(target_name(node))
+
+
+def _meta_dtype(node: fx.Node):
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    if isinstance(val, torch.Tensor):
+        return val.dtype, tuple(val.shape), True
+    if val is not None and hasattr(val, "dtype") and hasattr(val, "shape"):  # TensorMetadata
+        return val.dtype, tuple(val.shape), True
+    if isinstance(val, (tuple, list)):
+        return None, None, True  # a tuple of tensors: known, but not one dtype
+    return None, None, val is not None
+
+
+def _module_info(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str | None]:
+    if node.op == "get_attr":
+        path = str(node.target).rpartition(".")[0]
+        try:
+            return path, _fqn(type(gm.get_submodule(path))) if path else None
+        except AttributeError:
+            return path, None
+    if node.op == "call_module":
+        return str(node.target), _fqn(type(gm.get_submodule(node.target)))
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", None
+    path, mtype = list(stack.values())[-1]
+    if not isinstance(mtype, str):
+        mtype = _fqn(mtype)
+    path = path if isinstance(path, str) else str(path)
+    if path.startswith("L['self']"):
+        path = path[len("L['self']"):].lstrip(".")
+    return path, mtype
+
+
+def _castable(kind: str, position, key: str | None, has_meta: bool) -> bool:
+    only = CAST_ONLY_ARGS.get(kind)
+    if only is not None and position not in only and not (key == "input" and 0 in only):
+        return False
+    if not has_meta:
+        nonfloat = NON_FLOAT_ARGS.get(kind, ())
+        if position in nonfloat or (key is not None and key in nonfloat):
+            return False
+    return True
+
+
+def _input_slots(node: fx.Node):
+    """Yield (input node, top-level position or None, keyword or None) for every use."""
+    def walk(a, position, key):
+        if isinstance(a, fx.Node):
+            yield a, position, key
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                yield from walk(x, position, key)
+        elif isinstance(a, dict):
+            for x in a.values():
+                yield from walk(x, position, key)
+    for i, a in enumerate(node.args):
+        yield from walk(a, i, None)
+    for k, a in node.kwargs.items():
+        yield from walk(a, None, k)
+
+
+def build_dataflow(gm: fx.GraphModule) -> DataflowGraph:
+    """One vertex per FX node, one edge per use, with kinds, dtypes and module paths."""
+    graph = DataflowGraph()
+    params = {id(p) for p in gm.parameters()}
+    is_float: dict[str, bool | None] = {}
+    for node in gm.graph.nodes:
+        kind = node_kind(node, gm)
+        dtype, shape, has_meta = _meta_dtype(node)
+        role = {"placeholder": "input", "output": "output"}.get(node.op, "compute")
+        if node.op == "get_attr":
+            value = _fetch_attr(gm, str(node.target))
+            if isinstance(value, torch.Tensor):
+                dtype, shape = value.dtype, tuple(value.shape)
+                role = "param" if id(value) in params else "const"
+                kind = role
+            else:
+                role, kind = "const", "const"
+        fl = dtype.is_floating_point if dtype is not None else None
+        if fl is None and not has_meta:
+            fl = _guess_float(node, kind, is_float)
+        is_float[node.name] = fl
+        path, mtype = _module_info(node, gm)
+        graph.add_vertex(node.name, role=role, kind=kind, dtype=dtype, is_float=fl, shape=shape,
+                         module_path=path, module_type=mtype, target=target_name(node))
+        for src, position, key in _input_slots(node):
+            cast = (kind not in _NO_CAST_KINDS and role != "output"
+                    and _castable(kind, position, key, has_meta))
+            graph.add_use(src.name, node.name, cast=cast)
+    return graph
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
+                  "double": torch.float64, "long": torch.int64, "int": torch.int32, "bool": torch.bool}
+
+
+def _guess_float(node: fx.Node, kind: str, known: dict[str, bool | None]) -> bool | None:
+    """Float-ness without recorded dtypes (fx path): from the op's semantics and its inputs."""
+    if node.op == "placeholder":
+        return None
+    if kind in NON_FLOAT or kind in ("guards", "shape"):
+        return False
+    if kind == "cast":
+        name = target_name(node)
+        if name in _DTYPE_METHODS:
+            return _DTYPE_METHODS[name].is_floating_point
+        for a in list(node.args[1:]) + list(node.kwargs.values()):
+            if isinstance(a, torch.dtype):
+                return a.is_floating_point
+        return None
+    if kind == "factory":
+        dt = node.kwargs.get("dtype")
+        if isinstance(dt, torch.dtype):
+            return dt.is_floating_point
+        if target_name(node) == "arange":
+            return any(isinstance(a, float) for a in node.args)
+        return True
+    inputs = [known.get(a.name) for a in node.all_input_nodes]
+    if kind == "getitem":
+        return known.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
+    if kind.startswith("module:") or kind in ("rnn",):
+        return None if kind == "rnn" else True
+    if True in inputs:
+        return True
+    if inputs and all(i is False for i in inputs):
+        return False
+    return None

@@ -1,0 +1,116 @@
+"""AmpModule: the converted model, an ordinary nn.Module wrapping the rewritten GraphModule.
+
+    >>> amp = amp_compiler.convert(model, dtype="bfloat16")
+    >>> y = amp(x)                   # runs like model(x); outputs keep their dtype
+    >>> print(amp.graph_module.code) # the casts, explicit
+    >>> amp.plan["fc1"].reason
+    'linear: matrix-unit op, computes in bfloat16'
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from amp_compiler.errors import AmpCompilerError
+from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.insert_casts import CastRecord
+from amp_compiler.passes.plan import PrecisionPlan
+
+
+class AmpModule(nn.Module):
+    """A mixed-precision model: ``graph_module`` holds the casts, ``plan`` says why."""
+
+    def __init__(self, graph_module: fx.GraphModule, plan: PrecisionPlan, *,
+                 dataflow: DataflowGraph, casts: list[CastRecord], low_dtype: torch.dtype,
+                 training: bool, folded: bool, scaler=None, source: str = "fx",
+                 rebuild: Callable[[bool], "AmpModule"] | None = None) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self._plan = plan
+        self._dataflow = dataflow
+        self._casts = list(casts)
+        self.low_dtype = low_dtype
+        self.folded = folded
+        self.source = source
+        self._scaler = scaler
+        self._rebuild = rebuild
+        self._other_modes: dict[bool, AmpModule] = {}
+        self.training = training  # a traced graph's mode is baked in; see train()
+
+    # -- public surface ------------------------------------------------------------------
+    @property
+    def plan(self) -> PrecisionPlan:
+        """The PrecisionPlan: node name -> Decision (kind, category, precision, rule, reason)."""
+        return self._plan
+
+    @property
+    def casts(self) -> list[CastRecord]:
+        """Casts present in the graph (after folding, parameter casts are gone)."""
+        names = {n.name for n in self.graph_module.graph.nodes}
+        return [c for c in self._casts if c.node in names]
+
+    @property
+    def scaler(self):
+        """The LossScaler (fp16 training) or None."""
+        return self._scaler
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def report(self, *, only: str | None = None, why: str | None = None, print_: bool = True):
+        """Print (and return) a table of every node's precision and reason, plus totals.
+
+        ``only``: "fp32" | "low" | "casts" | "unknown"; ``why``: one node's full decision.
+        """
+        from amp_compiler.report import render_report
+
+        return render_report(self, only=only, why=why, print_=print_)
+
+    def cast_count(self) -> int:
+        """Cast nodes executed per forward."""
+        return sum(1 for n in self.graph_module.graph.nodes if n.meta.get("amp_cast"))
+
+    # -- modes ---------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "AmpModule":
+        """Switch modes. Dropout and batch-norm semantics are baked into a traced graph, so the
+        other mode's graph is built once (same options, same shared parameters) and kept."""
+        if mode == self.training:
+            return self
+        if self.folded and mode:
+            raise AmpCompilerError("this AmpModule was converted for inference (weights folded to "
+                                   f"{self.low_dtype}); convert(model, training=True) to train it")
+        if self._rebuild is None:
+            raise AmpCompilerError("this AmpModule cannot switch modes (it was built from a saved "
+                                   "graph); convert the model again in the wanted mode")
+        if mode not in self._other_modes:
+            self._other_modes[mode] = self._rebuild(mode)
+        other = self._other_modes[mode]
+        # swap the state so `amp` itself is now the other mode's module
+        self._other_modes[self.training] = _Snapshot(self)
+        self.graph_module, self._plan, self._dataflow, self._casts = (
+            other.graph_module, other._plan, other._dataflow, other._casts)
+        self.training = mode
+        return self
+
+    def freeze(self) -> "AmpModule":
+        """Inference: fold parameter casts into stored low-precision copies (eval mode only)."""
+        from amp_compiler.passes.fold_weights import fold_weights
+
+        if self.training:
+            raise AmpCompilerError("freeze() folds weights for inference: call amp.eval() first")
+        if not self.folded:
+            fold_weights(self.graph_module, self._casts)
+            self.folded = True
+        return self
+
+
+class _Snapshot:
+    """The state of one mode, kept while the other is active."""
+
+    def __init__(self, amp: AmpModule) -> None:
+        self.graph_module, self._plan = amp.graph_module, amp._plan
+        self._dataflow, self._casts = amp._dataflow, amp._casts

@@ -1,0 +1,1 @@
+"""The compiler: the IR-neutral dataflow graph, analysis passes (classify, propagate) and rewrite passes."""

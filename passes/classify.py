@@ -1,0 +1,101 @@
+"""classify: op kind -> policy category for every vertex, and user overrides resolved to nodes.
+
+Rules (numbered as they appear in Decisions):
+
+    C1  a compute vertex gets the category its kind has in the policy table;
+    C2  kinds no table names are ``unknown`` (fp32, they stop propagation, the report lists them);
+    C3  vertices with no floating value (indices, masks, shapes) are ``non_float``;
+    C4  ``keep_fp32`` / ``force_low`` entries are resolved, each entry being one of: an op kind
+        (``"softmax"``), a node name, a module-path glob (``"blocks.*.ln1"``; a module path also
+        covers everything under it) or an ``nn.Module`` class. An entry that matches nothing
+        raises ``ConfigError`` with the closest valid names.
+
+    >>> cls = classify(graph, policy_for("cpu", torch.bfloat16), keep_fp32=("softmax",))
+    >>> cls.categories["fc1"], sorted(cls.keep_fp32)
+    ('allow', ['softmax'])
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from amp_compiler.errors import ConfigError
+
+from .graph import DataflowGraph
+from .policy import NON_FLOAT, Policy
+
+SOURCE_ROLES = ("input", "param", "const", "output")
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Per-vertex category plus the nodes each override entry selected (node -> entry text)."""
+
+    categories: dict[str, str]
+    keep_fp32: dict[str, str] = field(default_factory=dict)
+    force_low: dict[str, str] = field(default_factory=dict)
+
+
+def classify(graph: DataflowGraph, policy: Policy, *, keep_fp32: Iterable = (),
+             force_low: Iterable = ()) -> Classification:
+    """Run rules C1-C4 over ``graph``."""
+    categories: dict[str, str] = {}
+    for v in graph.vertices():
+        if v.role in SOURCE_ROLES:
+            categories[v.name] = v.role
+        elif v.kind in NON_FLOAT or (v.is_float is False and not list(graph.float_inputs(v.name))):
+            categories[v.name] = "non_float"
+        elif v.kind in ("factory", "cast"):
+            categories[v.name] = v.kind
+        else:
+            categories[v.name] = policy.category(v.kind)
+    return Classification(categories, _resolve(graph, keep_fp32, "keep_fp32"),
+                          _resolve(graph, force_low, "force_low"))
+
+
+def _entry_text(entry) -> str:
+    if isinstance(entry, type):
+        return f"{entry.__module__}.{entry.__qualname__}"
+    return str(entry)
+
+
+def _resolve(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str]:
+    if isinstance(entries, (str, type)):
+        entries = (entries,)
+    selected: dict[str, str] = {}
+    compute = [v for v in graph.vertices() if v.role == "compute"]
+    for entry in entries:
+        text = _entry_text(entry)
+        if isinstance(entry, type):
+            hits = [v.name for v in compute if v.module_type == text]
+        elif not isinstance(entry, str):
+            raise ConfigError(f"{arg} entries must be op kinds, node names, module-path globs "
+                              f"or nn.Module classes; got {entry!r} ({type(entry).__name__})")
+        elif entry in graph and graph.vertex(entry).role == "compute":
+            hits = [entry]
+        else:
+            hits = [v.name for v in compute if v.kind == entry]
+            if not hits:
+                hits = [v.name for v in compute if _path_matches(v.module_path, entry)]
+        if not hits:
+            vocabulary = sorted({v.kind for v in compute} | {v.module_path for v in compute if v.module_path}
+                                | {v.name for v in compute})
+            close = difflib.get_close_matches(text, vocabulary, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"{arg} entry {text!r} matches no op kind, node name, module path "
+                              f"or module class in this model.{hint} Run amp.report() to see "
+                              f"the names.")
+        for name in hits:
+            selected.setdefault(name, text)
+    return selected
+
+
+def _path_matches(path: str, pattern: str) -> bool:
+    """A module-path glob matches the module itself and everything below it."""
+    if not path:
+        return False
+    parts = path.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))

@@ -1,0 +1,183 @@
+"""insert_casts (FX rewrite): make every node receive its inputs in the precision the plan gives it.
+
+Rules:
+
+    I1  a floating input is cast to the consumer's precision only where the dataflow graph marks
+        the use castable (never indices, masks, shapes, running statistics);
+    I2  at most one cast per (value, dtype): every consumer needing that dtype shares it; tied
+        parameters (one tensor under two names) share one cast too;
+    I3  no cast to the dtype a value already has, and no cast chains: a value needed in a third
+        dtype is cast from its source, never from another cast;
+    I4  a cast is placed right before its first consumer, so it fuses with it under
+        torch.compile and is never computed for a branch that does not need it;
+    I5  graph outputs are restored to the dtype the original model returned;
+    I6  a leaf module (``nn.LSTM``) computing in a low dtype runs with its parameters cast per
+        call (``runtime.module_in_dtype``); fold_weights swaps in a stored low copy for inference.
+
+Returns an ``InsertCastsResult`` listing the casts (``CastRecord``), for the report and tests.
+
+    >>> result = insert_casts(gm, graph, plan)
+    >>> result.count, gm.code.count(".to(")
+    (5, 5)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .graph import DataflowGraph
+from .plan import PrecisionPlan, dtype_name
+
+
+@dataclass(frozen=True)
+class CastRecord:
+    """One inserted cast: value ``source`` to ``dtype``, used by ``consumers``."""
+
+    node: str
+    source: str
+    dtype: torch.dtype
+    consumers: tuple[str, ...]
+    is_param: bool
+
+
+@dataclass
+class InsertCastsResult:
+    casts: list[CastRecord] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.casts)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32",
+            torch.float64: "f64"}.get(dtype, dtype_name(dtype))
+
+
+def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan) -> InsertCastsResult:
+    """Rewrite ``gm`` in place (rules I1-I5); recompiles it."""
+    fxg = gm.graph
+    nodes = {n.name: n for n in fxg.nodes}
+    runtime_dtype: dict[str, torch.dtype | None] = {}
+    cache: dict[tuple, fx.Node] = {}
+    users: dict[fx.Node, list[str]] = {}
+    records: list[tuple[fx.Node, str, torch.dtype, bool]] = []
+
+    def source_key(n: fx.Node):
+        if n.op == "get_attr":  # tied parameters: one tensor, two names (I2)
+            obj = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            return ("tensor", id(obj))
+        return ("node", n.name)
+
+    def cast_of(value: fx.Node, dtype: torch.dtype, before: fx.Node) -> fx.Node:
+        key = (source_key(value), dtype)
+        if key not in cache:
+            with fxg.inserting_before(before):
+                c = fxg.call_method("to", (value, dtype))
+            c._rename(f"{value.name}_{_short(dtype)}")
+            c.meta["amp_cast"] = {"source": value.name, "dtype": dtype}
+            cache[key] = c
+            users[c] = []
+            records.append((c, value.name, dtype, value.op == "get_attr"))
+        return cache[key]
+
+    for node in list(fxg.nodes):
+        if node.meta.get("amp_cast"):
+            continue
+        if node.op == "output":
+            _restore_outputs(fxg, node, graph, plan, runtime_dtype, cast_of, users)
+            continue
+        d = plan.get(node.name)
+        if node.name not in graph:
+            continue
+        v = graph.vertex(node.name)
+        precision = d.precision if d is not None else None
+        if precision is not None and v.role == "compute" and d.rule != "R0:passthrough":
+            castable = set(graph.float_inputs(node.name))
+            replaced: dict[fx.Node, fx.Node] = {}
+            for src in node.all_input_nodes:
+                if src.name not in castable or src.meta.get("amp_cast"):
+                    continue
+                have = runtime_dtype.get(src.name)
+                if have == precision or (have is not None and not have.is_floating_point):
+                    continue
+                if have is None and graph.vertex(src.name).is_float is None and src.op != "placeholder" \
+                        and plan.get(src.name) is not None and plan[src.name].precision is None:
+                    continue  # unknown dtype from a user cast: leave it as written
+                c = cast_of(src, precision, node)
+                replaced[src] = c
+                users[c].append(node.name)
+            if replaced:
+                _replace_castable_inputs(node, replaced, graph)
+            if node.op == "call_module" and precision != torch.float32:
+                node = _run_leaf_in_dtype(fxg, node, precision)
+        runtime_dtype[node.name] = _output_dtype(v, d)
+
+    gm.recompile()
+    return InsertCastsResult([CastRecord(c.name, s, dt, tuple(users[c]), p) for c, s, dt, p in records])
+
+
+def _run_leaf_in_dtype(fxg: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+    from amp_compiler.runtime import module_in_dtype
+
+    with fxg.inserting_before(node):
+        module = fxg.get_attr(str(node.target))
+        call = fxg.call_function(module_in_dtype, (module, dtype, *node.args), dict(node.kwargs))
+    call.meta.update(node.meta)
+    node.replace_all_uses_with(call)
+    fxg.erase_node(node)
+    call._rename(node.name)
+    return call
+
+
+def _output_dtype(v, d) -> torch.dtype | None:
+    if v.role == "compute" and d is not None and d.precision is not None:
+        if v.dtype is not None and not v.dtype.is_floating_point:
+            return v.dtype
+        return d.precision
+    if d is not None and d.precision is not None:
+        return d.precision
+    return v.dtype
+
+
+def _replace_castable_inputs(node: fx.Node, replaced: dict, graph: DataflowGraph) -> None:
+    """Swap inputs for their casts, except at positions that are not castable (e.g. indices)."""
+    from amp_compiler.frontend import _castable  # same slot rules as the dataflow edges
+
+    has_meta = "val" in node.meta
+    kind = graph.vertex(node.name).kind
+
+    def sub(a, position, key):
+        if isinstance(a, fx.Node):
+            if a in replaced and _castable(kind, position, key, has_meta):
+                return replaced[a]
+            return a
+        if isinstance(a, (list, tuple)):
+            return type(a)(sub(x, position, key) for x in a)
+        if isinstance(a, dict):
+            return {k: sub(x, position, key) for k, x in a.items()}
+        return a
+
+    node.args = tuple(sub(a, i, None) for i, a in enumerate(node.args))
+    node.kwargs = {k: sub(a, None, k) for k, a in node.kwargs.items()}
+
+
+def _restore_outputs(fxg, out_node, graph, plan, runtime_dtype, cast_of, users) -> None:
+    """I5: every floating output value goes back to the dtype the original graph produced."""
+    replaced: dict[fx.Node, fx.Node] = {}
+    for src in out_node.all_input_nodes:
+        have = runtime_dtype.get(src.name)
+        v = graph.vertex(src.name)
+        want = v.dtype if v.dtype is not None else (torch.float32 if have in (torch.float16, torch.bfloat16) else None)
+        if want is None or have is None or have == want or not want.is_floating_point:
+            continue
+        c = cast_of(src, want, out_node)
+        replaced[src] = c
+        users[c].append("output")
+    if replaced:
+        out_node.args = fx.node.map_arg(out_node.args, lambda n: replaced.get(n, n))

@@ -1,0 +1,121 @@
+"""Canonical op kinds: one vocabulary for every front end.
+
+Front ends name the same operation many ways: ``torch.nn.functional.linear``, ``Tensor.softmax``,
+``torch.ops.aten.softmax.int``, ``operator.add``, ONNX ``Softmax``. The analyses never see
+those names; they see a *kind* such as ``"linear"`` or ``"softmax"``. This file holds the
+tables that map names to kinds. They are data: add a name here, never an ``if`` in a pass.
+
+    >>> torch_kind("_softmax"), torch_kind("__iadd__"), torch_kind("conv2d")
+    ('softmax', 'add', 'conv')
+"""
+
+from __future__ import annotations
+
+# Aliases from torch-level names (function ``__name__``, method names, aten overload packet
+# names) to canonical kinds. Names not listed map to themselves (``"gelu"`` -> ``"gelu"``),
+# after stripping the dunder / in-place spellings (``__add__``, ``add_``, ``iadd``).
+TORCH_ALIASES: dict[str, str] = {
+    # matrix products
+    "mm": "matmul", "bmm": "matmul", "matmul": "matmul", "einsum": "matmul", "mv": "matmul",
+    "baddbmm": "matmul", "addbmm": "matmul", "addmm": "linear", "addmv": "linear",
+    "linear": "linear", "chain_matmul": "matmul", "multi_dot": "matmul",
+    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "convolution": "conv",
+    "_convolution": "conv", "conv_transpose1d": "conv", "conv_transpose2d": "conv",
+    "conv_transpose3d": "conv", "conv_tbc": "conv",
+    "scaled_dot_product_attention": "sdpa",
+    "_scaled_dot_product_flash_attention": "sdpa",
+    "_scaled_dot_product_efficient_attention": "sdpa",
+    "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
+    "lstm": "rnn", "gru": "rnn", "rnn_tanh": "rnn", "rnn_relu": "rnn",
+    "lstm_cell": "rnn", "gru_cell": "rnn", "rnn_tanh_cell": "rnn", "rnn_relu_cell": "rnn",
+    # normalisation
+    "native_layer_norm": "layer_norm", "native_group_norm": "group_norm",
+    "_native_batch_norm_legit_no_training": "batch_norm",
+    "_native_batch_norm_legit_functional": "batch_norm",
+    "_native_batch_norm_legit": "batch_norm", "native_batch_norm": "batch_norm",
+    "rms_norm": "rms_norm", "_fused_rms_norm": "rms_norm",
+    "instance_norm": "instance_norm",
+    "_softmax": "softmax", "_log_softmax": "log_softmax", "_safe_softmax": "softmax",
+    # losses
+    "cross_entropy_loss": "cross_entropy", "nll_loss_nd": "nll_loss", "nll_loss2d": "nll_loss",
+    "binary_cross_entropy_with_logits": "bce_with_logits",
+    "binary_cross_entropy": "bce",
+    # arithmetic
+    "truediv": "div", "floordiv": "floor_divide", "rsub": "sub", "neg": "neg",
+    "square": "pow", "float_power": "pow",
+    # movement / selection
+    "_unsafe_view": "view", "view_as": "view", "_reshape_alias": "view", "reshape": "view",
+    "flatten": "view", "unflatten": "view", "squeeze": "view", "unsqueeze": "view",
+    "expand_as": "expand", "t": "transpose", "swapaxes": "transpose", "mT": "transpose",
+    "numpy_T": "transpose", "split_with_sizes": "split", "tensor_split": "split",
+    "unbind": "split", "slice": "select", "narrow": "select", "index_select": "gather",
+    "take_along_dim": "gather", "alias": "identity", "lift_fresh_copy": "identity",
+    "feature_dropout": "dropout", "dropout1d": "dropout", "dropout2d": "dropout",
+    "dropout3d": "dropout", "native_dropout": "dropout", "alpha_dropout": "dropout",
+    "max_pool1d": "max_pool", "max_pool2d": "max_pool", "max_pool3d": "max_pool",
+    "max_pool2d_with_indices": "max_pool", "adaptive_max_pool2d": "max_pool",
+    "adaptive_max_pool1d": "max_pool",
+    "avg_pool1d": "avg_pool", "avg_pool2d": "avg_pool", "avg_pool3d": "avg_pool",
+    "adaptive_avg_pool1d": "avg_pool", "adaptive_avg_pool2d": "avg_pool",
+    "adaptive_avg_pool3d": "avg_pool", "_adaptive_avg_pool2d": "avg_pool",
+    "mean": "mean", "sum": "sum", "nansum": "sum",
+    "hardtanh": "clamp", "clip": "clamp", "clamp_min": "clamp", "clamp_max": "clamp",
+    "relu6": "clamp",
+    "new_ones": "factory", "new_zeros": "factory", "new_full": "factory", "new_empty": "factory",
+    "ones": "factory", "zeros": "factory", "full": "factory", "empty": "factory",
+    "arange": "factory", "ones_like": "factory", "zeros_like": "factory",
+    "full_like": "factory", "empty_like": "factory", "rand": "factory", "randn": "factory",
+    "rand_like": "factory", "randn_like": "factory", "tensor": "factory",
+    "scalar_tensor": "factory", "linspace": "factory", "eye": "factory",
+    "scaled_dot_product": "sdpa",
+    "_to_copy": "cast", "to": "cast", "type": "cast", "float": "cast", "half": "cast",
+    "bfloat16": "cast", "double": "cast", "long": "cast", "int": "cast", "bool": "cast",
+    "type_as": "cast", "_assert_tensor_metadata": "assert",
+    "sym_size": "shape", "size": "shape", "dim": "shape", "sym_numel": "shape", "numel": "shape",
+    "getattr": "shape", "sym_stride": "shape", "stride": "shape",
+    "eq": "compare", "ne": "compare", "lt": "compare", "le": "compare", "gt": "compare",
+    "ge": "compare", "logical_not": "compare", "logical_and": "compare",
+    "logical_or": "compare", "isnan": "compare", "isinf": "compare", "isfinite": "compare",
+    "argmax": "argmax", "argmin": "argmax", "topk": "topk", "sort": "sort",
+    "silu": "silu", "swish": "silu", "mish": "silu", "hardswish": "silu",
+    "hardsigmoid": "sigmoid", "logsigmoid": "log_sigmoid",
+    "softplus": "softplus", "erf": "erf", "erfinv": "erfinv",
+}
+
+# Names that are pure bookkeeping: they produce no tensor and are never painted.
+NON_TENSOR_KINDS = frozenset({"shape", "assert", "guards"})
+
+
+def torch_kind(name: str) -> str:
+    """Map a torch function / method / aten packet name to its canonical kind."""
+    if name in TORCH_ALIASES:
+        return TORCH_ALIASES[name]
+    base = name
+    if base.startswith("__") and base.endswith("__"):
+        base = base[2:-2]
+        if base.startswith("r") and base[1:] in {"add", "sub", "mul", "truediv", "matmul", "pow", "div"}:
+            base = base[1:]
+        elif base.startswith("i") and base[1:] in {"add", "sub", "mul", "truediv", "matmul", "pow", "div"}:
+            base = base[1:]
+    if base.endswith("_") and not base.startswith("_"):
+        base = base[:-1]
+    return TORCH_ALIASES.get(base, base)
+
+
+def is_inplace_name(name: str) -> bool:
+    """True for in-place spellings (``add_``, ``__iadd__``) whose output aliases an input."""
+    return (name.endswith("_") and not name.endswith("__") and not name.startswith("_")) or (
+        name.startswith("__i") and name.endswith("__")
+    )
+
+
+# Leaf modules: module classes traced as one node because their forward cannot be
+# symbolically traced (Python control flow on input properties), mapped to kinds.
+LEAF_MODULE_KINDS: dict[str, str] = {
+    "torch.nn.modules.rnn.LSTM": "rnn",
+    "torch.nn.modules.rnn.GRU": "rnn",
+    "torch.nn.modules.rnn.RNN": "rnn",
+    "torch.nn.modules.rnn.LSTMCell": "rnn",
+    "torch.nn.modules.rnn.GRUCell": "rnn",
+    "torch.nn.modules.rnn.RNNCell": "rnn",
+}

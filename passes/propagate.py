@@ -1,0 +1,203 @@
+"""propagate: dataflow painting, after TensorFlow grappler's AutoMixedPrecision pass.
+
+Every vertex ends with a precision and the number of the rule that set it:
+
+    R0  sources and bookkeeping: inputs, parameters, constants and factories keep their dtype;
+        user casts keep theirs; non-float values have none; ops that only unpack or index
+        (``getitem``) keep their producer's dtype.
+    R1  ``allow`` ops are low precision.
+    R2  ``deny`` ops are fp32, and fp32 spreads forward from them through ``infer``/``clear``
+        ops (an elementwise op fed by ``exp`` would otherwise undo its protection).
+    R3  ``infer``/``clear`` ops on a path between two low-precision ops (through infer, clear
+        and fp32_acc ops) are low: casting them back up would only add casts.
+    R4  low precision spreads through chains of ``clear`` ops, both ways (a view of a
+        low-precision value is free to stay low).
+    R5  ``fp32_acc`` ops are low when their producer and every consumer are low (their kernels
+        accumulate in fp32 already), fp32 otherwise; resolved to a fixed point.
+    R6  user overrides last: ``keep_fp32`` wins over everything, ``force_low`` over the rules.
+    R7  what remains (``infer``/``clear`` ops outside low regions, ``unknown`` ops) is fp32,
+        as torch.autocast's type promotion would leave it.
+
+    >>> plan = propagate(graph, classify(graph, policy), policy)
+    >>> plan["fc1"].rule
+    'R1:allow'
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from .classify import Classification
+from .graph import DataflowGraph
+from .plan import Decision, PrecisionPlan, dtype_name
+from .policy import Policy
+
+FP32 = torch.float32
+_TRAVERSABLE = ("infer", "clear", "fp32_acc")
+
+
+def propagate(graph: DataflowGraph, cls: Classification, policy: Policy) -> PrecisionPlan:
+    """Paint every vertex of ``graph`` (rules R0-R7) and return the PrecisionPlan."""
+    low = policy.low_dtype
+    lowname = dtype_name(low)
+    cat = cls.categories
+    decided: dict[str, Decision] = {}
+
+    def decide(name: str, precision, rule: str, reason: str) -> None:
+        decided[name] = Decision(graph.vertex(name).kind, cat[name], precision, rule, reason)
+
+    # R0 -- sources, bookkeeping and pass-through
+    for v in graph.vertices():
+        c = cat[v.name]
+        if c == "input":
+            decide(v.name, v.dtype if v.is_float else None, "R0:source", "model input: keeps the dtype the caller passes")
+        elif c in ("param", "const"):
+            what = "parameter" if c == "param" else "buffer/constant"
+            decide(v.name, v.dtype, "R0:source", f"{what}: stored as {dtype_name(v.dtype)}, cast once per use dtype")
+        elif c == "output":
+            decide(v.name, None, "R0:output", "graph outputs are restored to their original dtype")
+        elif c == "non_float":
+            decide(v.name, None, "R0:non-float", "no floating-point value (indices, masks or shapes): never cast")
+        elif c == "factory":
+            decide(v.name, v.dtype if v.is_float else None, "R0:factory", "creates a tensor of its declared dtype")
+        elif c == "cast":
+            decide(v.name, None, "R0:user-cast", "explicit cast in the model: honoured as written")
+        elif v.dtype is not None and not v.dtype.is_floating_point:
+            decide(v.name, None, "R0:non-float", f"produces {dtype_name(v.dtype)}: never cast")
+        elif v.dtype == torch.float64 or any(graph.vertex(p).dtype == torch.float64 for p in graph.float_inputs(v.name)):
+            decide(v.name, torch.float64, "R0:float64", "float64 values are left in float64, as torch.autocast does")
+        elif not list(graph.float_inputs(v.name)):
+            decide(v.name, None, "R0:passthrough", "only unpacks or indexes its input: keeps its producer's dtype")
+
+    paint: dict[str, tuple] = {}  # name -> (precision, rule, reason) for compute vertices
+    open_ = [n for n in graph if n not in decided]
+
+    # R1 -- allow ops low
+    for n in open_:
+        if cat[n] == "allow":
+            paint[n] = (low, "R1:allow", f"{graph.vertex(n).kind}: matrix-unit op, computes in {lowname}")
+
+    # R2 -- deny ops fp32, spread forward through infer/clear
+    queue = deque()
+    for n in open_:
+        if cat[n] == "deny":
+            paint[n] = (FP32, "R2:deny", f"{graph.vertex(n).kind}: numerically unsafe in {lowname} (overflow or accumulation error)")
+            queue.append((n, n))
+    while queue:
+        n, origin = queue.popleft()
+        for c in graph.consumers(n):
+            if c in decided or c in paint or cat.get(c) not in ("infer", "clear"):
+                continue
+            paint[c] = (FP32, "R2:deny-spread", f"fed (through elementwise/movement ops) by fp32-required node '{origin}'")
+            queue.append((c, origin))
+
+    allow_nodes = [n for n, p in paint.items() if p[0] == low]
+    free = {n for n in open_ if n not in paint and cat[n] in _TRAVERSABLE}
+
+    # R3 -- infer/clear between two low ops
+    down = _reach(graph, allow_nodes, free, forward=True)
+    up = _reach(graph, allow_nodes, free, forward=False)
+    between = down & up
+    for n in between:
+        if cat[n] in ("infer", "clear"):
+            paint[n] = (low, "R3:between-low", f"on a path between {lowname} ops: keeping it {lowname} avoids two casts")
+
+    # R4 -- low spreads through clear chains
+    clear_free = {n for n in free if cat[n] == "clear" and n not in paint}
+    seeds = [n for n, p in paint.items() if p[0] == low]
+    for n in _reach(graph, seeds, clear_free, forward=True) | _reach(graph, seeds, clear_free, forward=False):
+        if n in clear_free:
+            paint[n] = (low, "R4:clear-chain", f"data movement next to {lowname} ops: stays {lowname} for free")
+
+    # R5 -- fp32_acc ops: low iff producer and all consumers are low (fixed point)
+    acc = [n for n in open_ if cat[n] == "fp32_acc" and n not in paint]
+    tentative = {n for n in acc}
+    changed = True
+    while changed:
+        changed = False
+        for n in list(tentative):
+            if not _neighbours_low(graph, n, paint, tentative, decided, low):
+                tentative.discard(n)
+                changed = True
+    for n in acc:
+        kind = graph.vertex(n).kind
+        if n in tentative:
+            paint[n] = (low, "R5:fp32-acc-low", f"{kind} accumulates in fp32 inside its kernel; producer and consumers are {lowname}, so it stays {lowname}")
+        else:
+            paint[n] = (FP32, "R5:fp32-acc-fp32", f"{kind} needs fp32 here: its producer or a consumer is fp32 (or a graph output)")
+
+    # R7 -- the rest is fp32
+    for n in open_:
+        if n not in paint:
+            if cat[n] == "unknown":
+                paint[n] = (FP32, "R7:unknown", f"op '{graph.vertex(n).target or graph.vertex(n).kind}' is not in the policy tables: fp32 (add it to keep_fp32/force_low to decide)")
+            else:
+                paint[n] = (FP32, "R7:follow-fp32", "not between low-precision ops: stays fp32, as autocast's type promotion leaves it")
+
+    # R6 -- user overrides, last
+    for n, entry in cls.force_low.items():
+        if n in paint and n not in cls.keep_fp32:
+            paint[n] = (low, "R6:force_low", f"force_low={entry!r}")
+    for n, entry in cls.keep_fp32.items():
+        if n in paint:
+            paint[n] = (FP32, "R6:keep_fp32", f"keep_fp32={entry!r}")
+
+    for n, (precision, rule, reason) in paint.items():
+        decide(n, precision, rule, reason)
+    decided = _resolve_passthrough(graph, decided)
+    ordered = {n: decided[n] for n in graph}
+    return PrecisionPlan(ordered, low_dtype=low, device_type=policy.device_type)
+
+
+def _reach(graph: DataflowGraph, seeds, allowed: set[str], *, forward: bool) -> set[str]:
+    """Vertices in ``allowed`` reachable from ``seeds`` through ``allowed`` vertices only."""
+    seen: set[str] = set()
+    queue = deque(seeds)
+    while queue:
+        n = queue.popleft()
+        nxt = graph.float_consumers(n) if forward else list(graph.float_inputs(n))
+        for m in nxt:
+            if m in allowed and m not in seen:
+                seen.add(m)
+                queue.append(m)
+    return seen
+
+
+def _neighbours_low(graph, n, paint, tentative, decided, low) -> bool:
+    def is_low(m: str) -> bool:
+        if m in tentative:
+            return True
+        if m in paint:
+            return paint[m][0] == low
+        d = decided.get(m)
+        if d is not None and d.rule == "R0:passthrough":
+            return all(is_low(p) for p in graph.producers(m))
+        return False
+
+    producers = graph.data_inputs(n)
+    consumers = graph.float_consumers(n) + [c for c in graph.consumers(n)
+                                            if graph.vertex(c).role == "output"]
+    # a pass-through consumer (getitem) is low if the things it feeds are
+    for c in list(consumers):
+        d = decided.get(c)
+        if d is not None and d.rule == "R0:passthrough":
+            consumers.remove(c)
+            consumers.extend(graph.consumers(c))
+    return bool(producers) and all(is_low(p) for p in producers) and all(
+        graph.vertex(c).role != "output" and is_low(c) for c in consumers)
+
+
+def _resolve_passthrough(graph: DataflowGraph, decided: dict[str, Decision]) -> dict[str, Decision]:
+    """Pass-through vertices take their producer's (now known) precision, in graph order."""
+    out = dict(decided)
+    for n in graph:
+        d = out[n]
+        if d.rule != "R0:passthrough":
+            continue
+        precisions = {out[p].precision for p in graph.producers(n)
+                      if graph.vertex(p).is_float is not False and out[p].precision is not None}
+        if len(precisions) == 1:
+            out[n] = d.with_(precision=precisions.pop())
+    return out
