@@ -17,6 +17,7 @@ Two capture paths:
 from __future__ import annotations
 
 import builtins
+import inspect
 import operator
 import traceback
 from typing import Any
@@ -60,6 +61,7 @@ class _ThroughTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.path_stack: list[str] = []
+        self.failed_at: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return _fqn(type(m)) in LEAF_MODULE_KINDS
@@ -68,6 +70,9 @@ class _ThroughTracer(fx.Tracer):
         self.path_stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_at = self.failed_at or self.path_stack[-1]
+            raise
         finally:
             self.path_stack.pop()
 
@@ -85,10 +90,13 @@ def _user_frame(tb) -> str:
 def symbolic_capture(model: nn.Module) -> fx.GraphModule:
     """fx.symbolic_trace through every submodule; TraceError names the module path and line."""
     tracer = _ThroughTracer()
+    # optional arguments (``targets=None``) take their defaults: fx cannot branch on them
+    params = inspect.signature(model.forward).parameters.values()
+    concrete = {p.name: None for p in params if p.default is None}
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # noqa: BLE001 -- any tracing failure becomes one typed error
-        where = tracer.path_stack[-1] if tracer.path_stack else "<root>"
+        where = tracer.failed_at or "<root>"
         raise TraceError(
             f"model is not symbolically traceable at `{where or '<root>'}` ({_user_frame(exc.__traceback__)}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass "

@@ -6,7 +6,7 @@ Rules (numbered as they appear in Decisions):
     C2  kinds no table names are ``unknown`` (fp32, they stop propagation, the report lists them);
     C3  vertices with no floating value (indices, masks, shapes) are ``non_float``;
     C4  ``keep_fp32`` / ``force_low`` entries are resolved, each entry being one of: an op kind
-        (``"softmax"``), a node name, a module-path glob (``"blocks.*.ln1"``; a module path also
+        (``"softmax"``), a node name (``"node:softmax_2"`` when it collides with a kind), a module-path glob (``"blocks.*.ln1"``; a module path also
         covers everything under it) or an ``nn.Module`` class. An entry that matches nothing
         raises ``ConfigError`` with the closest valid names.
 
@@ -74,10 +74,14 @@ def _resolve(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str
         elif not isinstance(entry, str):
             raise ConfigError(f"{arg} entries must be op kinds, node names, module-path globs "
                               f"or nn.Module classes; got {entry!r} ({type(entry).__name__})")
-        elif entry in graph and graph.vertex(entry).role == "compute":
-            hits = [entry]
+        elif entry.startswith("node:"):
+            hits = [entry[5:]] if entry[5:] in graph and graph.vertex(entry[5:]).role == "compute" else []
         else:
+            # kinds first: FX names the first node of a kind after it ("softmax"), and a user
+            # writing "softmax" means all of them; "node:softmax" selects that one node
             hits = [v.name for v in compute if v.kind == entry]
+            if not hits and entry in graph and graph.vertex(entry).role == "compute":
+                hits = [entry]
             if not hits:
                 hits = [v.name for v in compute if _path_matches(v.module_path, entry)]
         if not hits:

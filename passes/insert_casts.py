@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from .graph import DataflowGraph
+from .kinds import LEAF_PARAMS_FOLLOW
 from .plan import PrecisionPlan, dtype_name
 
 
@@ -114,7 +115,7 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan) 
                 users[c].append(node.name)
             if replaced:
                 _replace_castable_inputs(node, replaced, graph)
-            if node.op == "call_module" and precision != torch.float32:
+            if node.op == "call_module" and precision != torch.float32 and v.kind in LEAF_PARAMS_FOLLOW:
                 node = _run_leaf_in_dtype(fxg, node, precision)
         runtime_dtype[node.name] = _output_dtype(v, d)
 

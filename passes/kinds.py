@@ -70,7 +70,9 @@ TORCH_ALIASES: dict[str, str] = {
     "scaled_dot_product": "sdpa",
     "_to_copy": "cast", "to": "cast", "type": "cast", "float": "cast", "half": "cast",
     "bfloat16": "cast", "double": "cast", "long": "cast", "int": "cast", "bool": "cast",
-    "type_as": "cast", "_assert_tensor_metadata": "assert",
+    "type_as": "cast", "_assert_tensor_metadata": "assert", "_assert_is_none": "assert",
+    "_assert": "assert", "_assert_async": "assert", "_assert_scalar": "assert",
+    "sym_constrain_range_for_size": "assert", "_check": "assert", "_check_is_size": "assert",
     "sym_size": "shape", "size": "shape", "dim": "shape", "sym_numel": "shape", "numel": "shape",
     "getattr": "shape", "sym_stride": "shape", "stride": "shape",
     "eq": "compare", "ne": "compare", "lt": "compare", "le": "compare", "gt": "compare",
@@ -110,7 +112,8 @@ def is_inplace_name(name: str) -> bool:
 
 
 # Leaf modules: module classes traced as one node because their forward cannot be
-# symbolically traced (Python control flow on input properties), mapped to kinds.
+# symbolically traced (Python control flow on input properties, e.g. ``input.dim()`` checks),
+# mapped to kinds.
 LEAF_MODULE_KINDS: dict[str, str] = {
     "torch.nn.modules.rnn.LSTM": "rnn",
     "torch.nn.modules.rnn.GRU": "rnn",
@@ -118,4 +121,15 @@ LEAF_MODULE_KINDS: dict[str, str] = {
     "torch.nn.modules.rnn.LSTMCell": "rnn",
     "torch.nn.modules.rnn.GRUCell": "rnn",
     "torch.nn.modules.rnn.RNNCell": "rnn",
+    "torch.nn.modules.batchnorm.BatchNorm1d": "batch_norm",
+    "torch.nn.modules.batchnorm.BatchNorm2d": "batch_norm",
+    "torch.nn.modules.batchnorm.BatchNorm3d": "batch_norm",
+    "torch.nn.modules.batchnorm.SyncBatchNorm": "batch_norm",
+    "torch.nn.modules.instancenorm.InstanceNorm1d": "instance_norm",
+    "torch.nn.modules.instancenorm.InstanceNorm2d": "instance_norm",
+    "torch.nn.modules.instancenorm.InstanceNorm3d": "instance_norm",
 }
+
+# Leaf kinds whose parameters must share the compute dtype (cuDNN RNNs); batch/instance norm
+# leaves accept a low-precision input with fp32 parameters and need no parameter cast.
+LEAF_PARAMS_FOLLOW: frozenset[str] = frozenset({"rnn"})
