@@ -50,6 +50,30 @@ def model_device_type(model: nn.Module, example_inputs) -> str:
     return "cpu"
 
 
+def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: str, loss_scale):
+    """LossScaler for fp16 training (None for bf16 or loss_scale=None), wired into the graph."""
+    if low != torch.float16 or loss_scale is None:
+        return None
+    from amp_compiler.passes.loss_scaling import insert_loss_scaling
+    from amp_compiler.scaler import LossScaler
+
+    if loss_scale == "dynamic":
+        scaler = LossScaler(device_type)
+    elif isinstance(loss_scale, (int, float)) and loss_scale > 0:
+        # static scaling: the floor and ceiling pin the scale; overflowing steps are still skipped
+        scaler = LossScaler(device_type, init_scale=float(loss_scale), min_scale=float(loss_scale),
+                            max_scale=float(loss_scale))
+    else:
+        raise ConfigError(f"loss_scale={loss_scale!r}: use 'dynamic', a positive number, or None")
+    scaler.track(model.named_parameters())
+    kinds = {v.name: v.kind for v in dataflow.vertices()}
+    device = next((p.device for p in model.parameters()), torch.device(device_type))
+    loss = insert_loss_scaling(gm, scaler.scale_tensor(device), kinds)
+    log.info("loss scaling: %s", f"in-graph on '{loss}'" if loss else "outputs are not a scalar "
+             "loss; use amp.scaler.scale(loss).backward()")
+    return scaler
+
+
 def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="float16",
             training: bool | None = None, keep_fp32: Iterable = (), force_low: Iterable = (),
             calibration=None, tolerance: float | None = None, loss_scale="dynamic",
@@ -112,8 +136,9 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     # 6. inference: parameter casts folded into stored low-precision copies, once
     if fold:
         log.info("folded %d parameter casts", fold_weights(gm, casts.casts))
-    # 7. training in fp16: a loss scaler (bf16 has fp32's range and needs none)
-    scaler = None
+    # 7. fp16 training: a loss scaler, and the loss gradient scaled inside the graph so that
+    #    loss.backward() just works (bf16 has fp32's range and needs none)
+    scaler = make_scaler(model, gm, dataflow, low, device_type, loss_scale) if training else None
 
     def rebuild(mode: bool) -> AmpModule:
         return _build(model, example_inputs, training=mode, fold=False, **options)
