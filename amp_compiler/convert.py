@@ -19,6 +19,7 @@ from amp_compiler.module import AmpModule
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.fold_weights import fold_weights
 from amp_compiler.passes.insert_casts import insert_casts
+from amp_compiler.passes.plan import PrecisionPlan
 from amp_compiler.passes.policy import policy_for
 from amp_compiler.passes.propagate import propagate
 
@@ -50,6 +51,18 @@ def model_device_type(model: nn.Module, example_inputs) -> str:
     return "cpu"
 
 
+def check_saved_plan(plan: PrecisionPlan, dataflow) -> PrecisionPlan:
+    """A saved plan must name exactly this graph's nodes (same model, same capture path)."""
+    missing = [n for n in dataflow if n not in plan]
+    extra = [n for n in plan if n not in dataflow]
+    if missing or extra:
+        raise ConfigError(f"the saved plan does not match this model's graph: {len(missing)} nodes "
+                          f"missing from the plan (e.g. {missing[:3]}), {len(extra)} unknown "
+                          f"(e.g. {extra[:3]}); save the plan from the same model and capture path "
+                          f"(with or without example_inputs)")
+    return plan
+
+
 def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: str, loss_scale):
     """LossScaler for fp16 training (None for bf16 or loss_scale=None), wired into the graph."""
     if low != torch.float16 or loss_scale is None:
@@ -77,7 +90,7 @@ def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: s
 def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="float16",
             training: bool | None = None, keep_fp32: Iterable = (), force_low: Iterable = (),
             calibration=None, tolerance: float | None = None, loss_scale="dynamic",
-            dynamic_batch: bool = True) -> AmpModule:
+            dynamic_batch: bool = True, plan: PrecisionPlan | str | None = None) -> AmpModule:
     """Convert ``model`` to mixed precision; the model itself is never modified.
 
     Args:
@@ -88,6 +101,8 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
         training: None follows ``model.training``; False folds weight casts once (inference).
         keep_fp32 / force_low: op kinds, module-path globs, nn.Module classes or node names.
         loss_scale: ``"dynamic"`` (fp16 training gets a LossScaler), a float (static), or None.
+        plan: a saved PrecisionPlan (or its JSON text) to re-apply instead of analysing: the same
+            casts every time, even if the policy tables change in a later version.
 
     Example:
         >>> amp = convert(model, dtype="bfloat16")
@@ -97,13 +112,19 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
     if not isinstance(model, nn.Module):
         raise ConfigError(f"convert() takes an nn.Module, got {type(model).__name__}")
     training = model.training if training is None else bool(training)
+    if isinstance(plan, str):
+        plan = PrecisionPlan.from_json(plan)
+    if plan is not None:
+        dtype = plan.low_dtype
     return _build(model, example_inputs, training=training, fold=not training, dtype=dtype,
                   keep_fp32=keep_fp32, force_low=force_low, calibration=calibration,
-                  tolerance=tolerance, loss_scale=loss_scale, dynamic_batch=dynamic_batch)
+                  tolerance=tolerance, loss_scale=loss_scale, dynamic_batch=dynamic_batch,
+                  saved_plan=plan)
 
 
 def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtype, keep_fp32,
-           force_low, calibration, tolerance, loss_scale, dynamic_batch) -> AmpModule:
+           force_low, calibration, tolerance, loss_scale, dynamic_batch,
+           saved_plan: PrecisionPlan | None = None) -> AmpModule:
     """The pipeline; ``fold`` is False for the eval variant of a training conversion."""
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
@@ -124,11 +145,15 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     log.info("captured %s graph: %d nodes", source, len(gm.graph.nodes))
     # 2. describe it IR-neutrally: kinds, dtypes, module paths, castable uses
     dataflow = build_dataflow(gm)
-    # 3. classify: op kind -> category from the (device, dtype) policy; overrides resolved
-    policy = policy_for(device_type, low)
-    classes = classify(dataflow, policy, keep_fp32=options["keep_fp32"], force_low=options["force_low"])
-    # 4. propagate: paint precisions (rules R0-R7), every node gets a Decision
-    plan = propagate(dataflow, classes, policy)
+    if saved_plan is None:
+        # 3. classify: op kind -> category from the (device, dtype) policy; overrides resolved
+        policy = policy_for(device_type, low)
+        classes = classify(dataflow, policy, keep_fp32=options["keep_fp32"], force_low=options["force_low"])
+        # 4. propagate: paint precisions (rules R0-R7), every node gets a Decision
+        plan = propagate(dataflow, classes, policy)
+    else:
+        # 3-4. a saved plan replaces the analyses, after checking it describes this graph
+        plan = check_saved_plan(saved_plan, dataflow)
     log.info("plan: %s", plan)
     # 5. insert casts: one per (value, dtype), outputs restored (rules I1-I6)
     casts = insert_casts(gm, dataflow, plan)
@@ -141,7 +166,8 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     scaler = make_scaler(model, gm, dataflow, low, device_type, loss_scale) if training else None
 
     def rebuild(mode: bool) -> AmpModule:
-        return _build(model, example_inputs, training=mode, fold=False, **options)
+        return _build(model, example_inputs, training=mode, fold=False, saved_plan=saved_plan,
+                      **options)
 
     return AmpModule(gm, plan, dataflow=dataflow, casts=casts.casts, low_dtype=low,
                      training=training, folded=fold, scaler=scaler, source=source,
