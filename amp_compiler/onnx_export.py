@@ -1,0 +1,387 @@
+"""ONNX export of a converted model: explicit Casts, low-precision initializers, one file.
+
+``export_onnx(amp, example_inputs, "model.onnx")`` writes the AmpModule's inference graph with
+the dynamo exporter (``torch.onnx.export(..., dynamo=True)``). What we do around the exporter,
+and why:
+
+1. The graph exported is the inference graph with weight casts folded (low-precision copies
+   stored once). The user's AmpModule is not changed: a training-mode AmpModule is switched to
+   eval for the duration (``amp.eval()`` builds its eval graph once and caches it, as it would
+   anyway) and switched back before returning, even on error; an unfolded graph is deep-copied
+   and folded in the copy (this briefly holds a second copy of the weights).
+2. The exporter runs with ``optimize=False`` and we run its optimizer (onnxscript: constant
+   folding, identity/transposes/casts clean-up, CSE, initializer de-duplication) ourselves after,
+   because one of its rewrites fuses BatchNormalization into a Conv whose weights are float16
+   and stores the fused weights as float32 (an invalid model). ``_match_initializer_types``
+   puts such initializers back in their consumer's dtype (fused in fp32, rounded once). The
+   optimizer keeps our Cast nodes and float16 initializers otherwise (checked by the tests).
+3. ``keep_io_types=False`` turns floating inputs/outputs into the low dtype, dropping the Casts
+   that converted them (``passes.onnx_rewrite.set_io_dtype``).
+4. Source locations the exporter records (stack traces, FX node text) are dropped from node
+   metadata: they hold paths of the machine that exported; module scopes are kept (they give
+   ``convert_onnx`` its module paths).
+5. ``onnx.checker.check_model(full_check=True)`` must pass; the file is written atomically
+   (temporary file in the same folder, then ``os.replace``), never over an existing file unless
+   ``overwrite=True``, and no partial file is left on error.
+
+    >>> amp = ac.convert(model.eval(), example_inputs)
+    >>> path = export_onnx(amp, example_inputs, "model.onnx")
+    >>> verify_onnx(path, model, example_inputs)["max_rel"] < 1e-2
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from amp_compiler.errors import ConfigError, OnnxError
+from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, TORCH_TO_ONNX, convert_tensor,
+                                              set_io_dtype, value_types)
+
+log = logging.getLogger("amp_compiler")
+
+# Node metadata keys that carry source locations / code text of the exporting machine.
+_PRIVATE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+# Protobuf files cannot exceed 2 GiB; above this the weights go to a side file.
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class OnnxFileExistsError(OnnxError, FileExistsError):
+    """The destination file exists and ``overwrite=True`` was not given."""
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+def check_destination(path: str | os.PathLike, overwrite: bool) -> str:
+    """The absolute destination path; raises if it exists (without overwrite) or has no folder."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise OnnxError(f"'{path}' is a folder; pass a file path such as '{os.path.join(path, 'model.onnx')}'")
+    if os.path.exists(path) and not overwrite:
+        raise OnnxFileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise OnnxError(f"the folder of '{path}' does not exist; create it first")
+    return path
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Write ``model`` atomically: a temporary folder beside ``path``, then ``os.replace``.
+
+    Models over ~1.8 GB keep their weights in ``<name>.data`` beside the file (moved first, so
+    the model file never points at a missing one). On any error nothing is left behind.
+    """
+    path = check_destination(path, overwrite)
+    folder, base = os.path.split(path)
+    tmpdir = tempfile.mkdtemp(prefix=".amp_onnx_", dir=folder)
+    try:
+        tmp = os.path.join(tmpdir, base)
+        try:
+            large = model.ByteSize() > _EXTERNAL_DATA_BYTES
+        except ValueError:  # protobuf refuses to size messages over 2 GiB
+            large = True
+        if large:
+            data = base + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data, size_threshold=1024)
+            os.replace(os.path.join(tmpdir, data), os.path.join(folder, data))
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+def _inference_graph(amp) -> torch.fx.GraphModule:
+    """The eval graph with weight casts folded, without changing ``amp`` (see module docstring)."""
+    from amp_compiler.passes.fold_weights import fold_weights
+
+    was_training = amp.training
+    try:
+        if was_training:
+            amp.eval()
+        gm = amp.graph_module
+        if not amp.folded:
+            gm = copy.deepcopy(gm)
+            fold_weights(gm, amp.casts)
+        return gm
+    finally:
+        if was_training:
+            amp.train(True)
+
+
+def _dynamic_shapes(example_inputs: tuple, dynamic_batch: bool):
+    if not dynamic_batch:
+        return None
+    from torch.export import Dim
+
+    return tuple({0: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+                 for a in example_inputs)
+
+
+def _torch_export(gm: torch.nn.Module, example_inputs: tuple, opset: int | None, dynamic_batch: bool):
+    supported = inspect.signature(torch.onnx.export).parameters
+    kwargs: dict[str, Any] = {"dynamo": True, "verbose": False}
+    if "optimize" in supported:
+        kwargs["optimize"] = False  # run below, after which we repair what it breaks
+    if opset is not None:
+        kwargs["opset_version"] = int(opset)
+    shapes = _dynamic_shapes(example_inputs, dynamic_batch)
+    if shapes is not None:
+        kwargs["dynamic_shapes"] = shapes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(gm, example_inputs, **kwargs)
+    except Exception as exc:  # noqa: BLE001 -- any exporter failure becomes one typed error
+        raise OnnxError(
+            f"torch.onnx.export(dynamo=True) could not export the converted graph "
+            f"({_root_cause(exc)}). Try dynamic_batch=False or another opset; or export the fp32 "
+            f"model yourself and convert that file with convert_onnx()") from exc
+    if program is None:
+        raise OnnxError("torch.onnx.export returned no program; torch >= 2.6 with onnxscript is needed")
+    try:
+        program.optimize()
+    except Exception as exc:  # noqa: BLE001 -- an unoptimized graph is still a correct one
+        log.warning("ONNX optimizer failed (%s: %s); exporting the graph unoptimized",
+                    type(exc).__name__, exc)
+    return program.model_proto
+
+
+def _root_cause(exc: BaseException) -> str:
+    """'Type: first line' of the innermost exception: the exporter wraps the real error in
+    several layers of advice text."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    return f"{type(exc).__name__}: {next((line for line in lines if line), '')}"[:500]
+
+
+def _match_initializer_types(model: onnx.ModelProto) -> int:
+    """Initializers whose float dtype differs from the computed inputs sharing their schema type
+    variable take those inputs' dtype (a copy when other consumers still need the original).
+    Returns how many were changed."""
+    g = model.graph
+    try:
+        types = value_types(onnx.shape_inference.infer_shapes(model).graph)
+    except Exception:  # noqa: BLE001
+        types = value_types(g)
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for v in node.input:
+            if v in inits:
+                uses[v] = uses.get(v, 0) + 1
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    copies: dict[tuple[str, int], str] = {}
+    changed = 0
+    for node in g.node:
+        if node.domain not in ("", "ai.onnx") or opset is None:
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except Exception:  # noqa: BLE001
+            continue
+        params = list(schema.inputs)
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(node.input):
+            f = params[i] if i < len(params) else (params[-1] if params else None)
+            if v and f is not None and f.type_str in {tc.type_param_str for tc in schema.type_constraints}:
+                groups.setdefault(f.type_str, []).append(i)
+        for slots in groups.values():
+            computed = {types.get(node.input[i]) for i in slots if node.input[i] not in inits}
+            computed &= FLOAT_TYPES
+            if len(computed) != 1:
+                continue
+            want = computed.pop()
+            for i in slots:
+                name = node.input[i]
+                t = inits.get(name)
+                if t is None or t.data_type not in FLOAT_TYPES or t.data_type == want:
+                    continue
+                if uses.get(name, 0) == 1:
+                    t.CopyFrom(convert_tensor(t, want)[0])
+                else:
+                    if (name, want) not in copies:
+                        fresh = f"{name}_as{want}"
+                        new = convert_tensor(t, want, name=fresh)[0]
+                        g.initializer.append(new)
+                        copies[(name, want)] = fresh
+                    node.input[i] = copies[(name, want)]
+                changed += 1
+    if changed:  # the recorded value types downstream came from the wrong dtypes
+        del g.value_info[:]
+        try:
+            g.value_info.extend(onnx.shape_inference.infer_shapes(model).graph.value_info)
+        except Exception:  # noqa: BLE001 -- value_info is optional
+            pass
+    return changed
+
+
+def _strip_private_metadata(model: onnx.ModelProto) -> None:
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if p.key not in _PRIVATE_METADATA]
+            if len(keep) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(keep)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for sub in a.graphs:
+                    walk(sub)
+    walk(model.graph)
+
+
+def check(model: onnx.ModelProto, what: str) -> None:
+    """``onnx.checker.check_model(full_check=True)`` as an OnnxError naming ``what``."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise OnnxError(f"{what} fails onnx.checker: {exc}") from exc
+
+
+def export_onnx(amp, example_inputs, path: str | os.PathLike, *, opset: int | None = None,
+                dynamic_batch: bool = True, keep_io_types: bool = True, overwrite: bool = False) -> str:
+    """Export a converted model to ONNX with explicit Casts and low-precision initializers.
+
+    Args:
+        amp: the ``AmpModule`` returned by ``amp_compiler.convert``; it is not changed (see the
+            module docstring for what happens to a training-mode one).
+        example_inputs: a tuple of inputs (one tensor may be passed alone).
+        path: the ``.onnx`` file to write.
+        opset: ONNX opset; None lets the exporter choose (LayerNormalization needs >= 17).
+        dynamic_batch: dimension 0 of every tensor input is dynamic.
+        keep_io_types: True keeps inputs/outputs in their original dtype; False makes floating
+            ones the low dtype.
+        overwrite: replace an existing file (otherwise ``OnnxFileExistsError``).
+
+    Returns:
+        The absolute path written.
+
+    Example:
+        >>> amp = ac.convert(model.eval(), (x,))
+        >>> ac.export_onnx(amp, (x,), "model.onnx")
+        '/abs/path/model.onnx'
+    """
+    from amp_compiler.module import AmpModule
+
+    if not isinstance(amp, AmpModule):
+        raise ConfigError(f"export_onnx() takes the AmpModule returned by convert(), got "
+                          f"{type(amp).__name__}; to convert an existing ONNX file use convert_onnx()")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
+    check_destination(path, overwrite)  # fail before the slow part
+    gm = _inference_graph(amp)
+    model = _torch_export(gm, example_inputs, opset, dynamic_batch)
+    n = _match_initializer_types(model)
+    if n:
+        log.info("re-typed %d initializers the ONNX optimizer left in the wrong dtype", n)
+    _strip_private_metadata(model)
+    if not keep_io_types:
+        set_io_dtype(model, TORCH_TO_ONNX[amp.low_dtype])
+    check(model, "the exported model")
+    return save_model(model, path, overwrite=overwrite)
+
+
+# -- running and checking -----------------------------------------------------------------------------
+
+def onnx_session(path, providers: list[str] | None = None):
+    """An ``onnxruntime.InferenceSession``: CUDAExecutionProvider when ORT has it, else CPU.
+
+    ``path`` may also be an ``onnx.ModelProto`` or serialized bytes.
+
+        >>> onnx_session("model.onnx").get_providers()[0]
+        'CPUExecutionProvider'
+    """
+    import onnxruntime as ort
+
+    if providers is None:
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider",) if p in available] + ["CPUExecutionProvider"]
+    source = path.SerializeToString() if isinstance(path, onnx.ModelProto) else (
+        path if isinstance(path, (bytes, bytearray)) else os.fspath(path))
+    try:
+        return ort.InferenceSession(source, providers=providers)
+    except Exception as exc:  # noqa: BLE001
+        raise OnnxError(f"ONNX Runtime cannot load the model ({type(exc).__name__}: {exc})") from exc
+
+
+_ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _leaves(x) -> list:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(x) if t is not None]
+
+
+def verify_onnx(path, reference: torch.nn.Module, example_inputs, *, session=None) -> dict:
+    """Run the ONNX file and ``reference`` on the same inputs; errors of each output.
+
+    ``reference`` is any torch module (the fp32 model, or an AmpModule); one in training mode is
+    run in eval mode and switched back. Floating inputs are given to ONNX Runtime in the dtype
+    the file declares (float16 files made with ``keep_io_types=False`` included).
+
+    Returns ``{"outputs": [{"name", "max_abs", "max_rel"}], "max_abs", "max_rel", "provider"}``,
+    with relative error max|onnx - ref| / max|ref| (infinite when ONNX gives inf/nan where the
+    reference is finite).
+
+        >>> verify_onnx("model.onnx", model, (x,))["max_rel"]
+        0.00031
+    """
+    if not isinstance(example_inputs, tuple):
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
+    session = session or onnx_session(path)
+    metas = session.get_inputs()
+    arrays = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+              for t in _leaves(example_inputs)]
+    if len(arrays) != len(metas):
+        raise OnnxError(f"the ONNX model takes {len(metas)} inputs, {len(arrays)} were given")
+    feeds = {}
+    for meta, a in zip(metas, arrays):
+        want = _ORT_NUMPY.get(meta.type)
+        feeds[meta.name] = a.astype(want) if want is not None and a.dtype.kind == "f" else a
+    outputs = session.run(None, feeds)
+
+    was_training = reference.training
+    try:
+        if was_training:
+            reference.eval()
+        with torch.no_grad():
+            ref = _leaves(reference(*example_inputs))
+    finally:
+        if was_training:
+            reference.train(True)
+    if len(ref) != len(outputs):
+        raise OnnxError(f"the ONNX model gives {len(outputs)} outputs, the reference {len(ref)}")
+    rows = []
+    for meta, got, want in zip(session.get_outputs(), outputs, ref):
+        a = np.asarray(got, dtype=np.float64)
+        b = want.detach().cpu().double().numpy()
+        diff = np.abs(a - b)
+        if diff.size == 0:
+            max_abs = 0.0
+        elif not np.all(np.isfinite(diff)[np.isfinite(b)]):
+            max_abs = float("inf")
+        else:
+            max_abs = float(np.nanmax(diff))
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        rows.append({"name": meta.name, "max_abs": max_abs,
+                     "max_rel": max_abs / scale if scale > 0 else max_abs})
+    return {"outputs": rows, "max_abs": max(r["max_abs"] for r in rows),
+            "max_rel": max(r["max_rel"] for r in rows), "provider": session.get_providers()[0]}

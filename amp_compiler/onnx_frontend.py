@@ -1,0 +1,561 @@
+"""ONNX front end: ``convert_onnx`` runs the same analyses on an existing ONNX file.
+
+An fp32 ``.onnx`` file is described as the same IR-neutral ``DataflowGraph`` the FX front end
+builds (op types mapped to the same canonical kinds by ``ONNX_OPS``), classified and painted by
+the same ``classify`` / ``propagate`` passes with the CUDA policy, and rewritten by
+``passes.onnx_rewrite`` (explicit ``Cast`` nodes, low-precision initializers).
+
+Rules this front end adds to the plan (numbered as they appear in Decisions):
+
+    O1  ``If`` / ``Loop`` / ``Scan`` nodes (anything with a subgraph) stay fp32 and their bodies
+        are not converted: the analyses see one opaque node;
+    O2  a node whose ONNX schema (at the model's opset) does not allow the low dtype for its
+        compute type stays fp32; so does an op of a custom domain we have no slot table for;
+    O3  with ``calibration`` data (fp16 only): a node whose output exceeded a quarter of
+        float16's range (16376) on that data stays fp32, and so does every node that reads such
+        a value as a low input. The factor 4 is headroom for data beyond the calibration set
+        (the FX range analysis measured held-out maxima up to 1.9x the calibration maxima).
+
+Edges (``cast`` flag) come from the operator schema: an input is cast to its consumer's
+precision only when it shares the type variable of the node's first floating input
+(``follow``); fixed-type and second-type-variable inputs (Resize scales/roi, Reshape/Expand/Slice
+shapes, BatchNormalization statistics, ``com.microsoft`` GroupNorm gamma/beta) and integer inputs
+are never cast.
+
+    >>> model, plan = convert_onnx("model_fp32.onnx", dtype="float16", return_plan=True)
+    >>> plan["node_softmax"].rule
+    'R5:fp32-acc-low'
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from amp_compiler.errors import ConfigError, OnnxError
+from amp_compiler.passes.classify import classify
+from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, TORCH_TO_ONNX, NodeSlots,
+                                              outer_references, rewrite_onnx, value_types)
+from amp_compiler.passes.plan import Decision, PrecisionPlan, dtype_name
+from amp_compiler.passes.policy import policy_for
+from amp_compiler.passes.propagate import propagate
+
+# ONNX op type -> canonical kind (``passes.kinds``). Default-domain ops by name, other domains as
+# "domain:Op". Source: the ONNX operator list (onnx/docs/Operators.md), each op mapped to the torch
+# kind it computes; ops not listed are "unknown" (fp32, listed in the report).
+ONNX_OPS: dict[str, str] = {
+    # matrix units
+    "Gemm": "linear", "MatMul": "matmul", "Einsum": "matmul", "Conv": "conv",
+    "ConvTranspose": "conv", "LSTM": "rnn", "GRU": "rnn", "RNN": "rnn", "PRelu": "prelu",
+    "Attention": "sdpa",
+    # normalisation and softmax
+    "Softmax": "softmax", "LogSoftmax": "log_softmax", "LayerNormalization": "layer_norm",
+    "GroupNormalization": "group_norm", "BatchNormalization": "batch_norm",
+    "InstanceNormalization": "instance_norm", "RMSNormalization": "rms_norm",
+    "LpNormalization": "normalize",
+    # reductions
+    "ReduceSum": "sum", "ReduceMean": "mean", "ReduceMax": "amax", "ReduceMin": "amin",
+    "ReduceProd": "prod", "ReduceL1": "norm", "ReduceL2": "norm", "ReduceSumSquare": "sum",
+    "ReduceLogSum": "log", "ReduceLogSumExp": "logsumexp", "CumSum": "cumsum",
+    # fp32-required math
+    "Exp": "exp", "Log": "log", "Pow": "pow", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
+    "Softplus": "softplus", "Tan": "tan", "Asin": "asin", "Acos": "acos", "Sinh": "sinh",
+    "Cosh": "cosh",
+    "SoftmaxCrossEntropyLoss": "cross_entropy", "NegativeLogLikelihoodLoss": "nll_loss",
+    # elementwise arithmetic
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Neg": "neg", "Abs": "abs",
+    "Sum": "add", "Mean": "add", "Max": "maximum", "Min": "minimum", "Where": "where",
+    "Gelu": "gelu", "Tanh": "tanh", "Sigmoid": "sigmoid", "HardSigmoid": "sigmoid",
+    "HardSwish": "silu", "Mish": "silu", "Elu": "elu", "Selu": "selu", "Celu": "celu",
+    "LeakyRelu": "leaky_relu", "Erf": "erf", "Sin": "sin", "Cos": "cos", "Sign": "sign",
+    "Floor": "floor", "Ceil": "ceil", "Round": "round", "AveragePool": "avg_pool",
+    "GlobalAveragePool": "avg_pool", "Pad": "pad", "Resize": "interpolate",
+    "Upsample": "interpolate",
+    # movement and selection
+    "Relu": "relu", "ThresholdedRelu": "relu", "Clip": "clamp", "MaxPool": "max_pool",
+    "GlobalMaxPool": "max_pool", "Reshape": "view", "Flatten": "view", "Squeeze": "view",
+    "Unsqueeze": "view", "Transpose": "permute", "Expand": "expand", "Tile": "tile",
+    "Concat": "cat", "Split": "split", "Slice": "select", "Gather": "gather",
+    "GatherElements": "gather", "GatherND": "gather", "ScatterElements": "scatter",
+    "ScatterND": "scatter", "Scatter": "scatter", "Identity": "identity", "Dropout": "dropout",
+    "Trilu": "tril", "DepthToSpace": "pixel_shuffle", "SpaceToDepth": "pixel_shuffle",
+    # bookkeeping, integers and booleans
+    "Shape": "shape", "Size": "shape", "ConstantOfShape": "factory", "Range": "factory",
+    "EyeLike": "factory", "RandomNormal": "factory", "RandomUniform": "factory",
+    "RandomNormalLike": "factory", "RandomUniformLike": "factory", "Bernoulli": "factory",
+    "Cast": "cast", "CastLike": "cast", "Equal": "compare", "Less": "compare",
+    "LessOrEqual": "compare", "Greater": "compare", "GreaterOrEqual": "compare",
+    "Not": "compare", "And": "compare", "Or": "compare", "Xor": "compare", "IsNaN": "compare",
+    "IsInf": "compare", "ArgMax": "argmax", "ArgMin": "argmax", "TopK": "topk", "Mod": "mod",
+    # control flow: opaque (O1)
+    "If": "control_flow", "Loop": "control_flow", "Scan": "control_flow",
+    # ONNX Runtime contrib ops
+    "com.microsoft:GroupNorm": "group_norm", "com.microsoft:FastGelu": "gelu",
+    "com.microsoft:BiasGelu": "gelu", "com.microsoft:Gelu": "gelu",
+}
+
+# Kinds refined by the node's inputs: a MatMul / Gather whose weight is an initializer is the
+# ONNX form of torch's linear / embedding, so keep_fp32=("embedding",) means the same thing here.
+_WITH_WEIGHT: dict[tuple[str, int], str] = {("matmul", 1): "linear", ("gather", 0): "embedding"}
+
+# Slots of custom-domain ops (no schema in onnx.defs). Source: ONNX Runtime ContribOperators.md;
+# GroupNorm's gamma/beta must stay float32 whatever the input's type.
+CONTRIB_SLOTS: dict[str, NodeSlots] = {
+    "com.microsoft:GroupNorm": NodeSlots(("follow", "keep", "keep"), ("follow",)),
+    "com.microsoft:FastGelu": NodeSlots(("follow", "follow"), ("follow",)),
+    "com.microsoft:BiasGelu": NodeSlots(("follow", "follow"), ("follow",)),
+    "com.microsoft:Gelu": NodeSlots(("follow",), ("follow",)),
+}
+
+# Second type variables that must follow the first one (mixed dtypes there have no kernel).
+_ALSO_FOLLOW: dict[str, frozenset[str]] = {"Attention": frozenset({"T2"})}
+
+log = logging.getLogger("amp_compiler")
+
+_LOW_TYPE_STR = {torch.float16: "tensor(float16)", torch.bfloat16: "tensor(bfloat16)"}
+
+
+def _key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def load_model(model_or_path) -> onnx.ModelProto:
+    """A private copy of the model: a path (external data loaded), bytes, or a ModelProto."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+        return model
+    if isinstance(model_or_path, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(model_or_path))
+    if isinstance(model_or_path, (str, os.PathLike)):
+        if not os.path.isfile(model_or_path):
+            raise OnnxError(f"no ONNX file at '{os.fspath(model_or_path)}'; pass a path to an "
+                            f"existing .onnx file or an onnx.ModelProto")
+        try:
+            return onnx.load(os.fspath(model_or_path))
+        except Exception as exc:  # noqa: BLE001
+            raise OnnxError(f"'{os.fspath(model_or_path)}' is not a readable ONNX file "
+                            f"({type(exc).__name__}: {exc})") from exc
+    raise ConfigError(f"convert_onnx() takes a path, bytes or an onnx.ModelProto, got "
+                      f"{type(model_or_path).__name__}")
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int | None:
+    for o in model.opset_import:
+        if o.domain == domain or (domain == "" and o.domain == "ai.onnx"):
+            return o.version
+    return None
+
+
+_LIFTED_KEY = "amp_compiler.lifted_constants"
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Name every node uniquely, read ``Identity(initializer)`` as the initializer, lift float
+    ``Constant`` nodes to initializers (their names recorded in the metadata entry
+    ``amp_compiler.lifted_constants``, which ``convert_onnx`` removes again), infer types."""
+    g = model.graph
+    sources = {i.name for i in g.input} | {i.name for i in g.initializer}
+    taken = sources | {o.name for o in g.output}
+    for node in g.node:
+        taken |= set(node.output)
+    seen: set[str] = set()
+    for i, node in enumerate(g.node):
+        # plan keys are node names, in one namespace with inputs and initializers
+        name = node.name if node.name and node.name not in sources else f"{node.name or node.op_type}_{i}"
+        while name in seen or (name != node.name and name in taken):
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+    kept, lifted = [], []
+    inits = {t.name for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    alias: dict[str, str] = {}
+    for node in g.node:
+        for i, v in enumerate(node.input):
+            node.input[i] = alias.get(v, v)
+        value = _constant_value(node)
+        if value is not None and value.data_type in FLOAT_TYPES:
+            value.name = node.output[0]
+            lifted.append(value)
+        elif (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in inits
+              and node.output[0] not in outputs):
+            # the TorchScript exporter shares tied/equal weights through Identity nodes: the
+            # consumers read the initializer itself, so the analyses see a parameter, not an op
+            alias[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+    if alias:
+        for node in kept:  # names used inside subgraphs
+            for sub in (a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
+                for n in sub.node:
+                    for i, v in enumerate(n.input):
+                        n.input[i] = alias.get(v, v)
+    if lifted or alias:
+        del g.node[:]
+        g.node.extend(kept)
+        g.initializer.extend(lifted)
+    if lifted:
+        model.metadata_props.add(key=_LIFTED_KEY, value="\n".join(t.name for t in lifted))
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 -- types we cannot infer stay unknown (never cast)
+        log.warning("ONNX shape inference failed (%s); values without a declared type stay "
+                    "as they are", exc)
+    return model
+
+
+def _drop_lifted_key(model: onnx.ModelProto) -> None:
+    keep = [p for p in model.metadata_props if p.key != _LIFTED_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+
+
+def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            t = TensorProto()
+            t.CopyFrom(a.t)
+            return t
+        if a.name == "value_float":
+            return helper.make_tensor(node.output[0], TensorProto.FLOAT, [], [a.f])
+        if a.name == "value_floats":
+            return helper.make_tensor(node.output[0], TensorProto.FLOAT, [len(a.floats)], list(a.floats))
+    return None
+
+
+# -- schema slots ------------------------------------------------------------------------------------
+
+def node_slots(node: onnx.NodeProto, opset: int | None, types: Mapping[str, int],
+               low: torch.dtype) -> tuple[NodeSlots, bool]:
+    """Slot roles of ``node`` from its schema, and whether its compute type may be ``low`` (O2)."""
+    key = _key(node)
+    schema = None
+    if node.domain in ("", "ai.onnx") and opset is not None:
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except Exception:  # noqa: BLE001 -- not a standard op at this opset
+            schema = None
+    if schema is None:
+        if key in CONTRIB_SLOTS:
+            s = CONTRIB_SLOTS[key]
+            return NodeSlots(s.inputs[:len(node.input)] + ("keep",) * max(0, len(node.input) - len(s.inputs)),
+                             s.outputs[:len(node.output)] + ("keep",) * max(0, len(node.output) - len(s.outputs))), True
+        return NodeSlots(("keep",) * len(node.input), ("keep",) * len(node.output)), False
+
+    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+
+    def var_of(params, i: int) -> str | None:
+        if i < len(params):
+            f = params[i]
+        elif params and params[-1].option == variadic:
+            f = params[-1]
+        else:
+            return None
+        if f.option == variadic and not f.is_homogeneous:
+            return f"{f.type_str}#{i}"  # heterogeneous variadic: every slot is its own type
+        return f.type_str
+
+    allowed = {tc.type_param_str: set(tc.allowed_type_strs) for tc in schema.type_constraints}
+    in_vars = [var_of(schema.inputs, i) for i in range(len(node.input))]
+    out_vars = [var_of(schema.outputs, k) for k in range(len(node.output))]
+    follow = next((t for t, v in zip(in_vars, node.input)
+                   if v and t in allowed and types.get(v) in FLOAT_TYPES), None)
+    following = {follow} | set(_ALSO_FOLLOW.get(node.op_type, ())) if follow else set()
+    uses = Counter(t for t, v in zip(in_vars, node.input) if v)
+    inputs = []
+    for t, v in zip(in_vars, node.input):
+        if v and t in following:
+            inputs.append("follow")
+        elif v and t in allowed and uses[t] == 1 and t not in out_vars:
+            inputs.append("any")
+        else:
+            inputs.append("keep")
+    outputs: list[str | int] = []
+    for t in out_vars:
+        if t in following:
+            outputs.append("follow")
+        elif t in allowed and t in in_vars:
+            outputs.append(in_vars.index(t))
+        else:
+            outputs.append("keep")
+    low_ok = follow is None or _LOW_TYPE_STR[low] in allowed.get(follow, set())
+    return NodeSlots(tuple(inputs), tuple(outputs)), low_ok
+
+
+# -- ONNX -> DataflowGraph ---------------------------------------------------------------------------
+
+@dataclass
+class OnnxDataflow:
+    """The dataflow graph of one ONNX model plus what the rewrite needs to apply a plan to it."""
+
+    graph: DataflowGraph
+    slots: dict[int, NodeSlots]
+    vertex_of: dict[int, str]
+    source_types: dict[str, int]
+    pins: dict[str, tuple[str, str]] = field(default_factory=dict)  # vertex -> (rule, reason)
+    producer: dict[str, str] = field(default_factory=dict)          # value -> vertex
+
+
+def _torch_dtype(et: int | None) -> torch.dtype | None:
+    return ONNX_TO_TORCH.get(et) if et is not None else None
+
+
+def _module_info(node: onnx.NodeProto) -> tuple[str, str | None]:
+    """Module path and class from the torch exporters' node metadata or scoped node names."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        if "pkg.torch.onnx.name_scopes" in meta:
+            scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+            classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]"))
+            path = scopes[-2] if len(scopes) >= 2 else ""
+            mtype = classes[-2] if len(classes) >= 2 else None
+            return path, mtype
+    except (ValueError, SyntaxError):
+        pass
+    if node.name.startswith("/"):  # TorchScript exporter: "/blocks.0/attn/MatMul"
+        return ".".join(p for p in node.name.split("/")[1:-1] if p), None
+    return "", None
+
+
+def build_onnx_dataflow(model: onnx.ModelProto, *, low: torch.dtype,
+                        keep_io_types: bool = True) -> OnnxDataflow:
+    """One vertex per graph input, initializer and node, one ``output:<name>`` per graph output,
+    for a model ``prepare`` has seen (initializers it lifted from ``Constant`` nodes get the role
+    "const", the others "param")."""
+    g = model.graph
+    constants = {name for p in model.metadata_props if p.key == _LIFTED_KEY for name in p.value.split("\n")}
+    types = value_types(g)
+    opset = opset_of(model)
+    graph = DataflowGraph()
+    producer: dict[str, str] = {}
+    inits = {t.name: t for t in g.initializer}
+    low_et = TORCH_TO_ONNX[low]
+    # float scalars are operands, not values: FX never sees them (``x * 0.125`` has one input),
+    # so they do not count as fp32 inputs here either; the rewrite gives them their consumer's dtype
+    scalars = {t.name for t in g.initializer if t.data_type in FLOAT_TYPES and int(np.prod(t.dims)) == 1}
+
+    for vi in g.input:
+        if vi.name in inits:
+            continue
+        et = types.get(vi.name)
+        if not keep_io_types and et in FLOAT_TYPES:
+            et = low_et  # the caller will pass low-precision inputs
+        graph.add_vertex(vi.name, role="input", kind="input", dtype=_torch_dtype(et),
+                         is_float=None if et is None else et in FLOAT_TYPES, target="input")
+        producer[vi.name] = vi.name
+    for t in g.initializer:
+        role = "const" if t.name in constants else "param"
+        graph.add_vertex(t.name, role=role, kind=role, dtype=_torch_dtype(t.data_type),
+                         is_float=t.data_type in FLOAT_TYPES, shape=tuple(t.dims), target="initializer")
+        producer[t.name] = t.name
+
+    slots: dict[int, NodeSlots] = {}
+    vertex_of: dict[int, str] = {}
+    pins: dict[str, tuple[str, str]] = {}
+    for idx, node in enumerate(g.node):
+        name = node.name if node.name not in graph else f"{node.name}#{idx}"
+        vertex_of[idx] = name
+        s, low_ok = node_slots(node, opset, types, low)
+        slots[idx] = s
+        key = _key(node)
+        kind = ONNX_OPS.get(key, "const" if node.op_type == "Constant" else f"onnx:{key}")
+        for (k, pos), refined in _WITH_WEIGHT.items():
+            if kind == k and len(node.input) > pos and node.input[pos] in inits:
+                kind = refined
+        first = next((o for o in node.output if o), None)
+        et = types.get(first) if first else None
+        is_float = None if et is None else (et in FLOAT_TYPES or any(types.get(o) in FLOAT_TYPES for o in node.output if o))
+        path, mtype = _module_info(node)
+        role = "const" if node.op_type == "Constant" else "compute"
+        graph.add_vertex(name, role=role, kind=kind, dtype=_torch_dtype(et), is_float=is_float,
+                         module_path=path, module_type=mtype, target=key)
+        # a node made only from scalars (Expand(0.0, shape)) keeps them: it is a fill, and R4
+        # lets it take its consumers' precision instead of casting its output
+        operands = scalars if any(v and v not in scalars and s.inputs[i] == "follow"
+                                  and types.get(v) in FLOAT_TYPES
+                                  for i, v in enumerate(node.input)) else set()
+        for i, v in enumerate(node.input):
+            if v and v in producer and not (v in operands and s.inputs[i] == "follow"):
+                cast = s.inputs[i] == "follow" and types.get(v) in FLOAT_TYPES
+                graph.add_use(producer[v], name, cast=cast)
+        subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        if subgraph:
+            for v in outer_references(node):
+                if v in producer:
+                    graph.add_use(producer[v], name, cast=types.get(v) in FLOAT_TYPES)
+            pins[name] = ("O1:subgraph", f"{node.op_type} has subgraphs: left fp32 as written, "
+                                         f"bodies not converted; outer values enter in their own dtype")
+        elif not low_ok and role == "compute":
+            pins[name] = ("O2:schema", f"ONNX {key} (opset {opset}) has no {dtype_name(low)} "
+                                       f"form for its compute type: stays fp32")
+        for o in node.output:
+            if o:
+                producer[o] = name
+    for vo in g.output:
+        name = f"output:{vo.name}"
+        graph.add_vertex(name, role="output", kind="output", target="output")
+        if vo.name in producer:
+            graph.add_use(producer[vo.name], name, cast=False)
+    return OnnxDataflow(graph, slots, vertex_of, types, pins, producer)
+
+
+# -- calibration (O3) -----------------------------------------------------------------------------
+
+def _feeds(model: onnx.ModelProto, sample) -> dict[str, np.ndarray]:
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    if isinstance(sample, Mapping):
+        items = dict(sample)
+    else:
+        sample = sample if isinstance(sample, (tuple, list)) else (sample,)
+        values = [a for a in sample if a is not None]
+        if len(values) != len(names):
+            raise ConfigError(f"a calibration sample has {len(values)} inputs, the model takes "
+                              f"{len(names)} ({', '.join(names)})")
+        items = dict(zip(names, values))
+    return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+            for k, v in items.items()}
+
+
+def calibration_ranges(model: onnx.ModelProto, calibration: Iterable) -> dict[str, float]:
+    """max|x| of every float value of the fp32 model over the calibration samples (ORT CPU)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    types = value_types(probe.graph)
+    existing = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for o in node.output:
+            if o and o not in existing and types.get(o) in FLOAT_TYPES:
+                probe.graph.output.append(helper.make_tensor_value_info(o, types[o], None))
+                existing.add(o)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    ranges: dict[str, float] = {}
+    for sample in calibration:
+        for name, value in zip(names, session.run(None, _feeds(probe, sample))):
+            value = np.asarray(value)
+            if value.dtype.kind == "f" and value.size:
+                finite = np.abs(value[np.isfinite(value)])
+                m = float(finite.max()) if finite.size else float("inf")
+                ranges[name] = max(ranges.get(name, 0.0), m)
+    return ranges
+
+
+# O3: calibration maxima may be exceeded on other data; keep a factor 4 below the dtype's max.
+_RANGE_HEADROOM = 4.0
+
+
+def _range_pins(df: OnnxDataflow, model: onnx.ModelProto, ranges: Mapping[str, float],
+                low: torch.dtype) -> dict[str, tuple[str, str]]:
+    limit = float(torch.finfo(low).max) / _RANGE_HEADROOM
+    pins: dict[str, tuple[str, str]] = {}
+    for idx, node in enumerate(model.graph.node):
+        big = [(o, ranges[o]) for o in node.output if ranges.get(o, 0.0) > limit]
+        if big:
+            pins[df.vertex_of[idx]] = ("O3:range", f"calibration saw max|{big[0][0]}| = {big[0][1]:.4g} "
+                                                   f"> {limit:g} (a quarter of {dtype_name(low)}'s range): stays fp32")
+        reads = [v for i, v in enumerate(node.input) if v and df.slots[idx].inputs[i] == "follow"
+                 and ranges.get(v, 0.0) > limit]
+        if reads and df.vertex_of[idx] not in pins:
+            pins[df.vertex_of[idx]] = ("O3:range", f"reads '{reads[0]}' (calibration max|x| = "
+                                                   f"{ranges[reads[0]]:.4g} > {limit:g}): stays fp32")
+    return pins
+
+
+# -- the pipeline -------------------------------------------------------------------------------------
+
+def _entries(x) -> tuple:
+    if x is None:
+        return ()
+    return (x,) if isinstance(x, (str, type)) else tuple(x)
+
+
+def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), force_low: Iterable = (),
+                 calibration: Iterable | None = None, keep_io_types: bool = True,
+                 out: str | os.PathLike | None = None, overwrite: bool = False,
+                 return_plan: bool = False):
+    """Convert an fp32 ONNX model to mixed precision with the same analyses as ``convert()``.
+
+    Args:
+        model_or_path: a path to an ``.onnx`` file, its bytes, or an ``onnx.ModelProto`` (never
+            modified).
+        dtype: ``"float16"`` | ``"bfloat16"`` (also torch dtypes).
+        keep_fp32 / force_low: op kinds (``"softmax"``), module-path globs (from the torch
+            exporters' metadata or ``/scoped/node/names``) or node names (``"node:<name>"``).
+        calibration: iterable of input samples (tuples in graph-input order, or dicts name ->
+            array); float16 only: nodes whose values leave float16's range stay fp32 (O3).
+        keep_io_types: True keeps graph inputs/outputs in their source dtype; False makes floating
+            ones the low dtype.
+        out: also write the result there (atomically; an existing file needs ``overwrite=True``).
+        return_plan: return ``(model, plan)`` instead of the model: the ``PrecisionPlan`` maps
+            every vertex (node name, input, initializer, ``output:<name>``) to its Decision.
+
+    Returns:
+        The converted ``onnx.ModelProto`` (checked with ``onnx.checker.check_model(full_check=True)``),
+        or ``(model, plan)`` with ``return_plan=True``.
+
+    Example:
+        >>> model, plan = convert_onnx("fp32.onnx", return_plan=True, out="fp16.onnx")
+        >>> sum(n.op_type == "Cast" for n in model.graph.node), plan.counts()["low"]
+    """
+    from amp_compiler.convert import resolve_dtype
+    from amp_compiler.onnx_export import check_destination, save_model
+
+    low = resolve_dtype(dtype)
+    if out is not None:
+        check_destination(out, overwrite)  # fail before the work, not after
+    model = prepare(load_model(model_or_path))
+    if opset_of(model) is None:
+        raise OnnxError("the model imports no default-domain opset; it is not a standard ONNX model")
+    # 1. describe it IR-neutrally: the same DataflowGraph the FX front end builds
+    df = build_onnx_dataflow(model, low=low, keep_io_types=keep_io_types)
+    # 2. optional range analysis: values beyond float16's range pin their nodes fp32 (O3)
+    if calibration is not None and low == torch.float16:
+        df.pins.update(_range_pins(df, model, calibration_ranges(model, calibration), low))
+    # 3. classify and paint with the same passes and the CUDA policy; pins ride on keep_fp32
+    policy = policy_for("cuda", low)
+    pinned = tuple(f"node:{n}" for n in df.pins)
+    classes = classify(df.graph, policy, keep_fp32=_entries(keep_fp32) + pinned,
+                       force_low=_entries(force_low))
+    plan = propagate(df.graph, classes, policy)
+    plan = PrecisionPlan({**plan, **{n: _pinned(plan[n], *df.pins[n]) for n in df.pins}},
+                         low_dtype=low, device_type="cuda",
+                         meta={"source": "onnx", "opset": opset_of(model),
+                               "keep_io_types": keep_io_types})
+    # 4. rewrite the ONNX graph: Cast nodes, low-precision initializers, outputs restored
+    result = rewrite_onnx(model, df.slots, df.vertex_of, plan, df.source_types,
+                          keep_io_types=keep_io_types)
+    converted = result.model
+    _drop_lifted_key(converted)
+    # 5. a file ONNX Runtime will load: the full checker, strict shape inference included
+    try:
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise OnnxError(f"the converted model fails onnx.checker: {exc}. Keep the op named there "
+                        f"in fp32 (keep_fp32=['node:<name>']) and report the model") from exc
+    if out is not None:
+        save_model(converted, out, overwrite=overwrite)
+    return (converted, plan) if return_plan else converted
+
+
+def _pinned(d: Decision, rule: str, reason: str) -> Decision:
+    if d.rule.startswith("R6:keep_fp32") or rule == "O1:subgraph":
+        return d.with_(rule=rule, reason=reason)
+    return d

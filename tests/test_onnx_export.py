@@ -1,0 +1,232 @@
+"""Tests for ``amp_compiler.onnx_export``: export_onnx, onnx_session and verify_onnx.
+
+Every reference model (tiny presets) is converted with example inputs (torch.export front end),
+exported, loaded in ONNX Runtime (CPU provider) and compared with the AmpModule.
+
+Tolerance: max relative error (max|ort - ref| / max|ref|) <= 4 * 2**-11 ~= 2e-3. Both sides
+compute the same float16 plan, but ONNX Runtime rounds to float16 at different points (it runs
+float16 nodes that lack a CPU float16 kernel through float32 and fuses nodes), so the two differ
+by a few float16 roundings of the output scale; 2**-11 is float16's unit roundoff. Measured:
+3e-4 .. 7.3e-4 across the models.
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+import amp_compiler as ac
+from amp_compiler.errors import AmpCompilerError, ConfigError, OnnxError
+from amp_compiler.models import build
+from amp_compiler.onnx_export import OnnxFileExistsError, export_onnx, onnx_session, verify_onnx
+
+MODELS = ("mlp", "resnet", "gpt", "bert", "lstm", "mf")
+TOL = 4 * 2.0 ** -11
+MATRIX_OPS = {"MatMul", "Gemm", "Conv", "LSTM"}
+_ONNX_OF = {torch.float32: TensorProto.FLOAT, torch.int64: TensorProto.INT64}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reuse_exporter_registry():
+    """Test speed only: the dynamo exporter rebuilds its torchlib registry (~3 s, independent of
+    the model) on every call; these tests export ~15 times, so one registry per opset is kept.
+    Nothing here changes what is exported. Does nothing where the private hook is absent."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:
+        yield
+        return
+    original = ONNXRegistry.__dict__.get("from_torchlib")
+    if not isinstance(original, classmethod):
+        yield
+        return
+    cache: dict = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = original.__func__(cls, *args, **kwargs)
+        return cache[key]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ONNXRegistry, "from_torchlib", classmethod(from_torchlib))
+    yield
+    mp.undo()
+
+
+def _eval_model(name: str, **kw):
+    model, inputs = build(name, "tiny", **kw)
+    return model.eval(), inputs
+
+
+def _float_casts(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Cast nodes between two float dtypes (the ones the plan put there)."""
+    types = _types(model)
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    return [n for n in model.graph.node if n.op_type == "Cast" and types.get(n.input[0]) in floats
+            and n.attribute[0].i in floats]
+
+
+def _types(model: onnx.ModelProto) -> dict[str, int]:
+    g = onnx.shape_inference.infer_shapes(model).graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_export_matches_amp_module(name, tmp_path):
+    model, inputs = _eval_model(name)
+    amp = ac.convert(model, inputs)
+    casts_before = amp.cast_count()
+    with torch.no_grad():
+        before = amp(*inputs)
+
+    path = export_onnx(amp, inputs, tmp_path / f"{name}.onnx")
+    assert path == str(tmp_path / f"{name}.onnx") and os.path.isfile(path)
+    assert os.listdir(tmp_path) == [f"{name}.onnx"]  # no temporary left behind
+    onnx_model = onnx.load(path)
+    onnx.checker.check_model(onnx_model, full_check=True)
+
+    # numbers: ORT matches the AmpModule and fp32 within the float16 tolerance, also at another
+    # batch size (the batch dimension is dynamic)
+    session = onnx_session(path)
+    assert session.get_providers()[0] in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    vs_amp = verify_onnx(path, amp, inputs, session=session)
+    vs_fp32 = verify_onnx(path, model, inputs, session=session)
+    _, other_batch = build(name, "tiny", batch=3, seed=4)
+    vs_amp_b3 = verify_onnx(path, amp, other_batch, session=session)
+    print(f"\nexport {name}: rel err vs AmpModule {vs_amp['max_rel']:.2e} (batch 3: "
+          f"{vs_amp_b3['max_rel']:.2e}), vs fp32 {vs_fp32['max_rel']:.2e}")
+    assert vs_amp["max_rel"] <= TOL and vs_amp_b3["max_rel"] <= TOL
+    assert vs_fp32["max_rel"] <= TOL
+
+    # structure: the plan's casts are explicit Cast nodes, weights are stored float16, once
+    g = onnx_model.graph
+    casts = _float_casts(onnx_model)
+    fp16_inits = [t for t in g.initializer if t.data_type == TensorProto.FLOAT16]
+    assert (len(casts) > 0) == (casts_before > 0)
+    assert len(casts) <= casts_before  # exporter CSE may merge equal casts, never add one
+    has_low = bool(amp.plan.low_nodes())
+    assert (len(fp16_inits) > 0) == has_low
+    blobs = [t.raw_data or numpy_helper.to_array(t).tobytes() for t in fp16_inits]
+    assert len(set(zip(blobs, (tuple(t.dims) for t in fp16_inits)))) == len(fp16_inits)
+    types = _types(onnx_model)
+    for node in g.node:  # the plan puts every matrix op in float16 (R1)
+        if node.op_type in MATRIX_OPS:
+            assert types[node.input[0]] == TensorProto.FLOAT16, node.name
+            assert types[node.input[1]] == TensorProto.FLOAT16, node.name
+
+    # keep_io_types=True: inputs and outputs keep the dtypes torch sees
+    assert [i.type.tensor_type.elem_type for i in g.input] == [_ONNX_OF[t.dtype] for t in inputs]
+    assert [o.type.tensor_type.elem_type for o in g.output] == [TensorProto.FLOAT]
+
+    # the user's AmpModule is unchanged
+    assert amp.cast_count() == casts_before and not amp.training
+    with torch.no_grad():
+        torch.testing.assert_close(amp(*inputs), before, rtol=0, atol=0)
+
+
+def test_training_amp_module_exports_eval_graph_and_stays_training(tmp_path):
+    model, inputs = build("mlp", "tiny")
+    amp = ac.convert(model, inputs, training=True, loss_scale=None)
+    assert amp.training and not amp.folded
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+
+    path = export_onnx(amp, inputs, tmp_path / "mlp.onnx")
+
+    assert amp.training and not amp.folded  # mode restored, nothing folded in the user's module
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    g = onnx.load(path).graph
+    assert all(t.data_type == TensorProto.FLOAT16 for t in g.initializer)  # folded in the copy
+    assert verify_onnx(path, model, inputs)["max_rel"] <= TOL
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt"])
+def test_keep_io_types_false_gives_fp16_io(name, tmp_path):
+    model, inputs = _eval_model(name)
+    amp = ac.convert(model, inputs)
+    path = export_onnx(amp, inputs, tmp_path / "m.onnx", keep_io_types=False)
+    g = onnx.load(path).graph
+    expected_in = [TensorProto.FLOAT16 if t.is_floating_point() else _ONNX_OF[t.dtype] for t in inputs]
+    assert [i.type.tensor_type.elem_type for i in g.input] == expected_in
+    assert [o.type.tensor_type.elem_type for o in g.output] == [TensorProto.FLOAT16]
+    # the casts that converted the I/O are gone, not doubled
+    producers = {o: n for n in g.node for o in n.output}
+    assert producers[g.output[0].name].op_type != "Cast"
+    assert not any(n.op_type == "Cast" and n.input[0] in {i.name for i in g.input} for n in g.node)
+    session = onnx_session(path)
+    assert [i.type for i in session.get_outputs()] == ["tensor(float16)"]
+    # one more float16 rounding (of the output) than the float32-output file
+    assert verify_onnx(path, model, inputs, session=session)["max_rel"] <= TOL + 2.0 ** -11
+
+
+def test_refuses_to_overwrite_and_overwrites_when_asked(tmp_path):
+    model, inputs = _eval_model("mlp")
+    amp = ac.convert(model, inputs)
+    target = tmp_path / "mlp.onnx"
+    target.write_bytes(b"not a model")
+    with pytest.raises(OnnxFileExistsError, match="overwrite=True") as info:
+        export_onnx(amp, inputs, target)
+    assert isinstance(info.value, AmpCompilerError) and isinstance(info.value, FileExistsError)
+    assert target.read_bytes() == b"not a model"
+    export_onnx(amp, inputs, target, overwrite=True)
+    onnx.checker.check_model(onnx.load(str(target)))
+    assert sorted(os.listdir(tmp_path)) == ["mlp.onnx"]
+
+
+def test_no_partial_file_when_export_fails(tmp_path):
+    model, inputs = _eval_model("mlp")
+    amp = ac.convert(model, inputs)
+    target = tmp_path / "bad.onnx"
+    with pytest.raises(OnnxError, match="torch.onnx.export"):
+        export_onnx(amp, (torch.randn(4, 5),), target)  # wrong feature size: the exporter fails
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_partial_file_when_writing_fails(tmp_path, monkeypatch):
+    model, inputs = _eval_model("mlp")
+    amp = ac.convert(model, inputs)
+    target = tmp_path / "half.onnx"
+
+    def failing_save(proto, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(proto.SerializeToString()[:100])  # a truncated file, then the disk "fills"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("amp_compiler.onnx_export.onnx.save_model", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        export_onnx(amp, inputs, target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_arguments_raise_typed_errors(tmp_path):
+    model, inputs = _eval_model("mlp")
+    with pytest.raises(ConfigError, match="convert_onnx"):
+        export_onnx(model, inputs, tmp_path / "m.onnx")
+    amp = ac.convert(model, inputs)
+    with pytest.raises(OnnxError, match="does not exist"):
+        export_onnx(amp, inputs, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(OnnxError, match="folder"):
+        export_onnx(amp, inputs, tmp_path)
+
+
+def test_verify_onnx_reports_overflow_as_infinite(tmp_path):
+    # the Flatten after the Linear makes ONNX Runtime CPU store the float16 value (it runs a
+    # lone float16 Gemm in float32 and would otherwise hand back the float32 result)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Flatten(0)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    x = torch.full((2, 4), 3e4)  # each output 1.2e5: beyond float16's 65504, fine in fp32
+    amp = ac.convert(model, (x,))
+    path = export_onnx(amp, (x,), tmp_path / "m.onnx")
+    result = verify_onnx(path, model, (x,))
+    assert result["max_abs"] == float("inf") and result["max_rel"] == float("inf")
+    assert torch.isfinite(model(x)).all()
+    assert verify_onnx(path, model, (x / 1e3,))["max_rel"] <= TOL
