@@ -1,0 +1,178 @@
+"""Shared helpers for the compiler tests: the error metric, graph inspection, model snapshots,
+and a per-session cache of eval-mode conversions of the reference models.
+
+Conversions through ``torch.export`` cost about a second each, and several test files look at
+the same ones (numbers in test_convert, tables in test_golden): the cache builds each
+(model, dtype, front end) once. Tests that mutate a converted module (``freeze()``, ``train()``,
+backward) convert their own instead.
+
+    >>> model, inputs, amp = eval_conversion("mlp", torch.bfloat16, "fx")
+    >>> rel_err(amp(*inputs), model(*inputs)) < 1e-2
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+import amp_compiler as ac
+from amp_compiler.models import build
+
+DTYPES = (torch.float16, torch.bfloat16)
+MODELS = ("mlp", "mlp_wide", "resnet", "gpt", "bert", "lstm", "mf")
+# gpt builds its causal mask from a traced size: only torch.export captures it (by design)
+FRONTENDS = {name: ("export",) if name == "gpt" else ("fx", "export") for name in MODELS}
+LOW_KINDS = frozenset({"linear", "matmul", "conv", "rnn"})
+# kinds that must stay fp32 wherever they appear (policy DENY entries the models contain)
+FP32_KINDS = frozenset({"exp", "log", "pow", "sum", "cross_entropy", "nll_loss", "bce_with_logits"})
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The project's relative error: max|out - ref| / max|ref|, computed in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def cast_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The casts insert_casts added (``call_method to`` nodes tagged ``amp_cast``)."""
+    return [n for n in gm.graph.nodes if n.meta.get("amp_cast")]
+
+
+def nodes_of(plan, *kinds: str) -> list[str]:
+    """Names of the plan's nodes whose kind is one of ``kinds``."""
+    return [n for n, d in plan.items() if d.kind in kinds]
+
+
+def fetch(root: nn.Module, target: str):
+    obj = root
+    for part in str(target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class DtypeRecorder(fx.Interpreter):
+    """Runs a GraphModule node by node and records each node's runtime output dtype.
+
+    Tensors record their dtype; tuples record a tuple of dtypes; anything else records None.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.dtypes: dict[str, object] = {}
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        self.values[n.name] = out
+        if isinstance(out, torch.Tensor):
+            self.dtypes[n.name] = out.dtype
+        elif isinstance(out, (tuple, list)):
+            self.dtypes[n.name] = tuple(o.dtype if isinstance(o, torch.Tensor) else None for o in out)
+        else:
+            self.dtypes[n.name] = None
+        return out
+
+
+def runtime_dtypes(gm: fx.GraphModule, *inputs) -> DtypeRecorder:
+    rec = DtypeRecorder(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything convert() promises not to touch: state (bit for bit), dtypes, modes, identity."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "params": {k: (id(p), p.dtype, p.requires_grad) for k, p in model.named_parameters()},
+        "training": {k: m.training for k, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(model: nn.Module, snap: dict) -> None:
+    state = model.state_dict(keep_vars=True)
+    assert state.keys() == snap["state"].keys()
+    for k, before in snap["state"].items():
+        now = state[k]
+        assert now.dtype == before.dtype, f"{k}: dtype {before.dtype} -> {now.dtype}"
+        assert torch.equal(now.detach(), before), f"{k} changed"
+    assert {k: (id(p), p.dtype, p.requires_grad) for k, p in model.named_parameters()} == snap["params"]
+    assert {k: m.training for k, m in model.named_modules()} == snap["training"]
+
+
+def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss each reference model computes itself when given targets."""
+    import torch.nn.functional as F
+
+    if name == "mf":
+        return F.binary_cross_entropy_with_logits
+    if name == "gpt":
+        return lambda logits, t: F.cross_entropy(logits.view(-1, logits.size(-1)), t.view(-1))
+    return F.cross_entropy
+
+
+@dataclass
+class Conversion:
+    """A converted reference model plus what the model looked like just before convert()."""
+
+    model: nn.Module
+    inputs: tuple            # what amp and model are called with
+    amp: "ac.AmpModule"
+    targets: torch.Tensor | None = None
+    ref: torch.Tensor | None = None          # model(*inputs) before convert (eval only)
+    unchanged_error: str | None = None       # assert_unchanged() right after convert()
+
+
+def _check_unchanged(model: nn.Module, snap: dict) -> str | None:
+    try:
+        assert_unchanged(model, snap)
+    except AssertionError as exc:
+        return str(exc) or "changed"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def eval_conversion(name: str, dtype: torch.dtype, frontend: str):
+    """(model, inputs, amp) for a tiny reference model converted in eval mode; cached per session.
+
+    Callers must not mutate the returned objects (no freeze/train/backward).
+    """
+    c = eval_record(name, dtype, frontend)
+    return c.model, c.inputs, c.amp
+
+
+@functools.lru_cache(maxsize=None)
+def eval_record(name: str, dtype: torch.dtype, frontend: str) -> Conversion:
+    model, inputs = build(name, "tiny")
+    model.eval()
+    with torch.no_grad():
+        ref = model(*inputs)
+    snap = snapshot(model)
+    amp = ac.convert(model, inputs if frontend == "export" else None, dtype=dtype)
+    return Conversion(model, inputs, amp, ref=ref, unchanged_error=_check_unchanged(model, snap))
+
+
+@functools.lru_cache(maxsize=None)
+def train_record(name: str, dtype: torch.dtype, frontend: str) -> Conversion:
+    """A training conversion (default loss scaling) of a tiny reference model in train mode.
+
+    torch.export captures the loss branch (targets given); fx specialises ``targets=None`` and
+    captures the logits, so the caller computes the loss. Tests may run forward/backward on it
+    (zero the grads first); the unchanged check is taken right after convert().
+    """
+    model, inputs = build(name, "tiny", with_targets=True)
+    model.train()
+    args, targets = tuple(inputs[:-1]), inputs[-1]
+    snap = snapshot(model)
+    if frontend == "export":
+        amp = ac.convert(model, tuple(inputs), dtype=dtype, training=True)
+        return Conversion(model, tuple(inputs), amp, targets=None,
+                          unchanged_error=_check_unchanged(model, snap))
+    amp = ac.convert(model, dtype=dtype, training=True)
+    return Conversion(model, args, amp, targets=targets, unchanged_error=_check_unchanged(model, snap))
