@@ -17,9 +17,22 @@ __all__ = ["convert", "AmpModule", "PrecisionPlan", "Decision", "AmpCompilerErro
 __version__ = "0.1.0"
 
 
+_LAZY = {
+    "LossScaler": "amp_compiler.scaler",
+    "export_onnx": "amp_compiler.onnx_export",
+    "onnx_session": "amp_compiler.onnx_export",
+    "verify_onnx": "amp_compiler.onnx_export",
+    "convert_onnx": "amp_compiler.onnx_frontend",
+    "compare": "amp_compiler.compare",
+}
+
+
+__all__ += list(_LAZY)
+
+
 def __getattr__(name):
-    # optional parts load lazily so `import amp_compiler` stays light
-    if name == "LossScaler":
-        from amp_compiler.scaler import LossScaler
-        return LossScaler
+    # optional parts (ONNX, the scaler, the debugger) load lazily: `import amp_compiler` stays light
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'amp_compiler' has no attribute {name!r}")

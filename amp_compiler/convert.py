@@ -16,6 +16,7 @@ from torch import nn
 from amp_compiler.errors import ConfigError
 from amp_compiler.frontend import build_dataflow, capture
 from amp_compiler.module import AmpModule
+from amp_compiler.passes.attention import rewrite_attention as rewrite_attention_pass
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.fold_weights import fold_weights
 from amp_compiler.passes.insert_casts import insert_casts
@@ -49,6 +50,55 @@ def model_device_type(model: nn.Module, example_inputs) -> str:
         if isinstance(a, torch.Tensor):
             return a.device.type
     return "cpu"
+
+
+def wants_attention_rewrite(flag: bool | None, device_type: str, options: dict) -> bool:
+    """On by default for CUDA (where fused kernels exist); off when the user pins softmax, since
+    the fused op has no separate softmax node left to pin."""
+    pinned = {str(e) for e in options["keep_fp32"] + options["force_low"]}
+    if flag is None:
+        flag = device_type == "cuda"
+    return bool(flag) and "softmax" not in pinned
+
+
+def numerics_plan(model, example_inputs, gm, source, dataflow, low, device_type, *, training,
+                  attention, keep_fp32, force_low, calibration, tolerance, **_) -> PrecisionPlan:
+    """Plan from calibration data: range pins (D1-D4), then the tolerance search (T1)."""
+    from amp_compiler.passes.ranges import collect_ranges, plan_from_ranges, plan_with_overrides
+    from amp_compiler.passes.tolerance import AmpBuilder, repair_to_tolerance
+
+    if training:
+        # measure on an eval-mode capture: running a training graph would update the user's
+        # batch-norm statistics; pins carry over by node name
+        was = model.training
+        try:
+            model.eval()
+            egm, _ = capture(model, example_inputs)
+        finally:
+            model.train(was)
+        if attention:
+            rewrite_attention_pass(egm)
+        edf = build_dataflow(egm)
+    else:
+        egm, edf = gm, dataflow
+    ranges = collect_ranges(egm, calibration, graph=edf, low_dtypes=(low,))
+    plan = plan_from_ranges(edf, ranges, low, device_type, keep_fp32=keep_fp32, force_low=force_low)
+    pins = {n: (d.rule, d.reason) for n, d in plan.items() if d.rule[:1] == "D"}
+    meta = dict(plan.meta)
+    if tolerance is not None:
+        builder = AmpBuilder(model, example_inputs, dtype=low, keep_fp32=keep_fp32,
+                             force_low=force_low, overrides=pins, captured=(egm, source))
+        result = repair_to_tolerance(builder, model, calibration, tolerance, builder.low_candidates())
+        log.info("tolerance: %s", result.summary())
+        pins.update(result.fp32_nodes)
+        meta["tolerance"] = {"eps": tolerance, "error": result.error, "evaluations": result.evaluations,
+                             "low_fraction": result.low_fraction}
+    if egm is not gm or tolerance is not None:
+        pins = {n: v for n, v in pins.items() if n in dataflow}
+        plan = plan_with_overrides(dataflow, low, device_type, keep_fp32=keep_fp32,
+                                   force_low=force_low, overrides=pins)
+    return PrecisionPlan(dict(plan.items()), low_dtype=low, device_type=device_type,
+                         meta={**plan.meta, **meta})
 
 
 def check_saved_plan(plan: PrecisionPlan, dataflow) -> PrecisionPlan:
@@ -90,7 +140,8 @@ def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: s
 def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="float16",
             training: bool | None = None, keep_fp32: Iterable = (), force_low: Iterable = (),
             calibration=None, tolerance: float | None = None, loss_scale="dynamic",
-            dynamic_batch: bool = True, plan: PrecisionPlan | str | None = None) -> AmpModule:
+            dynamic_batch: bool = True, plan: PrecisionPlan | str | None = None,
+            rewrite_attention: bool | None = None) -> AmpModule:
     """Convert ``model`` to mixed precision; the model itself is never modified.
 
     Args:
@@ -101,8 +152,14 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
         training: None follows ``model.training``; False folds weight casts once (inference).
         keep_fp32 / force_low: op kinds, module-path globs, nn.Module classes or node names.
         loss_scale: ``"dynamic"`` (fp16 training gets a LossScaler), a float (static), or None.
+        calibration: iterable of input tuples; the fp32 graph runs on them and values whose
+            observed range would overflow the low dtype stay fp32 (rules D1-D4).
+        tolerance: epsilon; with ``calibration``, guarantees max relative error <= epsilon
+            against fp32 on the calibration data (rule T1), or raises ToleranceError.
         plan: a saved PrecisionPlan (or its JSON text) to re-apply instead of analysing: the same
             casts every time, even if the policy tables change in a later version.
+        rewrite_attention: fuse explicit attention (q@k^T, scale, mask, softmax, @v) into one
+            scaled_dot_product_attention node; None means on for CUDA models.
 
     Example:
         >>> amp = convert(model, dtype="bfloat16")
@@ -116,15 +173,21 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
         plan = PrecisionPlan.from_json(plan)
     if plan is not None:
         dtype = plan.low_dtype
+        rewrite_attention = bool(plan.meta.get("rewrite_attention", False))
+    if tolerance is not None and (calibration is None or not tolerance > 0):
+        raise ConfigError("tolerance=eps needs calibration=[input tuples...] and eps > 0: the "
+                          "guarantee is measured against fp32 on that data")
+    if calibration is not None:
+        calibration = [c if isinstance(c, tuple) else (c,) for c in calibration]
     return _build(model, example_inputs, training=training, fold=not training, dtype=dtype,
                   keep_fp32=keep_fp32, force_low=force_low, calibration=calibration,
                   tolerance=tolerance, loss_scale=loss_scale, dynamic_batch=dynamic_batch,
-                  saved_plan=plan)
+                  saved_plan=plan, rewrite_attention=rewrite_attention)
 
 
 def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtype, keep_fp32,
            force_low, calibration, tolerance, loss_scale, dynamic_batch,
-           saved_plan: PrecisionPlan | None = None) -> AmpModule:
+           saved_plan: PrecisionPlan | None = None, rewrite_attention: bool | None = None) -> AmpModule:
     """The pipeline; ``fold`` is False for the eval variant of a training conversion."""
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
@@ -134,6 +197,7 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
                    force_low=tuple(force_low) if not isinstance(force_low, (str, type)) else (force_low,),
                    calibration=calibration, tolerance=tolerance, loss_scale=loss_scale,
                    dynamic_batch=dynamic_batch)
+    attention = wants_attention_rewrite(rewrite_attention, device_type, options)
 
     was_training = model.training
     try:
@@ -143,9 +207,18 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     finally:
         model.train(was_training)
     log.info("captured %s graph: %d nodes", source, len(gm.graph.nodes))
+    # 1b. fuse explicit attention into one SDPA node: the B x H x T x T scores and probabilities
+    #     are never stored, and the kernel keeps its softmax in fp32 (rules A1-A10)
+    if attention:
+        log.info("fused %d attention patterns into scaled_dot_product_attention",
+                 len(rewrite_attention_pass(gm)))
     # 2. describe it IR-neutrally: kinds, dtypes, module paths, castable uses
     dataflow = build_dataflow(gm)
-    if saved_plan is None:
+    if saved_plan is None and calibration is not None:
+        # 3-4. with data: ranges force overflowing values to fp32 (D1-D4), tolerance repairs (T1)
+        plan = numerics_plan(model, example_inputs, gm, source, dataflow, low, device_type,
+                             training=training, attention=attention, **options)
+    elif saved_plan is None:
         # 3. classify: op kind -> category from the (device, dtype) policy; overrides resolved
         policy = policy_for(device_type, low)
         classes = classify(dataflow, policy, keep_fp32=options["keep_fp32"], force_low=options["force_low"])
@@ -154,6 +227,8 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     else:
         # 3-4. a saved plan replaces the analyses, after checking it describes this graph
         plan = check_saved_plan(saved_plan, dataflow)
+    plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
+                         meta={**plan.meta, "rewrite_attention": attention, "capture": source})
     log.info("plan: %s", plan)
     # 5. insert casts: one per (value, dtype), outputs restored (rules I1-I6)
     casts = insert_casts(gm, dataflow, plan)
@@ -167,8 +242,14 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
 
     def rebuild(mode: bool) -> AmpModule:
         return _build(model, example_inputs, training=mode, fold=False, saved_plan=saved_plan,
-                      **options)
+                      rewrite_attention=attention, **options)
 
+    # leaf modules whose forward depends on their mode (batch norm): run in the graph's mode
+    mode_leaves = [m for n in gm.graph.nodes if n.op == "call_module"
+                   for m in [gm.get_submodule(n.target)]
+                   if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm))]
     return AmpModule(gm, plan, dataflow=dataflow, casts=casts.casts, low_dtype=low,
                      training=training, folded=fold, scaler=scaler, source=source,
-                     rebuild=rebuild)
+                     # a folded module never switches mode: holding no rebuild closure lets the
+                     # user's fp32 weights be freed once they drop the original model
+                     rebuild=None if fold else rebuild, mode_leaves=mode_leaves)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import os
+import sys
 import operator
 import traceback
 from typing import Any
@@ -55,6 +57,15 @@ def _fqn(mod: type) -> str:
     return f"{mod.__module__}.{mod.__qualname__}"
 
 
+def leaf_kind(m: nn.Module) -> str | None:
+    """Kind of a leaf module class, subclasses included (resnet's BatchNorm2d is one)."""
+    for cls in type(m).__mro__:
+        kind = LEAF_MODULE_KINDS.get(_fqn(cls))
+        if kind is not None:
+            return kind
+    return None
+
+
 class _ThroughTracer(fx.Tracer):
     """Traces through every module except recurrent ones; remembers where it was on failure."""
 
@@ -64,7 +75,7 @@ class _ThroughTracer(fx.Tracer):
         self.failed_at: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _fqn(type(m)) in LEAF_MODULE_KINDS
+        return leaf_kind(m) is not None
 
     def call_module(self, m, forward, args, kwargs):
         self.path_stack.append(self.path_of_module(m))
@@ -79,8 +90,12 @@ class _ThroughTracer(fx.Tracer):
 
 def _user_frame(tb) -> str:
     """The innermost traceback frame outside torch: the model line that broke tracing."""
+    own = {os.path.dirname(os.path.abspath(__file__)),
+           os.path.dirname(os.path.abspath(DataflowGraph.__module__ and sys.modules[DataflowGraph.__module__].__file__))}
+    # our own pipeline files are skipped, the bundled reference models (a sub-folder) are not
     frames = [f for f in traceback.extract_tb(tb)
-              if "/torch/" not in f.filename.replace("\\", "/") and "amp_compiler" not in f.filename]
+              if "/torch/" not in f.filename.replace("\\", "/")
+              and os.path.dirname(os.path.abspath(f.filename)) not in own]
     if not frames:
         return "unknown location"
     f = frames[-1]
@@ -173,7 +188,7 @@ def node_kind(node: fx.Node, gm: fx.GraphModule) -> str:
         mod = gm.get_submodule(node.target)
         if node.target == "_guards_fn" or type(mod).__name__.endswith("GuardsFn"):
             return "guards"
-        return LEAF_MODULE_KINDS.get(_fqn(type(mod)), f"module:{type(mod).__name__}")
+        return leaf_kind(mod) or f"module:{type(mod).__name__}"
     if node.op == "call_function" and node.target is builtins.getattr:
         return "shape"
     if node.op == "call_function" and node.target is operator.getitem:
@@ -259,6 +274,8 @@ def build_dataflow(gm: fx.GraphModule) -> DataflowGraph:
             else:
                 role, kind = "const", "const"
         fl = dtype.is_floating_point if dtype is not None else None
+        if kind in NON_FLOAT:  # shapes (SymInt), comparisons, indices: never a floating value
+            fl = False
         if fl is None and not has_meta:
             fl = _guess_float(node, kind, is_float)
         is_float[node.name] = fl
@@ -301,6 +318,11 @@ def _guess_float(node: fx.Node, kind: str, known: dict[str, bool | None]) -> boo
         dt = node.kwargs.get("dtype")
         if isinstance(dt, torch.dtype):
             return dt.is_floating_point
+        name = target_name(node)
+        if name.endswith("_like") or name.startswith("new_"):
+            # ones_like(ids) has the dtype of its argument
+            src = node.args[0] if node.args else None
+            return known.get(src.name) if isinstance(src, fx.Node) else None
         if target_name(node) == "arange":
             return any(isinstance(a, float) for a in node.args)
         return True

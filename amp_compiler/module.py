@@ -27,8 +27,10 @@ class AmpModule(nn.Module):
     def __init__(self, graph_module: fx.GraphModule, plan: PrecisionPlan, *,
                  dataflow: DataflowGraph, casts: list[CastRecord], low_dtype: torch.dtype,
                  training: bool, folded: bool, scaler=None, source: str = "fx",
-                 rebuild: Callable[[bool], "AmpModule"] | None = None) -> None:
+                 rebuild: Callable[[bool], "AmpModule"] | None = None,
+                 mode_leaves: list[nn.Module] = ()) -> None:
         super().__init__()
+        self._mode_leaves = list(mode_leaves)
         self.graph_module = graph_module
         self._plan = plan
         self._dataflow = dataflow
@@ -59,7 +61,14 @@ class AmpModule(nn.Module):
         return self._scaler
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+        modes = [m.training for m in self._mode_leaves]
+        for m in self._mode_leaves:
+            m.training = self.training
+        try:
+            return self.graph_module(*args, **kwargs)
+        finally:
+            for m, mode in zip(self._mode_leaves, modes):
+                m.training = mode
 
     def report(self, *, only: str | None = None, why: str | None = None, print_: bool = True):
         """Print (and return) a table of every node's precision and reason, plus totals.
@@ -91,8 +100,8 @@ class AmpModule(nn.Module):
         other = self._other_modes[mode]
         # swap the state so `amp` itself is now the other mode's module
         self._other_modes[self.training] = _Snapshot(self)
-        self.graph_module, self._plan, self._dataflow, self._casts = (
-            other.graph_module, other._plan, other._dataflow, other._casts)
+        self.graph_module, self._plan, self._dataflow, self._casts, self._mode_leaves = (
+            other.graph_module, other._plan, other._dataflow, other._casts, other._mode_leaves)
         self.training = mode
         return self
 
@@ -114,3 +123,4 @@ class _Snapshot:
     def __init__(self, amp: AmpModule) -> None:
         self.graph_module, self._plan = amp.graph_module, amp._plan
         self._dataflow, self._casts = amp._dataflow, amp._casts
+        self._mode_leaves = amp._mode_leaves

@@ -59,12 +59,6 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
         cast_node.replace_all_uses_with(new)
         gm.graph.erase_node(cast_node)
         folded += 1
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            target = str(node.target)
-            gm.graph.erase_node(node)
-            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-                _delete(gm, target)
     for node in list(gm.graph.nodes):  # F3
         if node.op == "call_function" and getattr(node.target, "__name__", "") == "module_in_dtype":
             mod_node, dtype = node.args[0], node.args[1]
@@ -77,5 +71,11 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
             folded += 1
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            target = str(node.target)
+            gm.graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+                _delete(gm, target)
     gm.recompile()
     return folded

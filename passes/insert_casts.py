@@ -107,6 +107,8 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan) 
                 have = runtime_dtype.get(src.name)
                 if have == precision or (have is not None and not have.is_floating_point):
                     continue
+                if have is None and src.op == "placeholder" and precision in (torch.float32, torch.float64):
+                    continue  # fx: an input of unknown dtype is taken as the model expects it
                 if have is None and graph.vertex(src.name).is_float is None and src.op != "placeholder" \
                         and plan.get(src.name) is not None and plan[src.name].precision is None:
                     continue  # unknown dtype from a user cast: leave it as written

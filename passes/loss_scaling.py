@@ -17,6 +17,8 @@ Rules:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
@@ -70,14 +72,16 @@ def insert_loss_scaling(gm: fx.GraphModule, scale: torch.Tensor, kinds: dict[str
     loss = find_loss(gm, kinds)
     if loss is None:
         return None
-    gm.register_buffer(SCALE_ATTR, scale, persistent=False)
+    # a plain attribute, not a buffer: .to()/.half() must not replace the scaler's own tensor
+    setattr(gm, SCALE_ATTR, scale)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     # the loss may have been restored to fp32 by a cast just before the output: wrap that
     src = loss
     for user in list(out.all_input_nodes):
         if user.meta.get("amp_cast", {}).get("source") == loss.name:
             src = user
-    with gm.graph.inserting_before(out):
+    with gm.graph.inserting_before(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fx notes the attribute is no buffer: on purpose
         s = gm.graph.get_attr(SCALE_ATTR)
         wrapped = gm.graph.call_function(scale_loss_grad, (src, s))
     wrapped._rename(f"{loss.name}_scaled")

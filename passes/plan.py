@@ -93,7 +93,7 @@ class PrecisionPlan(Mapping[str, Decision]):
     @classmethod
     def from_json(cls, text: str) -> "PrecisionPlan":
         data = json.loads(text)
-        to_dtype = lambda s: None if s == "-" else _DTYPES["torch." + s]  # noqa: E731
+        to_dtype = lambda s: None if s == "-" else getattr(torch, s)  # noqa: E731
         decisions = {n: Decision(**{**d, "precision": to_dtype(d["precision"])})
                      for n, d in data["nodes"].items()}
         return cls(decisions, low_dtype=to_dtype(data["low_dtype"]),

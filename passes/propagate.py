@@ -117,13 +117,20 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy) -> Prec
     up = _reach(graph, allow_nodes, free, forward=False)
     between = {n for n in down & up if cat[n] in ("infer", "clear")}
     exact = _exact_values(graph, cat)
+
+    def _acc_low(p: str) -> bool:
+        # an fp32_acc input counts as low only if R5 can make it low: its own inputs are low
+        return (cat.get(p) == "fp32_acc" and p in down and p in up
+                and all(q in between or q in exact or (q in paint and paint[q][0] == low)
+                        for q in graph.data_inputs(p)))
+
     changed = True
     while changed:
         changed = False
         for n in sorted(between):
             blocker = next((p for p in graph.data_inputs(n) if p not in between and p not in exact
                             and not (p in paint and paint[p][0] == low)
-                            and not (cat.get(p) == "fp32_acc" and p in down and p in up)), None)
+                            and not _acc_low(p)), None)
             if blocker is not None:
                 between.discard(n)
                 changed = True
@@ -134,7 +141,18 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy) -> Prec
     # R4 -- low spreads through clear chains
     clear_free = {n for n in free if cat[n] == "clear" and n not in paint}
     seeds = [n for n, p in paint.items() if p[0] == low]
-    for n in _reach(graph, seeds, clear_free, forward=True) | _reach(graph, seeds, clear_free, forward=False):
+    # backwards only into clear ops whose every consumer is low: a clear op feeding an fp32
+    # consumer would round its fp32 value just to cast it back up
+    back = set()
+    grew = True
+    while grew:
+        grew = False
+        for n in clear_free - back:
+            cons = graph.float_consumers(n)
+            if cons and all(c in back or (c in paint and paint[c][0] == low) for c in cons):
+                back.add(n)
+                grew = True
+    for n in _reach(graph, seeds, clear_free, forward=True) | back:
         if n in clear_free:
             paint[n] = (low, "R4:clear-chain", f"data movement next to {lowname} ops: stays {lowname} for free")
 
