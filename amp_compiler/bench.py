@@ -122,6 +122,8 @@ def build_parser(prog: str = "amp-compiler bench") -> argparse.ArgumentParser:
     p.add_argument("--loss-steps", type=int, default=None,
                    help="also train fp32/autocast/amp N steps from one init; compare final losses")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate for --loss-steps")
+    p.add_argument("--rewrite-attention", choices=("auto", "on", "off"), default="auto",
+                   help="amp's attention-to-SDPA rewrite (auto: on for CUDA)")
     return p
 
 
@@ -146,6 +148,7 @@ class Config:
     out: str
     loss_steps: int | None
     lr: float
+    rewrite_attention: bool | None = None
 
     @property
     def train(self) -> bool:
@@ -194,7 +197,8 @@ def _resolve(argv: list[str]) -> Config:
                   dtype=DTYPES[a.dtype], dtype_name=a.dtype, batch=batch, seq_len=seq_len,
                   steps=a.steps, rounds=a.rounds, warmup=a.warmup, compile=a.compile,
                   kinds=kinds, out=out, loss_steps=a.loss_steps,
-                  lr=a.lr if a.lr is not None else LEARNING_RATES.get(a.model, DEFAULT_LR))
+                  lr=a.lr if a.lr is not None else LEARNING_RATES.get(a.model, DEFAULT_LR),
+                  rewrite_attention={"auto": None, "on": True, "off": False}[a.rewrite_attention])
 
 
 # ----------------------------------------------------------------------------- models
@@ -323,7 +327,8 @@ def _autocast(model: nn.Module, inputs: tuple, cfg: Config, train: bool):
 def _amp(model: nn.Module, inputs: tuple, cfg: Config, train: bool):
     import amp_compiler
 
-    amp = amp_compiler.convert(model, inputs, dtype=cfg.dtype, training=train)
+    amp = amp_compiler.convert(model, inputs, dtype=cfg.dtype, training=train,
+                               rewrite_attention=cfg.rewrite_attention)
     return amp, _no_ctx, inputs, amp
 
 
@@ -731,7 +736,7 @@ def _result(cfg: Config, master: nn.Module, inputs: tuple, rows: dict[str, dict]
                   "seq_len": int(inputs[0].shape[1]) if cfg.model in SEQ_LEN_MODELS else None,
                   "inputs": shapes},
         "settings": {"steps": cfg.steps, "rounds": cfg.rounds, "warmup": cfg.warmup,
-                     "compile": cfg.compile, "variants": list(cfg.kinds),
+                     "compile": cfg.compile, "rewrite_attention": cfg.rewrite_attention, "variants": list(cfg.kinds),
                      "optimizer": ("AdamW(fused)" if cfg.cuda else "AdamW(foreach)")
                      if cfg.train else None},
         "variants": rows,
