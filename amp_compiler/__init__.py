@@ -5,7 +5,18 @@
     >>> amp.report()                                 # why each node got its precision
 """
 
-from amp_compiler.convert import convert
+import os as _os
+
+# `passes/` and `models/` live beside this folder in a source checkout and are installed as
+# amp_compiler.passes / amp_compiler.models. When Python imports this package straight from a
+# checkout (running from its root, or an editable install in setuptools' compat mode), those
+# sub-packages are not inside this folder: look for them beside it.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "passes")) and _os.path.isfile(
+        _os.path.join(_root, "passes", "__init__.py")):
+    __path__.append(_root)
+
+from amp_compiler.convert import convert  # noqa: E402
 from amp_compiler.errors import (AmpCompilerError, ConfigError, LossScalerError, OnnxError,
                                  ToleranceError, TraceError, UnsupportedModelError)
 from amp_compiler.module import AmpModule
