@@ -11,6 +11,10 @@ Rules:
     I4  a cast is placed right before its first consumer, so it fuses with it under
         torch.compile and is never computed for a branch that does not need it;
     I5  graph outputs are restored to the dtype the original model returned;
+    I7  an fp32 elementwise op with an fp32 tensor operand (``add``, ``mul``...) reads its
+        low-precision operands as they are: type promotion upcasts them inside the kernel to the
+        same values a cast would give, without a cast kernel or a second copy in memory (the
+        residual adds of a transformer);
     I6  a leaf module (``nn.LSTM``) computing in a low dtype runs with its parameters cast per
         call (``runtime.module_in_dtype``); fold_weights swaps in a stored low copy for inference.
 
@@ -30,6 +34,9 @@ import torch.fx as fx
 
 from .graph import DataflowGraph
 from .kinds import LEAF_PARAMS_FOLLOW
+
+# Elementwise kinds whose kernels apply torch's type promotion (fp16 op fp32 -> fp32).
+PROMOTING = frozenset({"add", "sub", "mul", "div", "where", "maximum", "minimum"})
 from .plan import PrecisionPlan, dtype_name
 
 
@@ -101,12 +108,17 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan) 
         if precision is not None and v.role == "compute" and d.rule != "R0:passthrough":
             castable = set(graph.float_inputs(node.name))
             replaced: dict[fx.Node, fx.Node] = {}
+            promotes = precision == torch.float32 and v.kind in PROMOTING and any(
+                runtime_dtype.get(n.name) == torch.float32 for n in node.all_input_nodes
+                if n.name in castable)
             for src in node.all_input_nodes:
                 if src.name not in castable or src.meta.get("amp_cast"):
                     continue
                 have = runtime_dtype.get(src.name)
                 if have == precision or (have is not None and not have.is_floating_point):
                     continue
+                if promotes and have in (torch.float16, torch.bfloat16):
+                    continue  # I7: the fp32 operand promotes it inside the kernel, exactly
                 if have is None and src.op == "placeholder" and precision in (torch.float32, torch.float64):
                     continue  # fx: an input of unknown dtype is taken as the model expects it
                 if have is None and graph.vertex(src.name).is_float is None and src.op != "placeholder" \
