@@ -509,3 +509,24 @@ def test_batchnorm_running_stats_stay_fp32_and_update_like_fp32(dtype, frontend)
         assert ours <= 2 * theirs + 1e-6, f"{stat}: {ours:.2e} vs autocast {theirs:.2e}"
     # the running statistics really moved (the update is not swallowed by a cast copy)
     assert not torch.allclose(bn.running_mean, torch.zeros(6))
+
+
+class _Variadic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, *args):
+        return self.fc(args[0]) + args[1]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "frontend.export_capture builds dynamic_shapes as one entry per example input, but for a "
+    "`forward(self, *args)` torch.export expects one entry for the whole `args` tuple: "
+    "UserError 'inputs has 1 elements, but dynamic_shapes has 2 elements'"))
+def test_variadic_forward_converts_with_example_inputs():
+    model = _Variadic().eval()
+    y = torch.randn(3, 8)
+    amp = ac.convert(model, (X, y), dtype="bfloat16")
+    with torch.no_grad():
+        assert rel_err(amp(X, y), model(X, y)) < 8 * EPS[torch.bfloat16]
