@@ -41,7 +41,7 @@ class _ScaleLossGrad(torch.autograd.Function):
         # place, and a saved tensor's version check would reject an update made between this
         # forward and its backward. Reading it at backward time is exactly what we want.
         ctx.scale = scale
-        return loss.view_as(loss)
+        return loss.clone()  # a copy, not a view: FSDP2 warns about views returned by forward
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -384,6 +384,8 @@ def _nonfinite_params(optimizer: torch.optim.Optimizer, name_of: Any) -> list[st
     for group in optimizer.param_groups:
         for param in group["params"]:
             grad = param.grad
+            if hasattr(grad, "to_local"):  # FSDP2 DTensor: each rank names its own shard
+                grad = grad.to_local()
             if grad is not None:
                 indexed.append((index, param, grad._values() if grad.is_sparse else grad))
             index += 1
