@@ -14,8 +14,16 @@ backward) convert their own instead.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
+
+# One intra-op thread per process: the tiny models gain nothing from a second thread, and on a
+# 2-core CI runner two OpenMP threads spin against any other load (measured on 2 cores with
+# other work running: the 200-step fp32 gpt run once took 110 s instead of 2 s; four heavy test
+# files 91 s with one thread against 130-173 s with two). The variable also reaches the CLI
+# subprocesses and the distributed test's workers; an explicit OMP_NUM_THREADS is honoured.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 import torch.fx as fx
@@ -23,6 +31,8 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.models import build
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 DTYPES = (torch.float16, torch.bfloat16)
 MODELS = ("mlp", "mlp_wide", "resnet", "gpt", "bert", "lstm", "mf")

@@ -95,9 +95,6 @@ def test_integer_and_boolean_values_are_non_float():
         assert all(cls.categories[n] == "non_float" for n in shapes)
 
 
-@pytest.mark.xfail(strict=True, reason="fx path guesses torch.ones_like(int tensor) is float "
-                   "(frontend._guess_float: factory without dtype kwarg -> True), so bert's "
-                   "position ids become a float 'deny' cumsum and get cast to fp32; see report")
 def test_fx_path_does_not_call_integer_position_ids_float():
     # without recorded dtypes the front end cannot know input_ids is an integer tensor, but it
     # must not claim that ones_like(input_ids) and what is computed from it are floats

@@ -27,20 +27,6 @@ from conftest import (DTYPES, FP32_KINDS, FRONTENDS, LOW_KINDS, MODELS, assert_u
 
 CASES = [(m, fe) for m in MODELS for fe in FRONTENDS[m]]
 
-_FX_BERT = ("bert on the fx path: frontend._guess_float takes torch.ones_like(input_ids) for a "
-            "float, so the position ids are cast to fp32 and the embedding lookup fails")
-_BERT_BF16 = ("bert bf16: the post-LN residual stream is rounded to bf16 (R3 exempts fp32 "
-              "layer norms that R5 then keeps fp32; R4 rounds the embedding dropout), error 1.9x "
-              "autocast's")
-
-
-def _known_failures(request, name, frontend, dtype=None, *, numbers=False):
-    if name == "bert" and frontend == "fx":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_FX_BERT))
-    elif numbers and name == "bert" and dtype == torch.bfloat16:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_BERT_BF16))
-
-
 def _autocast_error(model, inputs, dtype, ref) -> float:
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         return rel_err(model(*inputs), ref)
@@ -61,8 +47,7 @@ def test_matrix_ops_low_and_fp32_required_ops_fp32(name, frontend, dtype):
 
 @pytest.mark.parametrize("name, frontend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_error_within_autocast(request, name, frontend, dtype):
-    _known_failures(request, name, frontend, dtype, numbers=True)
+def test_forward_error_within_autocast(name, frontend, dtype):
     c = eval_record(name, dtype, frontend)
     with torch.no_grad():
         out = c.amp(*c.inputs)
@@ -74,8 +59,7 @@ def test_forward_error_within_autocast(request, name, frontend, dtype):
 
 @pytest.mark.parametrize("name, frontend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_eval_conversion_leaves_the_model_alone(request, name, frontend, dtype):
-    _known_failures(request, name, frontend)
+def test_eval_conversion_leaves_the_model_alone(name, frontend, dtype):
     c = eval_record(name, dtype, frontend)
     assert c.unchanged_error is None, c.unchanged_error
     with torch.no_grad():
@@ -86,11 +70,7 @@ def test_eval_conversion_leaves_the_model_alone(request, name, frontend, dtype):
 
 @pytest.mark.parametrize("name, frontend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_training_conversion_leaves_the_model_alone(request, name, frontend, dtype):
-    if name == "resnet" and frontend == "fx":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "fx traces through resnet's BatchNorm2d subclass: num_batches_tracked.add_(1) runs "
-            "at trace time, on the user's buffer")))
+def test_training_conversion_leaves_the_model_alone(name, frontend, dtype):
     c = train_record(name, dtype, frontend)
     assert c.unchanged_error is None, c.unchanged_error
     assert c.model.training
@@ -98,8 +78,7 @@ def test_training_conversion_leaves_the_model_alone(request, name, frontend, dty
 
 @pytest.mark.parametrize("name, frontend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_training_backward_reaches_the_fp32_parameters(request, name, frontend, dtype):
-    _known_failures(request, name, frontend)
+def test_training_backward_reaches_the_fp32_parameters(name, frontend, dtype):
     c = train_record(name, dtype, frontend)
     model, amp = c.model, c.amp
     # the converted module trains the user's own tensors (fp32 master weights)
@@ -188,11 +167,7 @@ def _autocast_casts(model, inputs, dtype) -> int:
     return sum(1 for e in prof.events() if e.name == "aten::_to_copy")
 
 
-@pytest.mark.parametrize("training", [
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "31 casts vs autocast's 30: a traced size (sym_size) blocks view_3/view_7 (R3:fp32-input) "
-        "and adds 4 round-trip casts; 27 once fixed"))),
-    False])
+@pytest.mark.parametrize("training", [True, False])
 def test_fewer_casts_than_autocast_on_gpt(training, capsys):
     model, inputs = build("gpt", "tiny")
     model.train(training)

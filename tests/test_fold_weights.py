@@ -100,10 +100,7 @@ def test_folded_copies_are_the_cast_weights(name, frontend, dtype):
 
 @pytest.mark.parametrize("name, frontend", [
     ("mlp", "fx"), ("mlp", "export"), ("resnet", "fx"), ("resnet", "export"), ("gpt", "export"),
-    ("bert", "export"), ("mf", "export"), ("lstm", "export"),
-    pytest.param("lstm", "fx", marks=pytest.mark.xfail(strict=True, reason=(
-        "F3 runs after F2's dead get_attr sweep: the fp32 nn.LSTM stays a submodule of the graph "
-        "module (and a dead `lstm_1 = self.lstm` line in the code); see report")))])
+    ("bert", "export"), ("mf", "export"), ("lstm", "export"), ("lstm", "fx")])
 def test_graph_module_holds_no_fp32_tensor_it_does_not_read(name, frontend):
     model, inputs, amp = eval_conversion(name, torch.float16, frontend)
     gm = amp.graph_module

@@ -23,14 +23,6 @@ from conftest import (DTYPES, FRONTENDS, MODELS, cast_nodes, fetch, nodes_of, re
                       runtime_dtypes, train_record)
 
 CASES = [(m, fe) for m in MODELS for fe in FRONTENDS[m]]
-_FX_BERT = "bert on the fx path: ones_like(input_ids) is guessed float, so the position ids are cast to fp32 before the embedding (crash); see report"
-
-
-def _xfail_fx_bert(request, name, frontend):
-    if name == "bert" and frontend == "fx":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_FX_BERT))
-
-
 def _key(gm, node):
     """What a cast converts: a tensor object for parameters (tied names share it), else the node."""
     src = node.args[0]
@@ -41,8 +33,7 @@ def _key(gm, node):
 
 @pytest.mark.parametrize("name, frontend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_graph_structure_of_every_reference_model(request, name, frontend, dtype):
-    _xfail_fx_bert(request, name, frontend)
+def test_graph_structure_of_every_reference_model(name, frontend, dtype):
     # training conversions, so that parameter casts are in the graph; export ones return the loss
     c = train_record(name, dtype, frontend)
     model, inputs, amp = c.model, c.inputs, c.amp
@@ -75,8 +66,7 @@ def test_graph_structure_of_every_reference_model(request, name, frontend, dtype
 
 @pytest.mark.parametrize("name, frontend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_cast_to_the_dtype_a_value_already_has(request, name, frontend, dtype):
-    _xfail_fx_bert(request, name, frontend)
+def test_no_cast_to_the_dtype_a_value_already_has(name, frontend, dtype):
     c = train_record(name, dtype, frontend)
     inputs, amp = c.inputs, c.amp
     rec = runtime_dtypes(amp.graph_module, *inputs)
@@ -93,9 +83,6 @@ class Residual(nn.Module):
         return self.fc(x) + x * 2.0
 
 
-@pytest.mark.xfail(strict=True, reason="fx path: a model input of unknown dtype read by an fp32 "
-                   "op is cast to fp32 (x.to(float32) on an fp32 x): insert_casts should leave "
-                   "placeholders of unknown dtype alone for fp32/fp64 consumers; see report")
 def test_an_fp32_op_reading_a_model_input_adds_no_cast_on_the_fx_path():
     amp = ac.convert(Residual().eval(), dtype="float16")
     x = torch.randn(4, 8)
@@ -223,14 +210,7 @@ def test_training_updates_the_shared_running_statistics(frontend, dtype):
     assert model.bn.running_mean.dtype == torch.float32
 
 
-_LEAF_MODE = ("fx: nn.BatchNorm2d is a leaf call_module that runs in the user's module's own "
-              "mode, not the mode convert() was asked for (train-mode model converted for "
-              "inference normalises with batch statistics and updates the user's running "
-              "stats on every call); see report")
-
-
-@pytest.mark.parametrize("frontend", [
-    pytest.param("fx", marks=pytest.mark.xfail(strict=True, reason=_LEAF_MODE)), "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("model_mode, training", [(True, False), (False, True)],
                          ids=["train-model-for-inference", "eval-model-for-training"])
 def test_batch_norm_runs_in_the_mode_asked_for(frontend, model_mode, training):
@@ -252,11 +232,7 @@ def test_batch_norm_runs_in_the_mode_asked_for(frontend, model_mode, training):
     assert model.training == model_mode
 
 
-@pytest.mark.parametrize("frontend", [
-    pytest.param("fx", marks=pytest.mark.xfail(strict=True, reason=(
-        "fx traces through resnet's BatchNorm2d subclass (not a leaf): num_batches_tracked.add_(1) "
-        "runs once at trace time (mutating the user's model) and never at run time; see report"))),
-    "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_training_counts_batches_like_the_model(frontend):
     # resnet's BatchNorm2d subclass is traced through on the fx path (nn.BatchNorm2d is a leaf)
     model, inputs = build("resnet", "tiny")

@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import amp_compiler as ac
+from amp_compiler.passes.classify import classify
+from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.plan import Decision, PrecisionPlan
+from amp_compiler.passes.policy import policy_for
+from amp_compiler.passes.propagate import propagate
 
 from conftest import DTYPES, cast_nodes, eval_conversion, nodes_of, rel_err
 
@@ -158,9 +162,6 @@ class PostLN(nn.Module):
         return self.fc3(self.ln2(h + self.fc2(h)))
 
 
-@pytest.mark.xfail(strict=True, reason="R3 exempts an fp32_acc input as if R5 will make it low, "
-                   "but R5 paints it fp32 (its producer is fp32): the residual add rounds an fp32 "
-                   "value (bert bf16 error 1.9x autocast's); see report")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_r3_an_fp32_layer_norm_output_blocks_like_any_fp32_value(dtype):
     torch.manual_seed(0)
@@ -192,9 +193,6 @@ class DropResidual(nn.Module):
         return self.fc2(h + self.fc1(h))
 
 
-@pytest.mark.xfail(strict=True, reason="R4 spreads low backwards into a clear op whose other "
-                   "consumer R3 already kept fp32 because of it: fp32 -> low -> fp32 round trip "
-                   "and a reason that contradicts the plan; see report")
 def test_r4_does_not_round_a_value_an_fp32_consumer_reads():
     amp = _convert(DropResidual())
     drop, add = _only(amp.plan, "dropout"), _only(amp.plan, "add")
@@ -222,24 +220,13 @@ def _plan_contradictions(amp) -> list[str]:
     return bad
 
 
-_CONTRADICTS = {
-    "gpt": "view's blocker is a traced size (sym_size), not an fp32 value",
-    "bert": "R4 rounds the embedding dropout; residual adds read fp32 layer norms as if low",
-}
-
-
 @pytest.mark.parametrize("name", ["mlp", "resnet", "gpt", "bert", "lstm", "mf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reference_plans_agree_with_their_reasons(request, name, dtype):
-    if name in _CONTRADICTS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_CONTRADICTS[name]))
+def test_reference_plans_agree_with_their_reasons(name, dtype):
     amp = eval_conversion(name, dtype, "export")[2]
     assert _plan_contradictions(amp) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a traced size (sym_size, SymInt) counts as an fp32 "
-                   "input of view: frontend.build_dataflow leaves is_float None for non-tensor "
-                   "values, so R3 blocks and adds a cast round trip; see report")
 def test_r3_a_traced_size_is_not_an_fp32_input():
     # gpt: y.transpose(1, 2).contiguous().view(B, T, C) between two matmul-class ops
     plan = eval_conversion("gpt", torch.bfloat16, "export")[2].plan
@@ -269,6 +256,34 @@ def test_r4_low_spreads_through_clear_chains(dtype):
     # one cast of x before the chain, one of the result after it
     sources = sorted(c.meta["amp_cast"]["source"] for c in cast_nodes(amp.graph_module))
     assert sources == ["view", "x"]
+
+
+def test_r4_a_shape_read_does_not_stop_the_backward_spread():
+    # the ONNX front end gives a Shape node an ordinary (cast) edge from the value it measures
+    # (the lstm file: embedding Gather -> Shape and -> Transpose -> LSTM). Shape reads only
+    # metadata, so it must not count as an fp32 consumer that keeps the gather fp32: that would
+    # add a Cast onnxconverter-common does not need (2 instead of 1 on lstm).
+    g = DataflowGraph()
+    g.add_vertex("x", role="input", kind="input", dtype=FP32)
+    g.add_vertex("w", role="param", kind="param", dtype=FP32)
+    g.add_vertex("gather", role="compute", kind="embedding", is_float=True)
+    g.add_vertex("shape", role="compute", kind="shape", is_float=False)
+    g.add_vertex("transpose", role="compute", kind="transpose", is_float=True)
+    g.add_vertex("fc", role="compute", kind="linear", is_float=True)
+    g.add_vertex("output", role="output", kind="output")
+    g.add_use("x", "gather")
+    g.add_use("w", "gather")
+    g.add_use("gather", "shape")
+    g.add_use("gather", "transpose")
+    g.add_use("transpose", "fc")
+    g.add_use("w", "fc")
+    g.add_use("shape", "fc", cast=False)
+    g.add_use("fc", "output", cast=False)
+    policy = policy_for("cpu", torch.float16)
+    plan = propagate(g, classify(g, policy), policy)
+    assert plan["shape"].rule == "R0:non-float"
+    for n in ("transpose", "gather"):
+        assert (plan[n].precision, plan[n].rule) == (torch.float16, "R4:clear-chain"), plan[n]
 
 
 class LNBetween(nn.Module):
@@ -402,10 +417,7 @@ def test_plan_is_immutable():
 
 
 @pytest.mark.parametrize("name", [
-    "mlp", "mlp_wide", "gpt", "bert", "lstm", "mf",
-    pytest.param("resnet", marks=pytest.mark.xfail(strict=True, reason=(
-        "R0 gives integer buffers (num_batches_tracked) precision int64, which from_json cannot "
-        "read back (KeyError 'torch.int64'); see report")))])
+    "mlp", "mlp_wide", "resnet", "gpt", "bert", "lstm", "mf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_plan_json_round_trip(name, dtype):
     plan = eval_conversion(name, dtype, "export")[2].plan
