@@ -148,7 +148,8 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy) -> Prec
     while grew:
         grew = False
         for n in clear_free - back:
-            cons = graph.float_consumers(n)
+            # metadata readers (Shape) take no precision: they neither block nor count
+            cons = [c for c in graph.float_consumers(n) if cat.get(c) != "non_float"]
             if cons and all(c in back or (c in paint and paint[c][0] == low) for c in cons):
                 back.add(n)
                 grew = True
