@@ -15,8 +15,9 @@ Every vertex ends with a precision and the number of the rule that set it:
         on the gpt model: rounding the residual stream to fp16 raised the output error 1.4x
         over autocast's; values built only from integers, masks and factories are exact and
         do not block.
-    R4  low precision spreads through chains of ``clear`` ops, both ways (a view of a
-        low-precision value is free to stay low).
+    R4  low precision spreads through chains of ``clear`` ops: forwards always (a view of a
+        low-precision value is free to stay low), backwards only into clear ops whose every
+        consumer is low (metadata readers such as Shape do not count).
     R5  ``fp32_acc`` ops are low when their producer and every consumer are low (their kernels
         accumulate in fp32 already), fp32 otherwise; resolved to a fixed point.
     R6  user overrides: ``keep_fp32`` wins over everything, ``force_low`` over the rules. They
