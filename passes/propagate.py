@@ -73,7 +73,10 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy) -> Prec
             decide(v.name, None, "R0:user-cast", "explicit cast in the model: honoured as written")
         elif v.dtype is not None and not v.dtype.is_floating_point:
             decide(v.name, None, "R0:non-float", f"produces {dtype_name(v.dtype)}: never cast")
-        elif v.dtype == torch.float64 or any(graph.vertex(p).dtype == torch.float64 for p in graph.float_inputs(v.name)):
+        elif v.dtype == torch.float64 or any(
+                graph.vertex(p).dtype == torch.float64
+                or (p in decided and decided[p].precision == torch.float64)  # fx: no recorded dtypes
+                for p in graph.float_inputs(v.name)):
             decide(v.name, torch.float64, "R0:float64", "float64 values are left in float64, as torch.autocast does")
         elif not list(graph.float_inputs(v.name)):
             decide(v.name, None, "R0:passthrough", "only unpacks or indexes its input: keeps its producer's dtype")

@@ -172,12 +172,7 @@ def test_low_precision_model_converts_sanely(dtype, model_dtype, frontend):
     assert out.dtype == model_dtype, f"output dtype {out.dtype}, model returns {model_dtype}"
 
 
-_F64_FX = pytest.mark.xfail(strict=True, reason=(
-    "propagate R0:float64 looks only at recorded dtypes (graph.vertex(p).dtype); under fx they are "
-    "None, so ops after the first float64 op fall to R7 float32 and the output comes back float32"))
-
-
-@pytest.mark.parametrize("frontend", [pytest.param("fx", marks=_F64_FX), "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_float64_model_left_in_float64(dtype, frontend):
     """As torch.autocast does: float64 values stay float64, bit for bit, with no casts."""
