@@ -33,7 +33,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 __all__ = ["run_demo", "relative_error", "count_casts", "compare_outputs", "DEMO_SETTINGS"]
 
@@ -55,15 +54,9 @@ def relative_error(out, ref) -> float:
         >>> relative_error(torch.tensor([1.0, 2.01]), torch.tensor([1.0, 2.0]))
         0.005...
     """
-    worst = 0.0
-    pairs = list(zip(tree_leaves(out), tree_leaves(ref)))
-    for o, r in pairs:
-        if not (isinstance(r, torch.Tensor) and r.is_floating_point()):
-            continue
-        o, r = torch.as_tensor(o).detach().double().cpu(), r.detach().double().cpu()
-        denom = r.abs().max().clamp_min(1e-30)
-        worst = max(worst, ((o - r).abs().max() / denom).item())
-    return worst
+    from amp_compiler.passes.ranges import rel_error
+
+    return rel_error(out, ref)
 
 
 class _CastCounter(TorchDispatchMode):

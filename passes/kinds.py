@@ -104,13 +104,6 @@ def torch_kind(name: str) -> str:
     return TORCH_ALIASES.get(base, base)
 
 
-def is_inplace_name(name: str) -> bool:
-    """True for in-place spellings (``add_``, ``__iadd__``) whose output aliases an input."""
-    return (name.endswith("_") and not name.endswith("__") and not name.startswith("_")) or (
-        name.startswith("__i") and name.endswith("__")
-    )
-
-
 # Leaf modules: module classes traced as one node because their forward cannot be
 # symbolically traced (Python control flow on input properties, e.g. ``input.dim()`` checks),
 # mapped to kinds.

@@ -18,8 +18,6 @@ from typing import Iterator, Mapping
 
 import torch
 
-_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
-
 
 def dtype_name(dtype: torch.dtype | None) -> str:
     """Short printable name: 'float16', 'bfloat16', 'float32', or '-'."""

@@ -11,10 +11,7 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.models import build
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+from conftest import rel_err
 
 
 class Hot(nn.Module):
