@@ -35,9 +35,6 @@ from amp_compiler.errors import AmpCompilerError, ConfigError
 PROG = "amp-compiler"
 log = logging.getLogger("amp_compiler")
 
-# --dtype spellings accepted on the command line -> the name convert() and the plan use
-_DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # --example-shape element types
 _INPUT_DTYPES = {"float32": "float32", "float": "float32", "float16": "float16",
                  "bfloat16": "bfloat16", "int64": "int64", "long": "int64", "int32": "int32",
@@ -56,9 +53,13 @@ class _Parser(argparse.ArgumentParser):
 # -- argument types ------------------------------------------------------------------------------
 
 def _dtype_arg(text: str) -> str:
+    """convert()'s own dtype spellings, returned as the name the plan uses."""
+    from amp_compiler.convert import resolve_dtype
+    from amp_compiler.passes.plan import dtype_name
+
     try:
-        return _DTYPES[text.lower()]
-    except KeyError:
+        return dtype_name(resolve_dtype(text))
+    except ConfigError:
         raise argparse.ArgumentTypeError(f"invalid dtype {text!r}: use float16 or bfloat16") from None
 
 
