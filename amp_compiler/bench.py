@@ -106,7 +106,8 @@ def build_parser(prog: str = "amp-compiler bench") -> argparse.ArgumentParser:
                 "side: time, peak memory, error vs fp32 and casts per forward.")
     p.add_argument("--model", choices=MODELS, default="gpt")
     p.add_argument("--size", choices=SIZES, default="tiny")
-    p.add_argument("--mode", choices=("train", "infer"), default="train")
+    p.add_argument("--mode", choices=("train", "infer", "onnx"), default="train",
+                   help="onnx: ONNX Runtime files side by side (see amp_compiler.bench_onnx)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's)")
@@ -836,6 +837,12 @@ def write_json(result: dict[str, Any], path: str) -> None:
         f.write("\n")
 
 
+def _mode(argv: list[str]) -> str | None:
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--mode")
+    return probe.parse_known_args(argv)[0].mode
+
+
 def main(argv: list[str] | None = None) -> int:
     """``amp-compiler bench``: returns 0, 2 for a bad request, 1 when conversion fails.
 
@@ -847,6 +854,10 @@ def main(argv: list[str] | None = None) -> int:
     from amp_compiler.errors import AmpCompilerError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _mode(argv) == "onnx":
+        from amp_compiler import bench_onnx
+
+        return bench_onnx.main(argv)
     try:
         cfg = _resolve(argv)
         result = run(cfg)

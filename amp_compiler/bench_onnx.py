@@ -1,0 +1,401 @@
+"""``amp-compiler bench --mode onnx``: ONNX Runtime latency, error and casts of mixed-precision
+files, side by side in one process.
+
+Every file comes from one fp32 model and runs in one ONNX Runtime on the same input:
+
+1. ``fp32``: ``torch.onnx.export`` of the fp32 model, batch dynamic (what deployment users have);
+2. ``onnxconverter-common``: ``convert_float_to_float16(fp32, keep_io_types=True)`` (float16 only);
+3. ``convert_onnx``: ours, on the same fp32 file, default plan;
+4. ``convert_onnx-mincast``: ours with ``force_low=("add", "layer_norm")``, the residual stream
+   and its LayerNorms low too: the fewest casts the plan allows;
+5. ``export_onnx``: ours, exported from the AmpModule (``convert(training=False)`` on the bench
+   device, so the device's policy and the attention rewrite apply).
+
+Measured per file:
+
+1. latency: median and inter-quartile range of ``run_with_iobinding`` over interleaved rounds
+   (the order rotates each round), inputs and outputs bound on the device so no host copy is
+   timed; ``time.perf_counter`` around a run that ONNX Runtime synchronises before returning;
+2. error: ``max|out - ref| / max|ref|`` (``passes.ranges.rel_error``) of the first output against
+   the torch fp32 model on the same input (TF32 off);
+3. Cast nodes in the file, and its size;
+4. ratios against onnxconverter-common's file (or against fp32 where there is none).
+
+    $ amp-compiler bench --mode onnx --model gpt --size bench --batch 1 --seq-len 64
+    $ amp-compiler bench --mode onnx --model mlp --device cpu --rounds 2 --out /tmp/onnx.json
+
+The CUDA run needs onnxruntime-gpu (``CUDAExecutionProvider``); ``--device cuda`` without it is an
+error that says so. Results print as a table and are written as JSON (default
+``bench/results/<model>-onnx-<device>-<dtype>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import io
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from amp_compiler.bench import MODELS, SEQ_LEN_MODELS, SIZES, BenchError, write_json
+from amp_compiler.passes.ranges import rel_error
+
+__all__ = ["main", "run", "export_fp32", "FILES", "MINCAST"]
+
+# The files, in display order. The first one present is the baseline of the ratios.
+FILES = ("fp32", "onnxconverter-common", "convert_onnx", "convert_onnx-mincast", "export_onnx")
+BASELINES = ("onnxconverter-common", "fp32")
+# The fewest-casts recipe: the residual stream (add) and the LayerNorms on it low as well.
+MINCAST = ("add", "layer_norm")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+PROVIDERS = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "cpu": ["CPUExecutionProvider"]}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise BenchError(message)
+
+
+def build_parser(prog: str = "amp-compiler bench --mode onnx") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="ONNX Runtime latency, error vs torch fp32 and Cast count "
+                "of the fp32 file, onnxconverter-common's fp16 file and ours, side by side.")
+    p.add_argument("--mode", choices=("onnx",), default="onnx")
+    p.add_argument("--model", choices=MODELS, default="gpt")
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: cuda when ONNX Runtime has CUDAExecutionProvider and torch sees a GPU")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float16")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20, help="timed runs per file per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--files", default=",".join(FILES), help=f"subset of {','.join(FILES)}")
+    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--out", default=None)
+    return p
+
+
+@dataclass
+class Config:
+    argv: list[str]
+    model: str
+    size: str
+    device: str
+    dtype: torch.dtype
+    dtype_name: str
+    batch: int | None
+    seq_len: int | None
+    steps: int
+    rounds: int
+    warmup: int
+    files: tuple[str, ...]
+    opset: int | None
+    out: str
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu finds torch's CUDA libraries this way
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 -- CPU builds or missing libraries: just no CUDA EP
+            pass
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _resolve(argv: list[str]) -> Config:
+    a = build_parser().parse_args(argv)
+    for name in ("batch", "seq_len", "steps"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
+    if a.seq_len is not None and a.model not in SEQ_LEN_MODELS:
+        raise BenchError(f"--seq-len applies to {', '.join(sorted(SEQ_LEN_MODELS))}, not {a.model}")
+    cuda_ok = torch.cuda.is_available() and _ort_has_cuda()
+    if a.device == "cuda" and not cuda_ok:
+        raise BenchError("--device cuda needs a GPU and onnxruntime-gpu (CUDAExecutionProvider "
+                         "missing from onnxruntime.get_available_providers()); use --device cpu")
+    device = "cuda" if a.device == "cuda" or (a.device == "auto" and cuda_ok) else "cpu"
+    asked = [f.strip() for f in a.files.split(",") if f.strip()]
+    if not asked or set(asked) - set(FILES):
+        raise BenchError(f"--files {a.files!r}: choose from {','.join(FILES)}")
+    files = tuple(f for f in FILES if f in asked)
+    if a.dtype == "bfloat16":  # onnxconverter-common converts to float16 only
+        files = tuple(f for f in files if f != "onnxconverter-common")
+    out = a.out or f"bench/results/{a.model}-onnx-{device}-{a.dtype}.json"
+    return Config(list(argv), a.model, a.size, device, DTYPES[a.dtype], a.dtype, a.batch,
+                  a.seq_len, a.steps, a.rounds, a.warmup, files, a.opset, out)
+
+
+# ----------------------------------------------------------------------------- the files
+
+
+def export_fp32(model: nn.Module, inputs: tuple, opset: int | None = None) -> onnx.ModelProto:
+    """The fp32 file as users make it: ``torch.onnx.export``, batch dimension dynamic.
+
+    The TorchScript exporter is used where torch still has it (8x faster on small models, and
+    the file most users have); otherwise the dynamo exporter.
+    """
+    names = [f"input_{i}" for i in range(len(inputs))]
+    f = io.BytesIO()
+    kwargs = {} if opset is None else {"opset_version": opset}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, inputs, f, dynamo=False, input_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in names}, **kwargs)
+        return onnx.load_from_string(f.getvalue())
+    except Exception:  # noqa: BLE001 -- torch without the TorchScript exporter
+        from torch.export import Dim
+
+        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset,
+                                    dynamic_shapes=tuple({0: Dim.AUTO} for _ in inputs))
+        return program.model_proto
+
+
+def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[str, onnx.ModelProto]:
+    """Every requested file, built from one fp32 model (never modified)."""
+    import tempfile
+
+    import amp_compiler as ac
+    from amp_compiler.onnx_frontend import convert_onnx
+
+    cpu_inputs = tuple(t.cpu() for t in inputs)
+    progress("exporting the fp32 file")
+    fp32 = export_fp32(copy.deepcopy(model).cpu().eval(), cpu_inputs, cfg.opset)
+    makers: dict[str, Callable[[], onnx.ModelProto]] = {
+        "fp32": lambda: fp32,
+        "onnxconverter-common": lambda: _occ(fp32),
+        "convert_onnx": lambda: convert_onnx(fp32, dtype=cfg.dtype_name),
+        "convert_onnx-mincast": lambda: convert_onnx(fp32, dtype=cfg.dtype_name, force_low=MINCAST),
+    }
+    files: dict[str, onnx.ModelProto] = {}
+    for name in cfg.files:
+        progress(f"building {name}")
+        if name == "export_onnx":
+            amp = ac.convert(copy.deepcopy(model).to(cfg.device).eval(),
+                             tuple(t.to(cfg.device) for t in inputs), dtype=cfg.dtype_name,
+                             training=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = ac.export_onnx(amp, tuple(t.to(cfg.device) for t in inputs),
+                                      f"{tmp}/amp.onnx", opset=cfg.opset)
+                files[name] = onnx.load(path)
+        else:
+            files[name] = makers[name]()
+    return files
+
+
+def _occ(fp32: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        from onnxconverter_common import float16
+    except ImportError as e:
+        raise BenchError("the onnxconverter-common file needs `pip install onnxconverter-common`; "
+                         "or leave it out with --files") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float16.convert_float_to_float16(fp32, keep_io_types=True)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class Runner:
+    """One file in one InferenceSession with its inputs and outputs bound on the device."""
+
+    name: str
+    session: Any
+    binding: Any
+    casts: int
+    size_bytes: int
+    times_ms: list[float] = field(default_factory=list)
+    error: float | None = None
+    note: str = ""
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
+
+    def output(self) -> np.ndarray:
+        return self.binding.copy_outputs_to_cpu()[0]
+
+
+def _runner(name: str, model: onnx.ModelProto, feeds: dict[str, np.ndarray], cfg: Config) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the CUDA EP's "some nodes were assigned to CPU" notes
+    blob = model.SerializeToString()
+    session = ort.InferenceSession(blob, options, providers=PROVIDERS[cfg.device])
+    binding = session.io_binding()
+    for i, arr in zip(session.get_inputs(), feeds.values()):
+        binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, cfg.device, 0))
+    for o in session.get_outputs():
+        binding.bind_output(o.name, cfg.device)
+    casts = sum(n.op_type == "Cast" for n in model.graph.node)
+    return Runner(name, session, binding, casts, len(blob))
+
+
+def _time(r: Runner, n: int) -> None:
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r.run()
+        r.times_ms.append((time.perf_counter() - t0) * 1e3)
+
+
+def _summary(times: list[float]) -> dict[str, float] | None:
+    if not times:
+        return None
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "iqr": q[2] - q[0], "n": len(times)}
+
+
+def _reference(model: nn.Module, inputs: tuple, device: str) -> torch.Tensor:
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            out = copy.deepcopy(model).to(device).eval()(*(t.to(device) for t in inputs))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    return first.float().cpu()
+
+
+def run(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Build every file, check its error, time them interleaved; returns the JSON-ready result."""
+    import onnxruntime as ort
+
+    from amp_compiler.models import build
+
+    extra = {"seq_len": cfg.seq_len} if cfg.seq_len is not None else {}
+    model, inputs = build(cfg.model, cfg.size, batch=cfg.batch, **extra)
+    model.eval()
+    files = _make_files(cfg, model, inputs, progress)
+    ref = _reference(model, inputs, cfg.device)
+    feeds = {f"input_{i}": t.cpu().numpy() for i, t in enumerate(inputs)}
+    runners: list[Runner] = []
+    for name, proto in files.items():
+        progress(f"loading {name}")
+        try:
+            r = _runner(name, proto, feeds, cfg)
+            for _ in range(max(cfg.warmup, 1)):
+                r.run()
+            r.error = rel_error(torch.from_numpy(np.asarray(r.output(), np.float32)), ref)
+        except Exception as exc:  # noqa: BLE001 -- a file ORT refuses is a result, not a crash
+            print(f"{name}: ONNX Runtime refuses it: {str(exc).splitlines()[0][:200]}",
+                  file=sys.stderr)
+            continue
+        runners.append(r)
+    for k in range(cfg.rounds):
+        for r in runners[k % len(runners):] + runners[:k % len(runners)]:
+            progress(f"round {k + 1}/{cfg.rounds}: {r.name}")
+            _time(r, cfg.steps)
+    return _result(cfg, model, inputs, runners, files, ort.__version__)
+
+
+def _result(cfg: Config, model: nn.Module, inputs: tuple, runners: list[Runner],
+            files: dict[str, onnx.ModelProto], ort_version: str) -> dict[str, Any]:
+    import amp_compiler
+
+    by_name = {r.name: r for r in runners}
+    base = next((by_name[b] for b in BASELINES if b in by_name), None)
+    rows = {}
+    for r in runners:
+        med = (_summary(r.times_ms) or {}).get("median")
+        bmed = base and (_summary(base.times_ms) or {}).get("median")
+        rows[r.name] = {
+            "time_ms": _summary(r.times_ms), "max_rel_error": r.error, "casts": r.casts,
+            "size_bytes": r.size_bytes, "provider": r.session.get_providers()[0],
+            "time_vs_baseline": med / bmed if med and bmed else None,
+            "error_vs_baseline": (r.error / base.error if base and base.error else None),
+        }
+    refused = sorted(set(files) - set(by_name))
+    shape = [list(t.shape) for t in inputs]
+    device_name = torch.cuda.get_device_name() if cfg.device == "cuda" else (
+        platform.processor() or platform.machine())
+    return {
+        "command": "amp-compiler bench " + shlex.join(cfg.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg.model, "size": cfg.size, "mode": "onnx", "dtype": cfg.dtype_name,
+        "device": cfg.device, "device_name": device_name, "input_shapes": shape,
+        "torch": torch.__version__, "onnxruntime": ort_version, "onnx": onnx.__version__,
+        "amp_compiler": amp_compiler.__version__, "baseline": base.name if base else None,
+        "steps": cfg.steps, "rounds": cfg.rounds, "files": rows, "refused_by_ort": refused,
+    }
+
+
+def print_table(result: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from amp_compiler.bench import _fmt
+
+    console = console or Console(width=160)
+    t = Table(title=f"{result['model']} ({result['size']}) ONNX, inputs {result['input_shapes']}, "
+                    f"{result['dtype']}, ONNX Runtime {result['onnxruntime']} on "
+                    f"{result['device_name']}",
+              caption=f"/base: ratio to {result['baseline']}; error: max rel vs torch fp32"
+                      + (f"; ORT refused: {', '.join(result['refused_by_ort'])}"
+                         if result["refused_by_ort"] else ""))
+    for col in ("file", "provider", "ms/run", "IQR", "time/base", "max rel err", "err/base",
+                "Cast nodes", "size"):
+        t.add_column(col, justify="left" if col in ("file", "provider") else "right")
+    for name, r in result["files"].items():
+        tm = r["time_ms"] or {}
+        t.add_row(name, r["provider"].replace("ExecutionProvider", ""),
+                  _fmt(tm.get("median"), ".3f"), _fmt(tm.get("iqr"), ".3f"),
+                  _fmt(r["time_vs_baseline"], ".2f", "x"), _fmt(r["max_rel_error"], ".2e"),
+                  _fmt(r["error_vs_baseline"], ".2f", "x"), str(r["casts"]),
+                  f"{r['size_bytes'] / 2**20:.1f} MB")
+    console.print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``amp-compiler bench --mode onnx``: 0, or 2 for a bad request, 1 when a conversion fails.
+
+    Example::
+
+        main(["--mode", "onnx", "--model", "mlp", "--device", "cpu", "--rounds", "1",
+              "--out", "bench/results/mlp-onnx.json"])
+    """
+    from rich.console import Console
+
+    from amp_compiler.errors import AmpCompilerError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    err = Console(stderr=True)
+    try:
+        cfg = _resolve(argv)
+        with err.status("starting") as status:
+            result = run(cfg, progress=lambda s: status.update(s))
+    except SystemExit as e:
+        return int(e.code or 0)
+    except BenchError as e:
+        print(f"amp-compiler bench: error: {e}", file=sys.stderr)
+        return 2
+    except AmpCompilerError as e:
+        print(f"amp-compiler bench: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    write_json(result, cfg.out)
+    print_table(result)
+    print(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
