@@ -1,4 +1,5 @@
-"""Render committed benchmark JSON (``bench/results/*.json``) as the README's markdown table.
+"""Render committed benchmark JSON (``bench/results/*.json``) as the README's markdown tables:
+one for the torch runs (``--mode train|infer``), one for the ONNX Runtime runs (``--mode onnx``).
 
     $ python -m amp_compiler.bench_table bench/results/*.json
 """
@@ -31,6 +32,8 @@ def table(paths: list[str]) -> str:
     losses = []
     for p in sorted(paths):
         d = json.loads(Path(p).read_text())
+        if d.get("mode") == "onnx":
+            continue
         name = f"`{Path(p).stem}`"
         for variant in ("autocast", "amp", "autocast+compile", "amp+compile"):
             if variant in d["variants"] and d["variants"][variant].get("time_ms"):
@@ -46,9 +49,30 @@ def table(paths: list[str]) -> str:
     return out
 
 
+def onnx_table(paths: list[str]) -> str:
+    """One markdown row per file of every ``--mode onnx`` run."""
+    lines = ["| run | inputs | file | ms/run | time vs base | max rel err vs torch fp32 | "
+             "error vs base | Cast nodes |", "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(paths):
+        d = json.loads(Path(p).read_text())
+        if d.get("mode") != "onnx":
+            continue
+        shape = "x".join(str(n) for n in d["input_shapes"][0])
+        for f, r in d["files"].items():
+            base = f == d["baseline"]
+            lines.append(f"| `{Path(p).stem}` | {shape} | {f}{' (base)' if base else ''} | "
+                         f"{r['time_ms']['median']:.2f} (IQR {r['time_ms']['iqr']:.2f}) | "
+                         f"**{r['time_vs_baseline']:.2f}x** | {r['max_rel_error']:.2e} | "
+                         f"**{r['error_vs_baseline']:.2f}x** | {r['casts']} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     paths = (argv if argv is not None else sys.argv[1:]) or [str(p) for p in Path("bench/results").glob("*.json")]
     print(table(paths))
+    onnx = onnx_table(paths)
+    if onnx:
+        print("\n" + onnx)
     return 0
 
 

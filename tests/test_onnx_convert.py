@@ -263,7 +263,13 @@ def test_bfloat16_file_is_valid(name, fp32_files):
         _, inputs = build(name, "tiny", batch=16, seed=7)
         session = ort.InferenceSession(ours.SerializeToString(), providers=["CUDAExecutionProvider"])
         out = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), inputs)})[0]
-        assert rel_err(out, model(*inputs).detach().numpy()) <= 2.0 ** -7
+        with torch.no_grad():
+            ref = model(*inputs).numpy()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                theirs = rel_err(model(*inputs).float().numpy(), ref)
+        # ORT's CUDA EP and CPU autocast differ as engines (H200: bert 1.03e-2 against autocast's
+        # 1.03e-2); the floor covers mf, which autocast keeps fp32 (error 0)
+        assert rel_err(out, ref) <= max(1.1 * theirs, 2.0 ** -8)
 
 
 # -- hand-built graphs: subgraphs, fixed-type inputs, initializers, calibration ---------------------

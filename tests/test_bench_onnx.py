@@ -1,0 +1,93 @@
+"""Tests of amp_compiler.bench_onnx (``amp-compiler bench --mode onnx``) on the CPU provider.
+
+One round of two runs per file: the timings are not benchmarks here; the test checks that every
+file is built, loads, is measured, and that errors, Cast counts and ratios agree with the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import onnx
+import pytest
+import torch
+
+from amp_compiler import bench, bench_onnx
+from amp_compiler.models import build
+from amp_compiler.onnx_frontend import convert_onnx
+
+FAST = ["--mode", "onnx", "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup", "1"]
+
+
+def run(tmp_path, *args: str) -> dict:
+    out = tmp_path / "onnx.json"
+    assert bench.main([*FAST, *args, "--out", str(out)]) == 0  # through bench's entry point
+    return json.loads(out.read_text())
+
+
+def test_gpt_every_file_measured_and_consistent(tmp_path, capsys):
+    result = run(tmp_path, "--model", "gpt")
+    assert result["command"].startswith("amp-compiler bench --mode onnx")
+    assert result["mode"] == "onnx" and result["baseline"] == "onnxconverter-common"
+    assert list(result["files"]) == list(bench_onnx.FILES) and not result["refused_by_ort"]
+    files = result["files"]
+    for name, r in files.items():
+        assert r["provider"] == "CPUExecutionProvider"
+        assert r["time_ms"]["n"] == 2 and r["time_ms"]["median"] > 0, name
+        assert r["size_bytes"] > 0
+    # the fp32 file is exact up to the engine; every fp16 file is float16-accurate, not exact
+    assert files["fp32"]["max_rel_error"] < 1e-5
+    for name in bench_onnx.FILES[1:]:
+        err = files[name]["max_rel_error"]
+        assert math.isfinite(err) and 1e-5 < err <= 2.0 ** -10, (name, err)
+    # the min-cast recipe has onnxconverter-common's cast count; the default plan buys accuracy
+    occ = files["onnxconverter-common"]
+    assert files["convert_onnx-mincast"]["casts"] <= occ["casts"] < files["convert_onnx"]["casts"]
+    assert files["convert_onnx"]["max_rel_error"] < occ["max_rel_error"]
+    for name, r in files.items():
+        assert r["time_vs_baseline"] == pytest.approx(r["time_ms"]["median"] / occ["time_ms"]["median"])
+        assert r["error_vs_baseline"] == pytest.approx(r["max_rel_error"] / occ["max_rel_error"])
+    assert "convert_onnx-mincast" in capsys.readouterr().out  # the table
+
+
+def test_cast_counts_are_those_of_the_files(tmp_path):
+    """The JSON's Cast count is the file's: the same conversion done by hand agrees."""
+    result = run(tmp_path, "--model", "mlp", "--files", "fp32,convert_onnx")
+    model, inputs = build("mlp", "tiny")
+    fp32 = bench_onnx.export_fp32(model.eval(), inputs)
+    ours = convert_onnx(fp32)
+    assert result["files"]["convert_onnx"]["casts"] == sum(n.op_type == "Cast" for n in ours.graph.node)
+    assert result["files"]["fp32"]["casts"] == sum(n.op_type == "Cast" for n in fp32.graph.node)
+    assert result["baseline"] == "fp32"  # no onnxconverter-common file asked for
+
+
+def test_bfloat16_drops_onnxconverter_common(tmp_path):
+    result = run(tmp_path, "--model", "mlp", "--dtype", "bfloat16", "--files", "fp32,onnxconverter-common")
+    assert list(result["files"]) == ["fp32"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--files", "fp32,tensorrt"], "--files"),
+    (["--model", "mlp", "--seq-len", "8"], "--seq-len"),
+    (["--steps", "0"], "--steps"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys, tmp_path):
+    code = bench.main(["--mode", "onnx", "--device", "cpu", *args, "--out", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
+    assert bench.main(["--mode", "onnx", "--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--device cpu" in capsys.readouterr().err
+
+
+def test_export_fp32_is_a_valid_dynamic_batch_file():
+    model, inputs = build("gpt", "tiny")
+    proto = bench_onnx.export_fp32(model.eval(), inputs)
+    onnx.checker.check_model(proto, full_check=True)
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value  # batch is symbolic
