@@ -20,7 +20,18 @@ and why:
 4. Source locations the exporter records (stack traces, FX node text) are dropped from node
    metadata: they hold paths of the machine that exported; module scopes are kept (they give
    ``convert_onnx`` its module paths).
-5. ``onnx.checker.check_model(full_check=True)`` must pass; the file is written atomically
+5. Legalisation (``legalise_types``): before opset 22 many ONNX ops (Conv, ConvTranspose,
+   MaxPool, AveragePool, InstanceNormalization, LSTM, Sin/Cos, ...) have no ``tensor(bfloat16)``
+   in their schema's type constraints, so a bf16 plan that computes them low exports an invalid
+   file. Every node whose schema rejects the low-precision float type it receives on an input
+   computes in float32 instead (numerically safe; float16 only if the schema lacks float): its
+   inputs of that type variable are cast up and its outputs of that variable cast back to the
+   type they had, so the rest of the graph is unchanged. A value made by a Cast from float32
+   (ours included) is read at its source, never cast twice; an initializer is converted in the
+   file (in place when nothing else reads it, else as a copy), not cast at every run. Each such
+   node gets the metadata entry ``amp_compiler.reason`` saying why, and the nodes are logged.
+   A valid graph (fp16 at these opsets) is left untouched.
+6. ``onnx.checker.check_model(full_check=True)`` must pass; the file is written atomically
    (temporary file in the same folder, then ``os.replace``), never over an existing file unless
    ``overwrite=True``, and no partial file is left on error.
 
@@ -47,8 +58,12 @@ import onnx
 import torch
 
 from amp_compiler.errors import ConfigError, OnnxError
-from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, TORCH_TO_ONNX, convert_tensor,
-                                              set_io_dtype, value_types)
+from dataclasses import dataclass
+
+from onnx import TensorProto, helper
+
+from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, TORCH_TO_ONNX, _Names, convert_tensor,
+                                              outer_references, set_io_dtype, value_types)
 
 log = logging.getLogger("amp_compiler")
 
@@ -171,22 +186,47 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {next((line for line in lines if line), '')}"[:500]
 
 
+def _slot_type_strs(params, count: int) -> list[str | None]:
+    """The schema ``type_str`` (a type variable such as ``T``, or a fixed ``tensor(int64)``) of
+    each of ``count`` slots; slots past the formal parameters repeat the last one (variadic)."""
+    return [params[i].type_str if i < len(params) else (params[-1].type_str if params else None)
+            for i in range(count)]
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        return value_types(onnx.shape_inference.infer_shapes(model).graph)
+    except Exception:  # noqa: BLE001 -- declared types are all we have then
+        return value_types(model.graph)
+
+
+def _refresh_value_info(model: onnx.ModelProto) -> None:
+    """Recorded value types describe the graph before a retyping: drop them and infer again."""
+    g = model.graph
+    del g.value_info[:]
+    try:
+        g.value_info.extend(onnx.shape_inference.infer_shapes(model).graph.value_info)
+    except Exception:  # noqa: BLE001 -- value_info is optional
+        pass
+
+
 def _match_initializer_types(model: onnx.ModelProto) -> int:
     """Initializers whose float dtype differs from the computed inputs sharing their schema type
     variable take those inputs' dtype (a copy when other consumers still need the original).
     Returns how many were changed."""
     g = model.graph
-    try:
-        types = value_types(onnx.shape_inference.infer_shapes(model).graph)
-    except Exception:  # noqa: BLE001
-        types = value_types(g)
+    types = _inferred_types(model)
     inits = {t.name: t for t in g.initializer}
     uses: dict[str, int] = {}
     for node in g.node:
         for v in node.input:
             if v in inits:
                 uses[v] = uses.get(v, 0) + 1
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = _default_opset(model)
     copies: dict[tuple[str, int], str] = {}
     changed = 0
     for node in g.node:
@@ -196,12 +236,11 @@ def _match_initializer_types(model: onnx.ModelProto) -> int:
             schema = onnx.defs.get_schema(node.op_type, opset, "")
         except Exception:  # noqa: BLE001
             continue
-        params = list(schema.inputs)
+        variables = {tc.type_param_str for tc in schema.type_constraints}
         groups: dict[str, list[int]] = {}
-        for i, v in enumerate(node.input):
-            f = params[i] if i < len(params) else (params[-1] if params else None)
-            if v and f is not None and f.type_str in {tc.type_param_str for tc in schema.type_constraints}:
-                groups.setdefault(f.type_str, []).append(i)
+        for i, (v, t) in enumerate(zip(node.input, _slot_type_strs(list(schema.inputs), len(node.input)))):
+            if v and t in variables:
+                groups.setdefault(t, []).append(i)
         for slots in groups.values():
             computed = {types.get(node.input[i]) for i in slots if node.input[i] not in inits}
             computed &= FLOAT_TYPES
@@ -224,12 +263,158 @@ def _match_initializer_types(model: onnx.ModelProto) -> int:
                     node.input[i] = copies[(name, want)]
                 changed += 1
     if changed:  # the recorded value types downstream came from the wrong dtypes
-        del g.value_info[:]
-        try:
-            g.value_info.extend(onnx.shape_inference.infer_shapes(model).graph.value_info)
-        except Exception:  # noqa: BLE001 -- value_info is optional
-            pass
+        _refresh_value_info(model)
     return changed
+
+
+# -- legalisation: ops whose schema has no kernel type for the low dtype (module docstring, 5) ----
+
+_LOW_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
+_TYPE_STR = {TensorProto.FLOAT: "tensor(float)", TensorProto.FLOAT16: "tensor(float16)",
+             TensorProto.BFLOAT16: "tensor(bfloat16)", TensorProto.DOUBLE: "tensor(double)"}
+_TYPE_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
+              TensorProto.BFLOAT16: "bfloat16", TensorProto.DOUBLE: "float64"}
+_SUFFIX = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16"}
+# Safest first: float32 holds every float16/bfloat16 value exactly.
+_FALLBACK_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
+REASON_KEY = "amp_compiler.reason"
+
+
+@dataclass(frozen=True)
+class Legalised:
+    """One node moved off a low dtype its ONNX schema does not allow at the file's opset."""
+
+    node: str
+    op_type: str
+    was: int      # ONNX element type the plan gave it (TensorProto.BFLOAT16 ...)
+    now: int      # ONNX element type it computes in now (TensorProto.FLOAT)
+    reason: str
+
+
+def _illegal_variables(node: onnx.NodeProto, schema, types: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Type variables of ``node`` whose low float type the schema rejects: var -> (had, fallback)."""
+    allowed = {tc.type_param_str: set(tc.allowed_type_strs) for tc in schema.type_constraints}
+    bad: dict[str, tuple[int, int]] = {}
+    for v, t in zip(node.input, _slot_type_strs(list(schema.inputs), len(node.input))):
+        et = types.get(v) if v else None
+        if t is None or et not in _LOW_TYPES or t in bad:
+            continue
+        ok = allowed.get(t, {t})  # a fixed type_str allows exactly itself
+        if _TYPE_STR[et] in ok:
+            continue
+        fallback = next((f for f in _FALLBACK_TYPES if _TYPE_STR[f] in ok), None)
+        if fallback is not None and t in allowed:  # a fixed-type slot cannot be retyped by casting others
+            bad[t] = (et, fallback)
+    return bad
+
+
+def legalise_types(model: onnx.ModelProto) -> list[Legalised]:
+    """Make every top-level node read float types its schema allows (module docstring, 5).
+
+    Changes ``model`` in place; returns one record per node moved to a wider float type.
+    """
+    opset = _default_opset(model)
+    if opset is None:
+        return []
+    g = model.graph
+    types = _inferred_types(model)
+    found: list[tuple[onnx.NodeProto, dict[str, tuple[int, int]], object]] = []
+    for node in g.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except Exception:  # noqa: BLE001 -- not a standard op at this opset: nothing to check
+            continue
+        bad = _illegal_variables(node, schema, types)
+        if bad:
+            found.append((node, bad, schema))
+    if not found:
+        return []
+
+    names = _Names(model)
+    inits = {t.name: t for t in g.initializer}
+    overridable = {i.name for i in g.input}
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for v in list(n.input) + outer_references(n):
+            readers[v] = readers.get(v, 0) + 1
+    for o in g.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+    before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> casts placed right before it
+    after: dict[int, list[onnx.NodeProto]] = {}
+    cast_cache: dict[tuple[str, int], str] = {}
+    init_uses: dict[tuple[str, int], list[tuple[onnx.NodeProto, int]]] = {}
+    bypassed: set[int] = set()
+    records: list[Legalised] = []
+
+    def deliver(value: str, want: int, node: onnx.NodeProto, slot: int) -> None:
+        if value in inits and value not in overridable:
+            init_uses.setdefault((value, want), []).append((node, slot))
+            return
+        src = producer.get(value)
+        if src is not None and src.op_type == "Cast" and types.get(src.input[0]) == want:
+            node.input[slot] = src.input[0]  # Cast(fp32 -> bf16) then back: read the fp32 source
+            readers[value] -= 1
+            bypassed.add(id(src))
+            return
+        key = (value, want)
+        if key not in cast_cache:
+            out = names.fresh(f"{value}_{_SUFFIX[want]}")
+            before.setdefault(id(node), []).append(
+                helper.make_node("Cast", [value], [out], to=want, name=names.fresh(f"amp_legal_{out}")))
+            cast_cache[key] = out
+        node.input[slot] = cast_cache[key]
+
+    for node, bad, schema in found:
+        in_vars = _slot_type_strs(list(schema.inputs), len(node.input))
+        out_vars = _slot_type_strs(list(schema.outputs), len(node.output))
+        for i, (v, t) in enumerate(zip(node.input, in_vars)):
+            if v and t in bad and types.get(v) in FLOAT_TYPES and types.get(v) != bad[t][1]:
+                deliver(v, bad[t][1], node, i)
+        for k, (o, t) in enumerate(zip(node.output, out_vars)):
+            if o and t in bad:
+                inner = names.fresh(f"{o}_{_SUFFIX[bad[t][1]]}")
+                node.output[k] = inner
+                back = helper.make_node("Cast", [inner], [o], to=types.get(o, bad[t][0]),
+                                        name=names.fresh(f"amp_legal_{o}"))
+                after.setdefault(id(node), []).append(back)
+                # a legalised reader of ``o`` further down reads ``inner`` (deliver's bypass)
+                producer[o] = back
+                types[inner] = bad[t][1]
+        had, now = next(iter(bad.values()))
+        reason = (f"ONNX {node.op_type} (opset {opset}) has no {_TYPE_STR[had]} in type constraint "
+                  f"{', '.join(sorted(bad))}: computed in {_TYPE_NAME[now]}, outputs cast back to "
+                  f"{_TYPE_NAME[had]}")
+        node.metadata_props.add(key=REASON_KEY, value=reason)
+        records.append(Legalised(node.name, node.op_type, had, now, reason))
+
+    # initializers: converted in the file rather than cast at every run; renamed, since the
+    # exported name says "_bf16"; in place when only legalised nodes read it, else a copy
+    for (name, want), uses in init_uses.items():
+        new_name = names.fresh(f"{re.sub(r'_b?f16$', '', name)}_{_SUFFIX[want]}")
+        tensor = convert_tensor(inits[name], want, name=new_name)[0]
+        if readers.get(name, 0) == len(uses) and sum(1 for (n, _) in init_uses if n == name) == 1:
+            inits[name].CopyFrom(tensor)
+        else:
+            g.initializer.append(tensor)
+        for n, slot in uses:
+            n.input[slot] = new_name
+
+    def unread(n: onnx.NodeProto) -> bool:  # every reader now reads the Cast's source
+        return id(n) in bypassed and readers.get(n.output[0], 0) == 0
+
+    nodes: list[onnx.NodeProto] = []
+    for n in g.node:
+        if not unread(n):
+            nodes.extend(before.get(id(n), ()))
+            nodes.append(n)
+        nodes.extend(c for c in after.get(id(n), ()) if not unread(c))
+    del g.node[:]
+    g.node.extend(nodes)
+    _refresh_value_info(model)
+    return records
 
 
 def _strip_private_metadata(model: onnx.ModelProto) -> None:
@@ -294,6 +479,12 @@ def export_onnx(amp, example_inputs, path: str | os.PathLike, *, opset: int | No
     _strip_private_metadata(model)
     if not keep_io_types:
         set_io_dtype(model, TORCH_TO_ONNX[amp.low_dtype])
+    # last before the checker: the io retyping above may hand a low input straight to a Conv
+    legalised = legalise_types(model)
+    if legalised:
+        log.info("kept %d ONNX nodes out of %s (their schema has no such type at this opset): %s",
+                 len(legalised), _TYPE_NAME[legalised[0].was],
+                 "; ".join(f"{r.node} ({r.op_type})" for r in legalised))
     check(model, "the exported model")
     return save_model(model, path, overwrite=overwrite)
 

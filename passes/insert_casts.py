@@ -10,7 +10,10 @@ Rules:
         dtype is cast from its source, never from another cast;
     I4  a cast is placed right before its first consumer, so it fuses with it under
         torch.compile and is never computed for a branch that does not need it;
-    I5  graph outputs are restored to the dtype the original model returned;
+    I5  graph outputs are restored to the dtype the original model returned; where tracing recorded
+        no dtype (fx), a value we computed in another float dtype goes back to the model's own
+        floating dtype (``model_float_dtype``: that of most of its parameter elements, else its
+        buffers', float32 when it has neither), so a float16 model still returns float16;
     I7  an fp32 elementwise op with an fp32 tensor operand (``add``, ``mul``...) reads its
         low-precision operands as they are: type promotion upcasts them inside the kernel to the
         same values a cast would give, without a cast kernel or a second copy in memory (the
@@ -65,8 +68,32 @@ def _short(dtype: torch.dtype) -> str:
             torch.float64: "f64"}.get(dtype, dtype_name(dtype))
 
 
-def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan) -> InsertCastsResult:
-    """Rewrite ``gm`` in place (rules I1-I5); recompiles it."""
+def model_float_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The floating dtype ``module`` computes in, for outputs whose dtype was not recorded (I5).
+
+    The dtype holding most floating parameter elements (the ``next(model.parameters()).dtype``
+    idiom, made robust to a stray float32 scale); buffers decide only when there are no floating
+    parameters; float32 when there are neither.
+    """
+    for tensors in (module.parameters(), module.buffers()):
+        counts: dict[torch.dtype, int] = {}
+        for t in tensors:
+            if t.is_floating_point():
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        if counts:
+            return max(counts, key=counts.__getitem__)
+    return torch.float32
+
+
+def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, *,
+                 model_dtype: torch.dtype | None = None) -> InsertCastsResult:
+    """Rewrite ``gm`` in place (rules I1-I7); recompiles it.
+
+    ``model_dtype``: the dtype outputs without a recorded dtype are restored to (I5); None takes
+    ``model_float_dtype(gm)`` (``gm`` holds the user's parameters).
+    """
+    if model_dtype is None:
+        model_dtype = model_float_dtype(gm)
     fxg = gm.graph
     nodes = {n.name: n for n in fxg.nodes}
     runtime_dtype: dict[str, torch.dtype | None] = {}
@@ -98,7 +125,7 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan) 
         if node.meta.get("amp_cast"):
             continue
         if node.op == "output":
-            _restore_outputs(fxg, node, graph, plan, runtime_dtype, cast_of, users)
+            _restore_outputs(fxg, node, graph, plan, runtime_dtype, cast_of, users, model_dtype)
             continue
         d = plan.get(node.name)
         if node.name not in graph:
@@ -182,13 +209,21 @@ def _replace_castable_inputs(node: fx.Node, replaced: dict, graph: DataflowGraph
     node.kwargs = {k: sub(a, None, k) for k, a in node.kwargs.items()}
 
 
-def _restore_outputs(fxg, out_node, graph, plan, runtime_dtype, cast_of, users) -> None:
+def _restore_outputs(fxg, out_node, graph, plan, runtime_dtype, cast_of, users,
+                     model_dtype: torch.dtype) -> None:
     """I5: every floating output value goes back to the dtype the original graph produced."""
     replaced: dict[fx.Node, fx.Node] = {}
     for src in out_node.all_input_nodes:
         have = runtime_dtype.get(src.name)
         v = graph.vertex(src.name)
-        want = v.dtype if v.dtype is not None else (torch.float32 if have in (torch.float16, torch.bfloat16) else None)
+        if v.dtype is not None:
+            want = v.dtype
+        else:
+            # fx recorded nothing: only a value whose dtype the plan chose can differ from the
+            # model's (user casts and float64 keep theirs: the plan gives them no new precision)
+            d = plan.get(src.name)
+            chosen = d is not None and d.precision is not None and not d.rule.startswith("R0:")
+            want = model_dtype if chosen and have in (torch.float16, torch.bfloat16, torch.float32) else None
         if want is None or have is None or have == want or not want.is_floating_point:
             continue
         c = cast_of(src, want, out_node)

@@ -1,4 +1,4 @@
-"""insert_casts pass (rules I1-I6): the structure of the rewritten FX graph.
+"""insert_casts pass (rules I1-I7): the structure of the rewritten FX graph.
 
 Structure is checked on the graph (cast nodes, their sources and users) and, where a dtype only
 exists at run time, by running the graph node by node (``DtypeRecorder``) and looking at what
@@ -244,3 +244,53 @@ def test_training_counts_batches_like_the_model(frontend):
         amp(*inputs)
         ref(*inputs)
     assert int(model.bn1.num_batches_tracked) == int(ref.bn1.num_batches_tracked) == 2
+
+
+class _Heads(nn.Module):
+    """Three outputs: a matrix op (low in the plan), a deny op (fp32 in the plan), a user cast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h, torch.exp(h), h.float()
+
+
+@pytest.mark.parametrize("model_dtype", (torch.float32, *DTYPES), ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fx_outputs_come_back_in_the_models_own_dtype(dtype, model_dtype):
+    # I5 without recorded dtypes (fx): restored to the dtype of the model's parameters
+    model = _Heads().to(model_dtype).eval()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).to(model_dtype)
+    amp = ac.convert(model, dtype=dtype)
+    assert amp.plan["linear"].precision == dtype and amp.plan["exp"].precision == torch.float32
+    with torch.no_grad():
+        low, exp, user = amp(x)
+        ref = model(x)
+    assert [t.dtype for t in (low, exp, user)] == [t.dtype for t in ref] == [model_dtype] * 2 + [torch.float32]
+    assert rel_err(exp, ref[1]) < 3e-2
+    # one restore cast per output whose computed dtype differs from the model's; the user's
+    # own .float() is honoured as written
+    output = next(n for n in amp.graph_module.graph.nodes if n.op == "output")
+    restores = {c.args[0].name: c.args[1] for c in cast_nodes(amp.graph_module) if output in c.users}
+    want = {}
+    if dtype != model_dtype:
+        want["linear"] = model_dtype
+    if model_dtype != torch.float32:
+        want["exp"] = model_dtype
+    assert restores == want
+
+
+def test_model_float_dtype_is_the_dtype_of_most_parameter_elements():
+    from amp_compiler.passes.insert_casts import model_float_dtype
+
+    mixed = nn.Sequential(nn.Linear(16, 16).half(), nn.Linear(2, 1))  # a small fp32 head
+    assert model_float_dtype(mixed) == torch.float16
+    stats = nn.BatchNorm1d(4, affine=False).to(torch.bfloat16)  # buffers only
+    assert model_float_dtype(stats) == torch.bfloat16
+    assert model_float_dtype(nn.ReLU()) == torch.float32
+    ids = nn.Embedding(4, 4).double()
+    ids.register_buffer("scale", torch.ones(3, dtype=torch.float16))  # parameters decide
+    assert model_float_dtype(ids) == torch.float64

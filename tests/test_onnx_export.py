@@ -245,3 +245,109 @@ def test_verify_onnx_reports_overflow_as_infinite(tmp_path):
     assert result["max_abs"] == float("inf") and result["max_rel"] == float("inf")
     assert torch.isfinite(model(x)).all()
     assert verify_onnx(path, model, (x / 1e3,))["max_rel"] <= TOL
+
+
+# -- legalisation: ops whose ONNX schema has no bfloat16 before opset 22 ----------------------------
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.conv(x)))
+        return self.fc(self.conv2(h).mean((2, 3)))
+
+
+def _conv_export(dtype, tmp_path):
+    torch.manual_seed(0)
+    model, x = _ConvNet().eval(), torch.randn(2, 3, 8, 8)
+    amp = ac.convert(model, (x,), dtype=dtype)
+    # opset 18 (torch 2.6's default): Conv and MaxPool accept bfloat16 only from opset 22
+    return model, x, amp, onnx.load(export_onnx(amp, (x,), tmp_path / f"{dtype}.onnx", opset=18))
+
+
+def test_bf16_export_computes_convs_in_float32_and_passes_the_checker(tmp_path):
+    model, x, amp, m = _conv_export(torch.bfloat16, tmp_path)
+    onnx.checker.check_model(m, full_check=True)
+    types, g = _types(m), m.graph
+    inits = {t.name: t for t in g.initializer}
+    by_op: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        by_op.setdefault(node.op_type, []).append(node)
+    reasons = {n.name: p.value for n in g.node for p in n.metadata_props if p.key == "amp_compiler.reason"}
+    convs = by_op["Conv"]
+    assert len(convs) == 2 and set(reasons) == {n.name for n in convs + by_op["MaxPool"]}
+    assert all("no tensor(bfloat16)" in reasons[n.name] and "float32" in reasons[n.name] for n in convs)
+    for conv in convs:
+        assert all(types[v] == TensorProto.FLOAT for v in conv.input), conv.name
+        for v in conv.input[1:]:  # weights converted in the file, not cast at every run
+            assert v in inits and inits[v].data_type == TensorProto.FLOAT
+    # the converted weights are the plan's bfloat16 weights, exactly
+    w = numpy_helper.to_array(inits[convs[0].input[1]])
+    assert torch.equal(torch.from_numpy(w.copy()), model.conv.weight.detach().bfloat16().float())
+    # the first Conv reads the float32 input itself: no Cast to bf16 and straight back; nor
+    # does the second Conv read MaxPool's result through a bf16 round trip: no Cast of a Cast
+    assert convs[0].input[0] == g.input[0].name
+    cast_outputs = {n.output[0] for n in by_op["Cast"]}
+    assert not [n.name for n in by_op["Cast"] if n.input[0] in cast_outputs]
+    assert convs[1].input[0] == by_op["MaxPool"][0].output[0]
+    # everything else keeps the plan: the Linear computes in bfloat16, the output is float32
+    gemm = (by_op.get("Gemm") or by_op["MatMul"])[0]
+    assert types[gemm.input[0]] == types[gemm.input[1]] == TensorProto.BFLOAT16
+    assert amp.plan["conv2d"].precision == torch.bfloat16  # the module's own plan is untouched
+    assert [o.type.tensor_type.elem_type for o in g.output] == [TensorProto.FLOAT]
+
+
+def test_legaliser_leaves_a_valid_fp16_export_untouched(tmp_path):
+    from amp_compiler.onnx_export import legalise_types
+
+    model, x, amp, m = _conv_export(torch.float16, tmp_path)
+    before = m.SerializeToString()
+    assert legalise_types(m) == [] and m.SerializeToString() == before
+    assert not any(p.key == "amp_compiler.reason" for n in m.graph.node for p in n.metadata_props)
+    types = _types(m)
+    assert all(types[v] == TensorProto.FLOAT16 for n in m.graph.node if n.op_type == "Conv" for v in n.input)
+    assert verify_onnx(tmp_path / "torch.float16.onnx", model, (x,))["max_rel"] <= TOL
+
+
+def test_legaliser_copies_a_shared_initializer_and_casts_computed_values_once():
+    from onnx import helper
+
+    from amp_compiler.onnx_export import legalise_types
+
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    w = numpy_helper.from_array(torch.randn(4, 4).numpy(), "w")
+    w = ac.passes.onnx_rewrite.convert_tensor(w, bf16)[0]
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xb"], to=bf16, name="cast_in"),
+        helper.make_node("MatMul", ["xb", "w"], ["h"], name="mm"),      # bf16 allowed
+        helper.make_node("Sin", ["h"], ["s"], name="sin"),              # no bf16 before opset 22
+        helper.make_node("Cos", ["h"], ["c"], name="cos"),              # shares h's cast
+        helper.make_node("Einsum", ["s", "w"], ["e"], equation="ij,jk->ik", name="einsum"),  # no bf16 at 22 either
+        helper.make_node("Add", ["e", "c"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, [2, 4])],
+                              [helper.make_tensor_value_info("y", bf16, [2, 4])], initializer=[w])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError), match="bfloat16"):
+        onnx.checker.check_model(m, full_check=True)
+    records = legalise_types(m)
+    onnx.checker.check_model(m, full_check=True)
+    assert [(r.node, r.was, r.now) for r in records] == [("sin", bf16, f32), ("cos", bf16, f32),
+                                                         ("einsum", bf16, f32)]
+    g, types = m.graph, _types(m)
+    casts_of = [n.input[0] for n in g.node if n.op_type == "Cast"]
+    assert casts_of.count("h") == 1  # one Cast of h, shared by Sin and Cos
+    inits = {t.name: t.data_type for t in g.initializer}
+    assert inits["w"] == bf16  # MatMul still reads the bf16 weight; Einsum reads a float32 copy
+    einsum = next(n for n in g.node if n.op_type == "Einsum")
+    assert inits[einsum.input[1]] == f32 and types[einsum.input[0]] == f32
+    # Einsum reads Sin's float32 result itself: the cast back, read by nobody else, is gone
+    assert einsum.input[0] == next(n for n in g.node if n.op_type == "Sin").output[0] != "s"
+    assert "s" not in {o for n in g.node for o in n.output}
+    assert types["c"] == types["e"] == types["y"] == bf16  # the rest of the graph keeps its types
+    assert [n.name for n in g.node if n.op_type == "MatMul"] == ["mm"] and types["xb"] == bf16
