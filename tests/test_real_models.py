@@ -1,5 +1,7 @@
-"""Models nobody here wrote: Hugging Face ``transformers`` BERT, GPT-2, T5, Llama and ViT, built
-from small configs with random weights (nothing is downloaded), converted with example inputs.
+"""Models nobody here wrote: Hugging Face ``transformers`` BERT, GPT-2, T5, Llama and ViT built
+from small configs, torchvision's resnet50, mobilenet_v3_small, efficientnet_b0, vit_b_16,
+convnext_tiny and swin_t, and timm families (ViT, ConvNeXt, RegNet), all with random weights
+(nothing is downloaded), converted with example inputs.
 
 For each model and low dtype: conversion succeeds; the forward error against fp32 is within
 1.1x torch.autocast's on the same input (the project's target); one training-mode backward
@@ -7,10 +9,11 @@ reaches the user's fp32 parameters with finite gradients close to fp32's; the us
 unchanged; the inference conversion exports to ONNX. Marked ``slow`` (deselected by default):
 
     pytest -m slow tests/test_real_models.py
-    python tests/test_real_models.py        # measures everything and rewrites docs/real_models.md
+    python tests/test_real_models.py --jobs 8   # measures every model whose library is installed
+                                                # and rewrites docs/real_models.md
 
-torchvision and timm are not installable beside the torch build these tests run with; their
-models are covered by the reference resnet in ``models/`` instead.
+A model whose library is not installed is skipped with the ``pip install`` that enables it
+(torchvision and timm pin torch versions, so they are absent beside some torch builds).
 """
 
 from __future__ import annotations
@@ -27,10 +30,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 import amp_compiler as ac  # noqa: E402
 from conftest import assert_unchanged, rel_err, snapshot  # noqa: E402
-
-transformers = pytest.importorskip("transformers", reason="pip install transformers (no weights needed)")
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +58,41 @@ def _ids(seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
+# model -> the library that provides it
+LIBRARY = {"bert": "transformers", "gpt2": "transformers", "t5": "transformers",
+           "llama": "transformers", "vit": "transformers",
+           "resnet50": "torchvision", "mobilenet_v3_small": "torchvision",
+           "efficientnet_b0": "torchvision", "vit_b_16": "torchvision",
+           "convnext_tiny": "torchvision", "swin_t": "torchvision",
+           "timm_vit_tiny_patch16_224": "timm", "timm_convnext_atto": "timm",
+           "timm_regnetx_002": "timm"}
+# input side of the image models: the smallest their architecture accepts (ViTs: 224, fixed
+# position embeddings; swin: windows of 7 after 4x4 patches and three 2x merges)
+IMAGE_SIZE = {"vit_b_16": 224, "timm_vit_tiny_patch16_224": 224, "swin_t": 224}
+
+
+def library(name: str):
+    """The model's library, or a pytest skip naming the install that enables it."""
+    import importlib
+
+    lib = LIBRARY[name]
+    try:
+        return importlib.import_module(lib)
+    except ImportError:
+        pytest.skip(f"{name} needs `pip install {lib}` (no weights are downloaded)")
+
+
 def build(name: str) -> tuple[nn.Module, tuple]:
-    """(wrapped model, example inputs); dropout off so train and eval forwards agree."""
-    T = transformers
+    """(model, example inputs); dropout off so train and eval forwards agree."""
+    lib = library(name)
     torch.manual_seed(0)
+    if LIBRARY[name] != "transformers":
+        size = IMAGE_SIZE.get(name, 64)
+        x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(7))
+        if LIBRARY[name] == "torchvision":
+            return getattr(lib.models, name)(weights=None), (x,)
+        return lib.create_model(name.removeprefix("timm_"), pretrained=False), (x,)
+    T = lib
     if name == "bert":
         cfg = T.BertConfig(attn_implementation="eager", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=64,
@@ -91,7 +124,7 @@ def build(name: str) -> tuple[nn.Module, tuple]:
     raise KeyError(name)
 
 
-MODELS = ("bert", "gpt2", "t5", "llama", "vit")
+MODELS = tuple(LIBRARY)
 
 
 @dataclass
@@ -221,24 +254,32 @@ def test_onnx_export(name, dtype):
     assert row.onnx == "ok", row.notes
 
 
-@pytest.mark.skip(reason="torchvision and timm are not installable beside this torch build "
-                         "(they pin other torch versions); resnet coverage is models/resnet.py")
-def test_torchvision_and_timm_models():
-    pass
-
-
 def _fmt(x, spec=".2e") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def write_table(rows: list[Row], path: str) -> None:
+def _versions() -> str:
+    import importlib
+
+    found = []
+    for lib in dict.fromkeys(LIBRARY.values()):
+        try:
+            found.append(f"{lib} {importlib.import_module(lib).__version__}")
+        except ImportError:
+            found.append(f"{lib} not installed")
+    return ", ".join(found)
+
+
+def write_table(rows: list[Row], path: str, *, machine: str) -> None:
     lines = [
-        "# Hugging Face models nobody here wrote",
+        "# Models nobody here wrote",
         "",
-        f"Produced by `python tests/test_real_models.py` (transformers {transformers.__version__}, "
-        f"torch {torch.__version__}, CPU). Models are built from small configs (2 layers, hidden 32, "
-        f"eager attention, dropout 0) with random weights, batch {BATCH} x {SEQ} tokens "
-        "(ViT: 2 x 3 x 32 x 32); converted with example inputs (torch.export front end).",
+        f"Produced by `python tests/test_real_models.py --jobs 8` (torch {torch.__version__}, "
+        f"{_versions()}; CPU of {machine}). Hugging Face models are built from small configs (2 "
+        f"layers, hidden 32, eager attention, dropout 0), batch {BATCH} x {SEQ} tokens (ViT: "
+        f"{BATCH} x 3 x 32 x 32); torchvision and timm models are the library's own architectures "
+        f"at full size, batch {BATCH}, images 64 x 64 (ViTs and swin_t: 224 x 224). Random weights "
+        "throughout; converted with example inputs (torch.export front end).",
         "",
         "Errors are max|out - fp32| / max|fp32| on the model's main output; autocast is "
         "`torch.autocast('cpu', dtype)` on the same input. Low % = low-precision compute nodes / "
@@ -246,32 +287,61 @@ def write_table(rows: list[Row], path: str) -> None:
         "relative error of all parameter gradients taken as one vector. The same figures are asserted by "
         "`pytest -m slow tests/test_real_models.py`.",
         "",
-        "| model | dtype | converted | error vs fp32 | autocast error | low % | casts | backward (grad err) | ONNX | time s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | library | dtype | converted | error vs fp32 | autocast error | low % | casts | backward (grad err) | ONNX | time s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.model} | {r.dtype} | {r.converted} | {_fmt(r.error)} | {_fmt(r.autocast)} | "
-                     f"{_fmt(r.low_pct, '.0f')} | {_fmt(r.casts, 'd')} | {r.backward} ({_fmt(r.grad_error)}) | "
-                     f"{r.onnx} | {r.seconds:.1f} |")
+        lines.append(f"| {r.model} | {LIBRARY[r.model]} | {r.dtype} | {r.converted} | {_fmt(r.error)} | "
+                     f"{_fmt(r.autocast)} | {_fmt(r.low_pct, '.0f')} | {_fmt(r.casts, 'd')} | "
+                     f"{r.backward} ({_fmt(r.grad_error)}) | {r.onnx} | {r.seconds:.1f} |")
     notes = [(r, n) for r in rows for n in r.notes] + [(r, "model modified by convert()") for r in rows
                                                          if r.unchanged is False]
     if notes:
         lines += ["", "## Failures", ""]
         lines += [f"- {r.model} / {r.dtype}: `{n}`" for r, n in notes]
-    lines += ["", "torchvision and timm are not installable beside this torch build; not measured.", ""]
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + "\n")
+
+
+def _measure_job(job: tuple[str, str, int]) -> Row:
+    name, dtype, threads = job
+    torch.set_num_threads(threads)
+    d = getattr(torch, dtype)
+    try:
+        row = measure(name, d)
+    except BaseException as exc:  # noqa: BLE001 -- pytest.skip (library missing) or a build failure
+        traceback.print_exc()
+        row = Row(name, dtype, notes=[f"build: {_short(exc)}"])
+    print(row, flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import importlib.util
+    import platform
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    p = argparse.ArgumentParser(description="Measure the real-model table (docs/real_models.md).")
+    p.add_argument("models", nargs="*", help=f"default: every model whose library is installed")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes (threads split evenly)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                 "..", "docs", "real_models.md"))
+    a = p.parse_args(argv)
+    names = a.models or [n for n in MODELS if importlib.util.find_spec(LIBRARY[n]) is not None]
+    jobs = [(n, str(d).replace("torch.", ""), max(1, (os.cpu_count() or 1) // a.jobs))
+            for n in names for d in DTYPES]
+    if a.jobs > 1:
+        with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+            rows = list(pool.map(_measure_job, jobs))
+    else:
+        rows = [_measure_job(j) for j in jobs]
+    machine = torch.cuda.get_device_name() + " host" if torch.cuda.is_available() else platform.machine()
+    write_table(rows, a.out, machine=machine)
+    print(f"wrote {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    rows = []
-    for n in MODELS:
-        for d in DTYPES:
-            try:
-                rows.append(measure(n, d))
-            except Exception:  # noqa: BLE001 -- building the model itself failed
-                traceback.print_exc()
-                rows.append(Row(n, str(d).replace("torch.", ""), notes=["build failed"]))
-            print(rows[-1])
-    here = os.path.dirname(os.path.abspath(__file__))
-    write_table(rows, os.path.join(here, "..", "docs", "real_models.md"))
+    sys.exit(main())
