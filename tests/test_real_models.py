@@ -90,8 +90,10 @@ def build(name: str) -> tuple[nn.Module, tuple]:
         size = IMAGE_SIZE.get(name, 64)
         x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(7))
         if LIBRARY[name] == "torchvision":
-            return getattr(lib.models, name)(weights=None), (x,)
-        return lib.create_model(name.removeprefix("timm_"), pretrained=False), (x,)
+            model = getattr(lib.models, name)(weights=None)
+        else:
+            model = lib.create_model(name.removeprefix("timm_"), pretrained=False)
+        return _as_if_trained(model, x), (x,)
     T = lib
     if name == "bert":
         cfg = T.BertConfig(attn_implementation="eager", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -127,6 +129,32 @@ def build(name: str) -> tuple[nn.Module, tuple]:
 MODELS = tuple(LIBRARY)
 
 
+def _as_if_trained(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Random weights, but the state a trained model is in where it matters to the comparison:
+    no dropout / stochastic depth (train and eval forwards, fp32 and low precision, see the same
+    network), no all-zero weight (torchvision's ViT zero-initialises its head, whose output
+    would be 0 for any input), and BatchNorm running statistics of real activations (fresh
+    statistics, mean 0 / variance 1, let random deep CNNs' activations vanish or explode)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for m in model.modules():
+            for attr in ("p", "drop_prob"):  # Dropout, StochasticDepth / timm DropPath
+                if isinstance(getattr(m, attr, None), float):
+                    setattr(m, attr, 0.0)
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one pass gives this batch's statistics
+        model.train()(x)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+    return model.eval()
+
+
 @dataclass
 class Row:
     model: str
@@ -138,6 +166,7 @@ class Row:
     casts: int | None = None
     backward: str = "-"
     grad_error: float | None = None
+    autocast_grad_error: float | None = None
     onnx: str = "-"
     unchanged: bool | None = None
     seconds: float = 0.0
@@ -180,15 +209,17 @@ def measure(name: str, dtype: torch.dtype, *, onnx: bool = True) -> Row:
         model(*inputs).float().pow(2).mean().backward()
         ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(*inputs)
+        out.float().pow(2).mean().backward()
+        theirs = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        row.autocast_grad_error = _grad_error(theirs, ref_grads)
+        model.zero_grad()
         tamp = ac.convert(model, inputs, dtype=dtype, training=True, loss_scale=None)
         tamp(*inputs).float().pow(2).mean().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         finite = all(torch.isfinite(g).all() for g in grads.values())
-        # all gradients as one vector: per-parameter ratios blow up on parameters whose fp32
-        # gradient is ~0 (masked positions, unused embedding rows)
-        common = [n for n in ref_grads if n in grads]
-        row.grad_error = rel_err(torch.cat([grads[n].flatten() for n in common]),
-                                 torch.cat([ref_grads[n].flatten() for n in common])) if common else None
+        row.grad_error = _grad_error(grads, ref_grads)
         missing = sorted(set(ref_grads) - set(grads))
         row.backward = "ok" if finite and not missing else ("non-finite" if not finite else f"{len(missing)} grads missing")
     except Exception as exc:  # noqa: BLE001
@@ -208,6 +239,16 @@ def measure(name: str, dtype: torch.dtype, *, onnx: bool = True) -> Row:
                 row.notes.append(f"onnx: {_short(exc)}")
     row.seconds = time.perf_counter() - t0
     return row
+
+
+def _grad_error(grads: dict, ref: dict) -> float | None:
+    """All gradients as one vector: per-parameter ratios blow up on parameters whose fp32
+    gradient is ~0 (masked positions, unused embedding rows)."""
+    common = [n for n in ref if n in grads]
+    if not common:
+        return None
+    return rel_err(torch.cat([grads[n].flatten() for n in common]),
+                   torch.cat([ref[n].flatten() for n in common]))
 
 
 def _unchanged(model: nn.Module, snap: dict) -> bool:
@@ -242,7 +283,9 @@ def test_converts_within_autocast_error(name, dtype):
 def test_training_backward_matches_fp32(name, dtype):
     row = row_for(name, dtype)
     assert row.backward == "ok", row.notes
-    assert row.grad_error is not None and row.grad_error < 0.1
+    assert row.grad_error is not None
+    assert row.grad_error <= 1.1 * row.autocast_grad_error + 1e-3, (
+        f"gradient error {row.grad_error:.3e} vs autocast's {row.autocast_grad_error:.3e}")
 
 
 # ViT's bf16 patch-embedding Conv has no tensor(bfloat16) in ONNX before opset 22: export_onnx's
@@ -284,16 +327,17 @@ def write_table(rows: list[Row], path: str, *, machine: str) -> None:
         "Errors are max|out - fp32| / max|fp32| on the model's main output; autocast is "
         "`torch.autocast('cpu', dtype)` on the same input. Low % = low-precision compute nodes / "
         "(low + fp32). Backward: one training-mode conversion, `mean(out**2).backward()`, the "
-        "relative error of all parameter gradients taken as one vector. The same figures are asserted by "
+        "relative error of all parameter gradients taken as one vector, against fp32's, ours / "
+        "autocast's. The same figures are asserted by "
         "`pytest -m slow tests/test_real_models.py`.",
         "",
-        "| model | library | dtype | converted | error vs fp32 | autocast error | low % | casts | backward (grad err) | ONNX | time s |",
+        "| model | library | dtype | converted | error vs fp32 | autocast error | low % | casts | backward (grad err ours / autocast) | ONNX | time s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.model} | {LIBRARY[r.model]} | {r.dtype} | {r.converted} | {_fmt(r.error)} | "
                      f"{_fmt(r.autocast)} | {_fmt(r.low_pct, '.0f')} | {_fmt(r.casts, 'd')} | "
-                     f"{r.backward} ({_fmt(r.grad_error)}) | {r.onnx} | {r.seconds:.1f} |")
+                     f"{r.backward} ({_fmt(r.grad_error)} / {_fmt(r.autocast_grad_error)}) | {r.onnx} | {r.seconds:.1f} |")
     notes = [(r, n) for r in rows for n in r.notes] + [(r, "model modified by convert()") for r in rows
                                                          if r.unchanged is False]
     if notes:
