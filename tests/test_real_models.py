@@ -149,7 +149,9 @@ def _as_if_trained(model: nn.Module, x: torch.Tensor) -> nn.Module:
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative average: one pass gives this batch's statistics
-        model.train()(x)
+        # statistics of a batch of 16 images like the input: one image's 2 x 2 last feature map
+        # would leave near-zero variances that make eval-mode outputs ill-conditioned
+        model.train()(torch.randn((16, *x.shape[1:]), generator=g))
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
     return model.eval()
