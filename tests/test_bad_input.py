@@ -87,6 +87,27 @@ def test_data_dependent_control_flow_with_inputs_is_trace_error():
     assert "torch.where" in msg or "torch.cond" in msg  # what to do
 
 
+class _NumpyInForward(nn.Module):
+    """Leaves torch for NumPy: export fails, and not because of data-dependent control flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(torch.from_numpy(x.numpy() * 2))
+
+
+def test_other_export_failure_gets_a_generic_hint_not_control_flow_advice():
+    model = _NumpyInForward().eval()
+    err = _converts_or_fails_cleanly(model, lambda: ac.convert(model, (X,)))
+    assert isinstance(err, TraceError)
+    msg = str(err)
+    assert "torch.export" in msg and "x.numpy()" in msg  # the line that broke it
+    assert "without example_inputs" in msg  # what to do
+    assert "control flow" not in msg and "torch.cond" not in msg
+
+
 # -- argument errors ----------------------------------------------------------------------------
 
 class _Small(nn.Module):
@@ -317,13 +338,6 @@ class _WithAutogradFunction(nn.Module):
         return self.fc2(_StraightThrough.apply(self.fc1(x)))
 
 
-_AUTOGRAD_FN = pytest.mark.xfail(strict=True, reason=(
-    "frontend: fx symbolic tracing and torch.export both inline autograd.Function.forward "
-    "(round, div) and drop its custom backward: the ops are painted by their contents instead "
-    "of staying one unknown fp32 op, and training gradients through it become zero"))
-
-
-@_AUTOGRAD_FN
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_custom_autograd_function_is_one_unknown_fp32_op(frontend):
     model = _WithAutogradFunction().eval()
@@ -333,7 +347,18 @@ def test_custom_autograd_function_is_one_unknown_fp32_op(frontend):
     assert not [n for n, d in amp.plan.items() if d.kind == "round"]
 
 
-@_AUTOGRAD_FN
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_force_low_overrides_unknown_autograd_function(frontend):
+    model = _WithAutogradFunction().eval()
+    amp = ac.convert(model, (X,) if frontend == "export" else None, dtype="bfloat16",
+                     force_low=("_StraightThrough",))
+    (name,) = [n for n, d in amp.plan.items() if d.kind == "_StraightThrough"]
+    assert (amp.plan[name].precision, amp.plan[name].rule) == (torch.bfloat16, "R6:force_low")
+    with torch.no_grad():
+        rec = runtime_dtypes(amp.graph_module, X)
+    assert rec.dtypes[name] == torch.bfloat16
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_custom_autograd_function_backward_is_kept_in_training(frontend):
     model = _WithAutogradFunction().train()
@@ -367,14 +392,7 @@ class _InPlace(nn.Module):
         return self.fc2(y)
 
 
-_INPLACE_FX = pytest.mark.xfail(strict=True, reason=(
-    "frontend.symbolic_capture keeps in-place/out= calls as written; propagate paints the "
-    "dead-result `add_`/`mul_` fp32 and insert_casts gives them a cast copy, so the mutation "
-    "lands on the copy and is lost (wrong output, 0.44 relative error); with out= the factory "
-    "buffer reaches fc1 uncast (RuntimeError: mat1 and mat2 must have the same dtype)"))
-
-
-@pytest.mark.parametrize("frontend", [pytest.param("fx", marks=_INPLACE_FX), "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("use_out", [False, True], ids=["inplace", "inplace+out"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_in_place_and_out_ops_match_fp32_like_autocast(dtype, use_out, frontend):
@@ -515,10 +533,6 @@ class _Variadic(nn.Module):
         return self.fc(args[0]) + args[1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "frontend.export_capture builds dynamic_shapes as one entry per example input, but for a "
-    "`forward(self, *args)` torch.export expects one entry for the whole `args` tuple: "
-    "UserError 'inputs has 1 elements, but dynamic_shapes has 2 elements'"))
 def test_variadic_forward_converts_with_example_inputs():
     model = _Variadic().eval()
     y = torch.randn(3, 8)
