@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -105,6 +106,27 @@ class AmpModule(nn.Module):
         self.training = mode
         return self
 
+    def __deepcopy__(self, memo: dict) -> "AmpModule":
+        """``copy.deepcopy(amp)`` (EMA copies, checkpoint forks): parameters and graphs are
+        copied; the fake tensors torch.export leaves in node metadata cannot be, and are
+        shared (they describe shapes and dtypes, which the copy has too), as is the dataflow
+        graph the plan was made from (read-only after conversion)."""
+        graphs = [m for m in self.modules() if isinstance(m, fx.GraphModule)]
+        graphs += [s.graph_module for s in getattr(self, "_other_modes", {}).values()
+                   if isinstance(s, _Snapshot)]
+        for gm in graphs:
+            for node in gm.graph.nodes:
+                for leaf in torch.utils._pytree.tree_leaves(dict(node.meta)):
+                    if isinstance(leaf, (torch.SymInt, torch.SymFloat)) or (
+                            isinstance(leaf, torch.Tensor) and _is_fake(leaf)):
+                        memo[id(leaf)] = leaf
+        for state in [self] + list(getattr(self, "_other_modes", {}).values()):
+            memo[id(state._dataflow)] = state._dataflow  # the analysis record, never mutated
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def freeze(self) -> "AmpModule":
         """Inference: fold parameter casts into stored low-precision copies (eval mode only)."""
         from amp_compiler.passes.fold_weights import fold_weights
@@ -124,3 +146,9 @@ class _Snapshot:
         self.graph_module, self._plan = amp.graph_module, amp._plan
         self._dataflow, self._casts = amp._dataflow, amp._casts
         self._mode_leaves = amp._mode_leaves
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or type(t).__name__ == "FunctionalTensor"

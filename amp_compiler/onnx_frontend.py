@@ -534,7 +534,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     pinned = tuple(f"node:{n}" for n in df.pins)
     classes = classify(df.graph, policy, keep_fp32=_entries(keep_fp32) + pinned,
                        force_low=_entries(force_low))
-    plan = propagate(df.graph, classes, policy)
+    plan = propagate(df.graph, classes, policy, type_promotion=False)
     plan = PrecisionPlan({**plan, **{n: _pinned(plan[n], *df.pins[n]) for n in df.pins}},
                          low_dtype=low, device_type="cuda",
                          meta={"source": "onnx", "opset": opset_of(model),

@@ -51,6 +51,11 @@ class PrecisionPlan(Mapping[str, Decision]):
     def __getitem__(self, name: str) -> Decision:
         return self._decisions[name]
 
+    def __reduce__(self):
+        # the read-only views do not pickle; copy.deepcopy(amp) and torch.save go through here
+        return (_restore_plan, (dict(self._decisions), self.low_dtype, self.device_type,
+                                dict(self.meta)))
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._decisions)
 
@@ -96,3 +101,7 @@ class PrecisionPlan(Mapping[str, Decision]):
                      for n, d in data["nodes"].items()}
         return cls(decisions, low_dtype=to_dtype(data["low_dtype"]),
                    device_type=data["device_type"], meta=data.get("meta"))
+
+
+def _restore_plan(decisions, low_dtype, device_type, meta) -> PrecisionPlan:
+    return PrecisionPlan(decisions, low_dtype=low_dtype, device_type=device_type, meta=meta)

@@ -97,6 +97,14 @@ class Policy:
         """Category of ``kind``; ``"unknown"`` when no table names it."""
         return self.table.get(kind, "unknown")
 
+    def __reduce__(self):
+        # the read-only table view does not pickle (copy.deepcopy of a converted model)
+        return (_restore_policy, (self.device_type, self.low_dtype, dict(self.table)))
+
+
+def _restore_policy(device_type: str, low_dtype: torch.dtype, table: dict) -> Policy:
+    return Policy(device_type, low_dtype, MappingProxyType(table))
+
 
 def _table(*, extra_deny: frozenset[str] = frozenset()) -> Mapping[str, str]:
     table: dict[str, str] = {}

@@ -14,7 +14,12 @@ Every vertex ends with a precision and the number of the rule that set it:
         promotion does, they stay fp32, because rounding that input would add error. Measured
         on the gpt model: rounding the residual stream to fp16 raised the output error 1.4x
         over autocast's; values built only from integers, masks and factories are exact and
-        do not block.
+        do not block. An fp32 parameter or buffer with a dimension blocks too (ConvNeXt's layer
+        scale, ViT's position embedding): type promotion makes autocast's op fp32 there, and
+        keeping it low raised a ConvNeXt's bf16 error 1.4x over autocast's; a 0-dim one does
+        not promote and does not block. Parameters read by allow ops (weights) never block,
+        nor do any in ONNX graphs (``type_promotion=False``: no promotion at run time, and
+        their parameter-fed Adds are the biases of exported nn.Linear layers).
     R4  low precision spreads through chains of ``clear`` ops: forwards always (a view of a
         low-precision value is free to stay low), backwards only into clear ops whose every
         consumer is low (metadata readers such as Shape do not count).
@@ -45,8 +50,14 @@ FP32 = torch.float32
 _TRAVERSABLE = ("infer", "clear", "fp32_acc")
 
 
-def propagate(graph: DataflowGraph, cls: Classification, policy: Policy) -> PrecisionPlan:
-    """Paint every vertex of ``graph`` (rules R0-R7) and return the PrecisionPlan."""
+def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
+              type_promotion: bool = True) -> PrecisionPlan:
+    """Paint every vertex of ``graph`` (rules R0-R7) and return the PrecisionPlan.
+
+    ``type_promotion``: the graph runs with torch's type promotion (FX graphs), so an fp32
+    parameter read by an elementwise op makes it fp32 under autocast, and R3 follows; ONNX
+    graphs are explicitly typed (their bias Adds after MatMul are nn.Linear's bias) and pass
+    False."""
     low = policy.low_dtype
     lowname = dtype_name(low)
     cat = cls.categories
@@ -128,11 +139,21 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy) -> Prec
                 and all(q in between or q in exact or (q in paint and paint[q][0] == low)
                         for q in graph.data_inputs(p)))
 
+    def _promoting_state(n: str) -> list[str]:
+        # fp32 parameters/buffers with a dimension: autocast's type promotion computes the op in
+        # fp32 (layer scales, position embeddings, class tokens); 0-dim ones do not promote
+        if not type_promotion:
+            return []
+        return [p for p in graph.float_inputs(n)
+                if graph.vertex(p).role in ("param", "const") and p not in exact
+                and graph.vertex(p).dtype == FP32 and graph.vertex(p).shape]
+
     changed = True
     while changed:
         changed = False
         for n in sorted(between):
-            blocker = next((p for p in graph.data_inputs(n) if p not in between and p not in exact
+            blocker = next((p for p in graph.data_inputs(n) + _promoting_state(n)
+                            if p not in between and p not in exact
                             and not (p in paint and paint[p][0] == low)
                             and not _acc_low(p)), None)
             if blocker is not None:

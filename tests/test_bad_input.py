@@ -165,13 +165,7 @@ def test_calibration_batch_with_nan_names_batch_and_input(bad):
 
 # -- models in other dtypes ---------------------------------------------------------------------
 
-# fx records no dtypes: the output restore (insert_casts I5) assumes fp32 for any value it cast
-_LOWMODEL_FX = pytest.mark.xfail(strict=True, reason=(
-    "insert_casts._restore_outputs: under fx (no recorded dtype) `want` falls back to float32, "
-    "so a float16/bfloat16 model's output comes back float32 instead of the model's dtype"))
-
-
-@pytest.mark.parametrize("frontend", [pytest.param("fx", marks=_LOWMODEL_FX), "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_low_precision_model_converts_sanely(dtype, model_dtype, frontend):

@@ -250,3 +250,28 @@ def test_unknown_keep_fp32_raises_config_error():
     with pytest.raises(ConfigError, match="keep_fp32 entry 'lienar'.*Did you mean 'linear'"):
         ac.convert(model, keep_fp32=("lienar",))
     assert_unchanged(model, before)  # failing convert() leaves the model alone too
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_deepcopy_is_an_independent_working_copy(frontend, training):
+    """copy.deepcopy(amp) (EMA models, forked checkpoints): same outputs, own tensors, and
+    training the copy leaves the original alone. torch.export's graphs carry fake tensors in
+    their metadata, which cannot be deep-copied; the copy shares them."""
+    model, inputs = build("resnet", "tiny")
+    amp = ac.convert(model.train(training), inputs if frontend == "export" else None,
+                     dtype="bfloat16", training=training)
+    twin = copy.deepcopy(amp)
+    assert twin.plan == amp.plan and twin.cast_count() == amp.cast_count()
+    mine = {k: v.data_ptr() for k, v in amp.state_dict().items()}
+    assert all(v.data_ptr() != mine[k] for k, v in twin.state_dict().items())
+    if not training:
+        with torch.no_grad():
+            assert torch.equal(twin(*inputs), amp(*inputs))
+        return
+    before = {k: v.clone() for k, v in amp.state_dict().items()}
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    twin(*inputs).float().pow(2).mean().backward()
+    opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in amp.state_dict().items())
+    assert any(not torch.equal(v, before[k]) for k, v in twin.state_dict().items())

@@ -179,6 +179,58 @@ def test_r3_an_fp32_layer_norm_output_blocks_like_any_fp32_value(dtype):
     assert rel_err(amp(x), ref) <= 1.1 * rel_err(auto, ref) + 1e-7
 
 
+class LayerScale(nn.Module):
+    """ConvNeXt's residual block in miniature: conv -> linear, scaled by an fp32 parameter of
+    shape (C, 1, 1), added to the stream; ``scalar`` is a 0-dim parameter beside it."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 4, stride=4)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.fc = nn.Linear(width, width)
+        self.gamma = nn.Parameter(torch.full((width, 1, 1), 0.1))
+        self.scalar = nn.Parameter(torch.tensor(0.5))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + self.gamma * (y * self.scalar)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_r3_an_fp32_parameter_with_a_dimension_blocks_like_type_promotion(dtype):
+    torch.manual_seed(0)
+    model, x = LayerScale().eval(), torch.randn(4, 3, 32, 32)
+    amp = _convert(model, x, dtype=dtype)
+    gamma_mul = next((d for n, d in amp.plan.items() if d.kind == "mul" and d.precision == FP32), None)
+    assert gamma_mul is not None and gamma_mul.rule == "R3:fp32-input" and "gamma" in gamma_mul.reason
+    # the 0-dim parameter does not promote under autocast, so its mul stays low
+    low_muls = [d for d in amp.plan.values() if d.kind == "mul" and d.precision == dtype]
+    assert len(low_muls) == 1 and low_muls[0].rule == "R3:between-low"
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=dtype):
+            auto = model(x)
+        assert rel_err(amp(x), ref) <= 1.1 * rel_err(auto, ref) + 1e-7
+
+
+def test_r3_parameters_do_not_block_without_type_promotion():
+    """ONNX graphs (type_promotion=False): the same graph keeps the scaled branch low."""
+    from amp_compiler.frontend import build_dataflow, capture
+
+    model, x = LayerScale().eval(), torch.randn(2, 3, 32, 32)
+    gm, _ = capture(model, (x,))
+    graph = build_dataflow(gm)
+    policy = policy_for("cpu", torch.bfloat16)
+    promoted = propagate(graph, classify(graph, policy), policy)
+    typed = propagate(graph, classify(graph, policy), policy, type_promotion=False)
+    muls = [n for n in promoted if promoted[n].kind == "mul"]
+    assert {promoted[n].precision for n in muls} == {FP32, torch.bfloat16}
+    assert {typed[n].precision for n in muls} == {torch.bfloat16}
+
+
 class DropResidual(nn.Module):
     """An fp32 value (layer_norm of the input) goes through dropout, then feeds a linear (low)
     and a residual add (fp32: R3:fp32-input)."""
