@@ -115,11 +115,7 @@ class AmpModule(nn.Module):
         graphs += [s.graph_module for s in getattr(self, "_other_modes", {}).values()
                    if isinstance(s, _Snapshot)]
         for gm in graphs:
-            for node in gm.graph.nodes:
-                for leaf in torch.utils._pytree.tree_leaves(dict(node.meta)):
-                    if isinstance(leaf, (torch.SymInt, torch.SymFloat)) or (
-                            isinstance(leaf, torch.Tensor) and _is_fake(leaf)):
-                        memo[id(leaf)] = leaf
+            _share_fake_meta(gm, memo)
         for state in [self] + list(getattr(self, "_other_modes", {}).values()):
             memo[id(state._dataflow)] = state._dataflow  # the analysis record, never mutated
         new = type(self).__new__(type(self))
@@ -152,3 +148,19 @@ def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor) or type(t).__name__ == "FunctionalTensor"
+
+
+def _share_fake_meta(gm: fx.GraphModule, memo: dict) -> None:
+    """Pre-fill a deepcopy memo so the fake tensors and symbols in node metadata are shared."""
+    for node in gm.graph.nodes:
+        for leaf in torch.utils._pytree.tree_leaves(dict(node.meta)):
+            if isinstance(leaf, (torch.SymInt, torch.SymFloat)) or (
+                    isinstance(leaf, torch.Tensor) and _is_fake(leaf)):
+                memo[id(leaf)] = leaf
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """``copy.deepcopy(gm)`` that also works on torch.export graphs (fake metadata shared)."""
+    memo: dict = {}
+    _share_fake_meta(gm, memo)
+    return copy.deepcopy(gm, memo)

@@ -31,7 +31,13 @@ and why:
    file (in place when nothing else reads it, else as a copy), not cast at every run. Each such
    node gets the metadata entry ``amp_compiler.reason`` saying why, and the nodes are logged.
    A valid graph (fp16 at these opsets) is left untouched.
-6. ``onnx.checker.check_model(full_check=True)`` must pass; the file is written atomically
+6. Type promotion made explicit (``explicit_promotions``): rule I7 lets an fp32 elementwise op
+   read a low-precision operand as it is (torch promotes inside the kernel). ONNX has no
+   promotion, and the exporter's own promotion pass fails on some of these nodes (torch 2.11:
+   ``Expected same OpOverload packet, got prim.device != aten.mul`` on ConvNeXt's fp32 layer
+   scale times an fp16 branch), so before exporting, a copy of the graph gets an explicit
+   ``.to()`` on every such operand: the Cast ONNX needs there anyway.
+7. ``onnx.checker.check_model(full_check=True)`` must pass; the file is written atomically
    (temporary file in the same folder, then ``os.replace``), never over an existing file unless
    ``overwrite=True``, and no partial file is left on error.
 
@@ -131,12 +137,56 @@ def _inference_graph(amp) -> torch.fx.GraphModule:
             amp.eval()
         gm = amp.graph_module
         if not amp.folded:
-            gm = copy.deepcopy(gm)
+            from amp_compiler.module import copy_graph_module
+
+            gm = copy_graph_module(gm)
             fold_weights(gm, amp.casts)
         return gm
     finally:
         if was_training:
             amp.train(True)
+
+
+def explicit_promotions(gm: torch.fx.GraphModule, example_inputs: tuple) -> torch.fx.GraphModule:
+    """A copy of ``gm`` where every promoting elementwise op (rule I7's ``add``, ``mul``...)
+    whose float operands differ in dtype reads them cast to its result dtype; ``gm`` itself
+    is returned unchanged when it has no such op. Dtypes come from one run on the inputs."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from amp_compiler.frontend import node_kind
+    from amp_compiler.module import copy_graph_module
+    from amp_compiler.passes.insert_casts import PROMOTING
+
+    def dtype_of(n) -> torch.dtype | None:
+        meta = n.meta.get("tensor_meta") if isinstance(n, torch.fx.Node) else None
+        return getattr(meta, "dtype", None)
+
+    gm = copy_graph_module(gm)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 -- inputs the model does not accept
+        raise OnnxError(f"the converted graph does not run on these example inputs "
+                        f"({_root_cause(exc)}); torch.onnx.export needs inputs the model "
+                        f"accepts") from exc
+    changed = False
+    for node in list(gm.graph.nodes):
+        out = dtype_of(node)
+        if node.op != "call_function" or out is None or not out.is_floating_point \
+                or node_kind(node, gm) not in PROMOTING:
+            continue
+        for src in node.all_input_nodes:
+            have = dtype_of(src)
+            if have is None or not have.is_floating_point or have == out \
+                    or not src.meta["tensor_meta"].shape:  # 0-dim: does not promote
+                continue
+            with gm.graph.inserting_before(node):
+                cast = gm.graph.call_method("to", (src, out))
+            node.replace_input_with(src, cast)
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
 
 
 def _dynamic_shapes(example_inputs: tuple, dynamic_batch: bool):
@@ -471,7 +521,7 @@ def export_onnx(amp, example_inputs, path: str | os.PathLike, *, opset: int | No
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     check_destination(path, overwrite)  # fail before the slow part
-    gm = _inference_graph(amp)
+    gm = explicit_promotions(_inference_graph(amp), example_inputs)
     model = _torch_export(gm, example_inputs, opset, dynamic_batch)
     n = _match_initializer_types(model)
     if n:

@@ -12,6 +12,7 @@ by a few float16 roundings of the output scale; 2**-11 is float16's unit roundof
 
 from __future__ import annotations
 
+import copy
 import os
 
 import onnx
@@ -351,3 +352,42 @@ def test_legaliser_copies_a_shared_initializer_and_casts_computed_values_once():
     assert "s" not in {o for n in g.node for o in n.output}
     assert types["c"] == types["e"] == types["y"] == bf16  # the rest of the graph keeps its types
     assert [n.name for n in g.node if n.op_type == "MatMul"] == ["mm"] and types["xb"] == bf16
+
+
+class _LayerScaled(torch.nn.Module):
+    """fp32 layer scale times a low-precision branch: rule I7 leaves the mul mixed-dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.fc = torch.nn.Linear(8, 8)
+        self.scale = torch.nn.Parameter(torch.full((8, 1, 1), 0.5))
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + self.scale * self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_type_promotion_is_made_explicit_before_export(tmp_path):
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from amp_compiler.onnx_export import _inference_graph, explicit_promotions
+
+    x = torch.randn(2, 3, 16, 16)
+    amp = ac.convert(_LayerScaled().eval(), (x,), dtype="float16")
+    code = amp.graph_module.code
+
+    def mixed(gm):
+        ShapeProp(gm).propagate(x)
+        return [n.name for n in gm.graph.nodes if n.op == "call_function" and len({
+            a.meta["tensor_meta"].dtype for a in n.all_input_nodes
+            if "tensor_meta" in a.meta and a.meta["tensor_meta"].dtype.is_floating_point}) > 1]
+
+    assert mixed(copy.deepcopy(amp.graph_module))  # I7: the fp32 mul reads the fp16 branch
+    explicit = explicit_promotions(_inference_graph(amp), (x,))
+    assert not mixed(explicit)
+    assert amp.graph_module.code == code  # the AmpModule's own graph is not touched
+    with torch.no_grad():
+        assert torch.equal(explicit(x), amp(x))  # a cast does what the promotion did
+    path = export_onnx(amp, (x,), tmp_path / "scaled.onnx")
+    assert verify_onnx(path, amp, (x,))["max_rel"] < 1e-3
