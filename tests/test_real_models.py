@@ -344,7 +344,8 @@ def write_table(rows: list[Row], path: str, *, machine: str) -> None:
         "throughout; converted with example inputs (torch.export front end).",
         "",
         "Errors are max|out - fp32| / max|fp32| on the model's main output; autocast is "
-        "`torch.autocast('cpu', dtype)` on the same input. Low % = low-precision compute nodes / "
+        "`torch.autocast('cpu', dtype)` on the same input, with grad enabled (under no_grad "
+        "nn.MultiheadAttention takes a fused fast path no captured graph contains). Low % = low-precision compute nodes / "
         "(low + fp32). Backward: one training-mode conversion, `mean(out**2).backward()`, the "
         "relative error of all parameter gradients taken as one vector, against fp32's, ours / "
         "autocast's. The same figures are asserted by "
