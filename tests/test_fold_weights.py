@@ -20,7 +20,7 @@ from amp_compiler.errors import AmpCompilerError
 from amp_compiler.models import build
 
 from conftest import (DTYPES, FRONTENDS, MODELS, assert_unchanged, cast_nodes, eval_conversion,
-                      fetch, snapshot)
+                      fetch, rel_err, snapshot)
 
 CASES = [(m, fe) for m in MODELS for fe in FRONTENDS[m] if (m, fe) != ("bert", "fx")]
 
@@ -154,3 +154,36 @@ def test_folding_leaves_the_user_model_alone(name, frontend, dtype):
     with torch.no_grad():
         model.eval()
         assert torch.equal(model(*inputs), ref)  # its outputs, bit for bit
+
+
+class _RunningAverage(nn.Module):
+    """Reads a buffer in low precision, then updates it in forward (eval mode too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("avg", torch.zeros(8, 8))
+
+    def forward(self, x):
+        y = self.fc(x) @ self.avg
+        self.avg.mul_(0.5).add_(0.5)
+        return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_f4_a_buffer_written_in_forward_is_not_folded(dtype):
+    """A folded copy would keep the value of convert time (all zeros here: output 0 forever);
+    the cast stays in the graph and every call reads the current value."""
+    torch.manual_seed(0)
+    model, twin = _RunningAverage().eval(), _RunningAverage().eval()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8)
+    amp = ac.convert(model, (x,), dtype=dtype)
+    assert "_amp_fc_weight" in amp.graph_module.code  # the weight is still folded
+    assert not any("avg" in name for name, _ in amp.graph_module.named_buffers()
+                   if name.startswith("_amp_"))
+    with torch.no_grad():
+        for _ in range(3):
+            out, ref = amp(x), twin(x)
+    assert torch.equal(model.avg, twin.avg)  # the update lands on the user's buffer
+    assert rel_err(out, ref) < 8 * {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
