@@ -29,10 +29,8 @@ What these tests establish:
    held-out loss (measured: within 0.03%), and every parameter's update within 6% of fp32's
    (measured: 3.1% at worst); a run started at a far too high scale (2**24) walks it down with
    all ranks skipping the same steps.
-5. Known bug, xfailed here on its exact message: under FSDP2 the first skipped step raises in
-   ``LossScaler.step`` (``last_overflow`` stacks the DTensor gradients and calls ``.tolist()``,
-   which DTensor refuses), so fp16 training under FSDP2 dies at its first overflow. The xfail
-   applies only while that message is what fails; once fixed, the tests assert as written.
+5. Under FSDP2 a skipped step reads its overflow from each rank's own shard
+   (``LossScaler.last_overflow`` takes ``to_local()`` of the DTensor gradients).
 """
 
 from __future__ import annotations
@@ -454,9 +452,6 @@ def test_ddp_over_converted_module_skips_overflow_on_every_rank(tmp_path: Any) -
 FSDP_STEP = {"grad": 9, "batch": 5}
 # LossScaler names the overflowing parameters by reading every gradient with one
 # torch.stack(...).tolist(); FSDP2's gradients are DTensors, which refuse .tolist().
-SCALER_DTENSOR_BUG = ".tolist() is not supported for tensor subclasses, got DTensor"
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One two-rank FSDP2 launch for the module: a clean run, an inf gradient, an inf batch."""
@@ -483,9 +478,6 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _case(fsdp_runs: dict[str, Any], name: str) -> list[dict[str, Any]]:
     res = [r[name] for r in fsdp_runs["ranks"]]
-    errors = [r["error"] for r in res if "error" in r]
-    if errors and all(SCALER_DTENSOR_BUG in e for e in errors):
-        pytest.xfail(f"LossScaler.last_overflow cannot read FSDP2's DTensor gradients: {errors[0]}")
     for rank, r in enumerate(res):
         assert "error" not in r, f"fsdp {name}, rank {rank}:\n{r.get('traceback')}"
     return res
