@@ -51,13 +51,10 @@ DENY: frozenset[str] = frozenset({
 # Source: ours. Their CUDA kernels read low-precision input and accumulate in fp32 (verified in
 # aten/src/ATen/native/cuda: layer_norm, group_norm, batch_norm, softmax use acc_type float).
 # autocast forces them to fp32 and then the next matmul casts straight back: when the input is
-# already fp16-rounded that round trip buys no accuracy. avg_pool is a windowed mean (TF lists
-# it as infer): as fp32_acc it stays low in a low region (ResNet's head) but pools an fp32 value
-# in fp32 instead of rounding it for the pool (torchvision's swin_t in bf16: 1.11x autocast's
-# error as infer, autocast's with avg_pool fp32).
+# already fp16-rounded that round trip buys no accuracy.
 FP32_ACC: frozenset[str] = frozenset({
     "layer_norm", "group_norm", "batch_norm", "rms_norm", "instance_norm",
-    "softmax", "log_softmax", "mean", "avg_pool",
+    "softmax", "log_softmax", "mean",
 })
 
 # Source: TensorFlow's InferList (Add, Sub, Mul, RealDiv, Tanh, Sigmoid, BiasAdd, AvgPool...),
@@ -65,7 +62,7 @@ FP32_ACC: frozenset[str] = frozenset({
 INFER: frozenset[str] = frozenset({
     "add", "sub", "mul", "div", "neg", "abs", "where", "addcmul", "addcdiv", "lerp",
     "gelu", "tanh", "sigmoid", "silu", "elu", "selu", "celu", "leaky_relu", "glu",
-    "sin", "cos", "square_", "maximum", "minimum", "fmax", "fmin",
+    "sin", "cos", "avg_pool", "square_", "maximum", "minimum", "fmax", "fmin",
     "sign", "erf", "floor", "ceil", "round", "trunc", "frac",
     "interpolate", "upsample_bilinear2d", "upsample_nearest2d", "upsample",
     "pad", "constant_pad_nd", "roll",
