@@ -276,14 +276,11 @@ def row_for(name: str, dtype: torch.dtype) -> Row:
 
 
 # measured on the H200 host (torch 2.11, torchvision 0.26): 8.27e-3 against autocast's 7.46e-3,
-# 1.11x; fp16 is at 0.67x. keep_fp32=("avg_pool",) gives autocast's error (7.37e-3 vs 7.36e-3
-# at 16 threads): our plan keeps parts of swin's stream fp32 (the shifted-window pad reads an
-# fp32 value) and rounds the final pooled features to bf16 for the head, where autocast pools a
-# bf16 stream. A rule for that (pool in fp32 when its input is fp32 and the op reduces many
-# values) is not written yet; a small swin-like stack built here does not reproduce it.
+# 1.11x; fp16 is at 0.67x. keep_fp32=("avg_pool",) brings it to 7.37e-3 (autocast: 7.36e-3 at
+# 16 threads): pooling in fp32 recovers the gap, but the pool's input is bf16 in both plans
+# (making avg_pool an fp32_acc kind changed nothing), so the gap is made upstream; not found.
 _SWIN_BF16 = pytest.mark.xfail(strict=True, reason=(
-    "swin_t bfloat16: forward error 1.11x autocast's (target 1.1x); the bf16 pooling of an "
-    "fp32 stream before the head, see above"))
+    "swin_t bfloat16: forward error 1.11x autocast's (target 1.1x), cause not found (see above)"))
 
 
 @pytest.mark.parametrize("name, dtype", [
