@@ -635,6 +635,12 @@ def _export_hint(exc: BaseException) -> str:
            or "data dependent" in str(e).lower() for e in chain):
         return ("Data-dependent Python control flow cannot be captured: rewrite it with "
                 "torch.where / torch.cond, or convert the submodules that are traceable")
+    # an output (or input) class torch.export cannot flatten: torch >= 2.12 names pytree,
+    # torch 2.11 fails on hashing the unregistered dataclass instead
+    if any("pytree" in str(e).lower() or "unhashable type" in str(e) for e in chain):
+        return ("forward takes or returns a class torch.export cannot flatten: register it as a "
+                "pytree node (torch.utils._pytree.register_dataclass or register_pytree_node), "
+                "or use tensors, tuples, lists and dicts")
     return ("Convert without example_inputs to use fx symbolic tracing instead, or see "
             "torch.export's troubleshooting guide for this error")
 
