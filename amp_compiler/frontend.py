@@ -713,7 +713,19 @@ def _meta_dtype(node: fx.Node):
     return None, None, val is not None
 
 
+# Submodule names torch.export invents (guard checks, metadata hooks): no module of the user's,
+# so their nodes belong to the root in reports and overrides.
+_EXPORT_INTERNAL_PATHS = frozenset({"_guards_fn", "_empty_nn_module_stack_from_metadata_hook"})
+
+
 def _module_info(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str | None]:
+    path, mtype = _raw_module_info(node, gm)
+    if path.split(".")[0] in _EXPORT_INTERNAL_PATHS:
+        return "", None
+    return path, mtype
+
+
+def _raw_module_info(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str | None]:
     if node.op == "get_attr":
         path = str(node.target).rpartition(".")[0]
         try:

@@ -349,3 +349,14 @@ def test_dynamic_shapes_group_var_positional_inputs():
     x5, y5, z5 = (torch.randn(5, 8) for _ in range(3))  # the batch stays dynamic
     with torch.no_grad():
         assert rel_err(amp(x5, y5, z5), model(x5, y5, z5)) < 8 * EPS[torch.bfloat16]
+
+
+def test_export_internal_submodules_are_not_module_paths():
+    """torch.export's own `_guards_fn` / metadata-hook names never show up as a module path."""
+    from amp_compiler.models import build
+
+    model, inputs = build("gpt", "tiny")
+    amp = ac.convert(model.eval(), inputs, dtype="bfloat16")
+    paths = {amp._dataflow.vertex(n).module_path for n in amp._dataflow}
+    assert not {p for p in paths if p.split(".")[0] in ("_guards_fn", "_empty_nn_module_stack_from_metadata_hook")}
+    assert "transformer.h.0.attn" in paths  # the user's own paths are still there
