@@ -277,7 +277,7 @@ def row_for(name: str, dtype: torch.dtype) -> Row:
 
 # measured on the H200 host (torch 2.11, torchvision 0.26): 8.27e-3 against autocast's 7.46e-3,
 # 1.11x; fp16 is at 0.67x. keep_fp32=("avg_pool",) brings it to 7.37e-3 (autocast: 7.36e-3 at
-# 16 threads): pooling in fp32 recovers the gap, but the pool's input is bf16 in both plans
+# 16 threads): pooling in fp32 recovers the gap, but the pool's input is bf16 in our plan
 # (making avg_pool an fp32_acc kind changed nothing), so the gap is made upstream; not found.
 _SWIN_BF16 = pytest.mark.xfail(strict=True, reason=(
     "swin_t bfloat16: forward error 1.11x autocast's (target 1.1x), cause not found (see above)"))
