@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable
 
 import torch
@@ -120,7 +121,9 @@ class AmpModule(nn.Module):
             memo[id(state._dataflow)] = state._dataflow  # the analysis record, never mutated
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        with warnings.catch_warnings():  # see copy_graph_module
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
 
     def freeze(self) -> "AmpModule":
@@ -163,4 +166,6 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """``copy.deepcopy(gm)`` that also works on torch.export graphs (fake metadata shared)."""
     memo: dict = {}
     _share_fake_meta(gm, memo)
-    return copy.deepcopy(gm, memo)
+    with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm, memo)
