@@ -10,12 +10,12 @@ Two capture paths:
   included), then the exported program's module. Dtypes and shapes come from the fake tensors
   export records.
 
-Both graphs are then functionalized (``functionalize``): in-place and ``out=`` calls become
+Both graphs are then functionalized (``amp_compiler.functionalize``): in-place and ``out=`` calls become
 their out-of-place forms, because a cast inserted in front of an in-place op would hand it a
 copy to write into; writes into model inputs and buffers are written back with ``copy_``.
 
 Both paths keep a custom ``torch.autograd.Function`` as ONE node that calls ``Fn.apply``
-(``FunctionCall``), so training runs the Function's own backward; the op is named after the
+(``amp_compiler.functions.FunctionCall``), so training runs the Function's own backward; the op is named after the
 Function and, being in no policy table, stays fp32 unless the user overrides it.
 
     >>> gm, source = capture(model)                         # fx
@@ -26,11 +26,7 @@ Function and, being in no policy table, stays fp32 unless the user overrides it.
 from __future__ import annotations
 
 import builtins
-import contextlib
-import dataclasses
-import functools
 import inspect
-import itertools
 import os
 import sys
 import operator
@@ -42,6 +38,8 @@ import torch.fx as fx
 from torch import nn
 
 from amp_compiler.errors import TraceError, UnsupportedModelError
+from amp_compiler.functions import (_PENDING, _export_apply, _function_apply_as, _fx_apply,
+                                    _keep_function_calls)
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.kinds import LEAF_MODULE_KINDS, torch_kind
 from amp_compiler.passes.policy import CAST_ONLY_ARGS, NON_FLOAT
@@ -115,196 +113,6 @@ def _user_frame(tb) -> str:
     return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} `{(f.line or '').strip()}`"
 
 
-# -- custom autograd.Function: one node that calls Fn.apply ------------------------------------
-
-class FunctionCall:
-    """Graph target standing for ``fn.apply(*args)``: calling ``apply`` (not the forward's ops)
-    is what makes autograd run the Function's own backward. Named after the Function, which
-    becomes the node's op kind. ``baked``: arguments a graph cannot hold (callables, modules),
-    by position, passed as they were at capture time."""
-
-    def __init__(self, fn: type, baked: dict[int, Any] | None = None) -> None:
-        self.fn = fn
-        self.baked = dict(baked or {})
-        self.__name__ = fn.__name__
-        self.__qualname__ = f"{fn.__qualname__}.apply"
-        self.__module__ = fn.__module__
-
-    def __call__(self, *args: Any) -> Any:
-        args = list(args)
-        for i, value in self.baked.items():
-            args[i] = value
-        return self.fn.apply(*args)
-
-    def __repr__(self) -> str:
-        return f"{self.fn.__qualname__}.apply"
-
-
-_FUNCTION_CALLS: dict[type, FunctionCall] = {}
-
-
-def _function_call(fn: type, baked: dict[int, Any]) -> FunctionCall:
-    """One shared target per Function class (a fresh one only when arguments are baked)."""
-    if baked:
-        return FunctionCall(fn, baked)
-    if fn not in _FUNCTION_CALLS:
-        _FUNCTION_CALLS[fn] = FunctionCall(fn)
-    return _FUNCTION_CALLS[fn]
-
-
-_GRAPH_LEAF_TYPES = (int, float, bool, complex, str, type(None), torch.dtype, torch.device,
-                     torch.layout, torch.memory_format, slice, type(...))
-
-
-def _graph_holds(a: Any, is_value) -> bool:
-    """Whether an argument can be written in a graph: values, plain constants, containers."""
-    if is_value(a) or isinstance(a, _GRAPH_LEAF_TYPES):
-        return True
-    if isinstance(a, (tuple, list)):
-        return all(_graph_holds(x, is_value) for x in a)
-    if isinstance(a, dict):
-        return all(isinstance(k, str) and _graph_holds(v, is_value) for k, v in a.items())
-    return False
-
-
-def _split_baked(args: tuple, is_value) -> tuple[tuple, dict[int, Any]]:
-    """Arguments for the node (unrepresentable ones replaced by None) and the baked ones."""
-    baked = {i: a for i, a in enumerate(args) if not _graph_holds(a, is_value)}
-    return tuple(None if i in baked else a for i, a in enumerate(args)), baked
-
-
-_ORIGINAL_APPLY = inspect.getattr_static(torch.autograd.Function, "apply")
-
-
-def _original_apply(fn: type, *args: Any, **kwargs: Any) -> Any:
-    return _ORIGINAL_APPLY.__func__(fn, *args, **kwargs)
-
-
-def _is_torch_function(fn: type) -> bool:
-    return str(getattr(fn, "__module__", "")).startswith("torch.")
-
-
-@contextlib.contextmanager
-def _function_apply_as(handler):
-    """Route every ``SomeFunction.apply(...)`` through ``handler(fn, args, kwargs)`` meanwhile
-    (Functions overriding ``apply`` themselves are not seen)."""
-    def apply(fn, *args, **kwargs):
-        return handler(fn, args, kwargs)
-    before = inspect.getattr_static(torch.autograd.Function, "apply")
-    torch.autograd.Function.apply = classmethod(apply)
-    try:
-        yield
-    finally:
-        torch.autograd.Function.apply = before
-
-
-def _fx_apply(fn: type, args: tuple, kwargs: dict) -> Any:
-    """During fx tracing: a Function applied to traced values becomes one ``FunctionCall`` node."""
-    proxies = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)]
-    if not proxies or _is_torch_function(fn):  # torch's own (reentrant checkpoint) trace through
-        return _original_apply(fn, *args, **kwargs)
-    node_args, baked = _split_baked(args, lambda a: isinstance(a, fx.Proxy))
-    if not _graph_holds(kwargs, lambda a: isinstance(a, fx.Proxy)):
-        raise TypeError(f"{fn.__qualname__}.apply called with keyword arguments a graph cannot hold")
-    return proxies[0].tracer.create_proxy("call_function", _function_call(fn, baked), node_args, kwargs)
-
-
-@dataclasses.dataclass
-class _PendingCall:
-    """A Function application seen during one torch.export, until its node is rewritten."""
-
-    fn: type
-    spec: Any                 # pytree spec of (args, kwargs)
-    leaves: list              # non-tensor leaves in place, None where a tensor goes
-    slots: frozenset          # leaf positions holding tensors
-    single: bool = True       # forward returned one tensor (else a tuple of tensors)
-
-
-_PENDING: dict[int, _PendingCall] = {}
-_pending_keys = itertools.count()
-_running_forward = [0]  # >0 while a stand-in op runs: Functions applied inside it are inlined
-_FUNCTION_OP: list = []
-
-
-def _run_pending(tensors: list[torch.Tensor], key: int) -> list[torch.Tensor]:
-    """The forward of a pending Function on ``tensors`` (fake ones during export), as a list."""
-    call = _PENDING[key]
-    given = iter(tensors)
-    leaves = [next(given) if i in call.slots else v for i, v in enumerate(call.leaves)]
-    args, kwargs = torch.utils._pytree.tree_unflatten(leaves, call.spec)
-    out = _original_apply(call.fn, *args, **kwargs)
-    call.single = isinstance(out, torch.Tensor)
-    outs = [out] if call.single else list(out) if isinstance(out, (tuple, list)) else [out]
-    if not all(isinstance(o, torch.Tensor) for o in outs):
-        raise UnsupportedModelError(
-            f"{call.fn.__qualname__}.forward returns a non-tensor output; torch.export "
-            f"cannot keep this autograd.Function as one op: convert without example_inputs (fx "
-            f"tracing), or register it with torch.library.custom_op")
-    return [o.clone() for o in outs]  # a custom op's outputs may not alias its inputs
-
-
-def _function_op():
-    """``amp_compiler::autograd_function``, registered on first use: the stand-in node torch.export
-    records for a Function (its fake kernel runs the real forward on fake tensors)."""
-    if not _FUNCTION_OP:
-        op = torch.library.custom_op("amp_compiler::autograd_function", _run_pending, mutates_args=(),
-                                     schema="(Tensor[] tensors, int key) -> Tensor[]")
-        op.register_fake(_run_pending)
-        _FUNCTION_OP.append(torch.ops.amp_compiler.autograd_function.default)
-    return _FUNCTION_OP[0]
-
-
-def _export_apply(fn: type, args: tuple, kwargs: dict) -> Any:
-    """During torch.export: a Function applied to tensors becomes one stand-in custom-op node."""
-    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
-    slots = frozenset(i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor))
-    # torch's own Functions (the custom op's autograd wrapper among them) are its business
-    if not slots or _running_forward[0] or _is_torch_function(fn):
-        return _original_apply(fn, *args, **kwargs)
-    symbolic = [v for v in leaves if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))]
-    if symbolic:
-        raise UnsupportedModelError(
-            f"{fn.__qualname__}.apply receives a size that depends on the input shape ({symbolic[0]}); "
-            f"torch.export cannot keep the Function as one op: compute it inside the Function, or "
-            f"convert without example_inputs (fx tracing)")
-    key = next(_pending_keys)
-    _PENDING[key] = call = _PendingCall(fn, spec, [None if i in slots else v for i, v in enumerate(leaves)], slots)
-    op = _function_op()
-    _running_forward[0] += 1  # the op's own dispatch may apply Functions: not ours to record
-    try:
-        outs = op([leaves[i] for i in sorted(slots)], key)
-    finally:
-        _running_forward[0] -= 1
-    return outs[0] if call.single else tuple(outs)
-
-
-def _keep_function_calls(gm: fx.GraphModule) -> None:
-    """Replace each stand-in node of an export by one ``FunctionCall`` node (recompiles)."""
-    graph = gm.graph
-    stand_ins = [n for n in graph.nodes if _FUNCTION_OP and n.op == "call_function" and n.target is _FUNCTION_OP[0]]
-    for node in stand_ins:
-        call = _PENDING[node.args[1]]
-        given = iter(node.args[0])
-        leaves = [next(given) if i in call.slots else v for i, v in enumerate(call.leaves)]
-        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, call.spec)
-        node_args, baked = _split_baked(args, lambda a: isinstance(a, fx.Node))
-        with graph.inserting_before(node):
-            new = graph.call_function(_function_call(call.fn, baked), node_args, kwargs)
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        if call.single:  # the stand-in returned [out]: its readers are getitem(node, 0)
-            for item in list(node.users):
-                new.meta["val"] = item.meta.get("val")
-                item.replace_all_uses_with(new)
-                graph.erase_node(item)
-        else:
-            new.meta["val"] = node.meta.get("val")
-            node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    if stand_ins:
-        graph.lint()
-        gm.recompile()
-
-
 def symbolic_capture(model: nn.Module) -> fx.GraphModule:
     """fx.symbolic_trace through every submodule, then ``functionalize``; TraceError names the
     module path and line."""
@@ -340,227 +148,10 @@ def symbolic_capture(model: nn.Module) -> fx.GraphModule:
             f"every call. Pass example_inputs=(...) to convert() to use torch.export, or write the "
             f"update out of place and assign it back")
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    from amp_compiler.functionalize import functionalize  # it reads node kinds defined here
+
     functionalize(gm)
     return gm
-
-
-# -- functionalize: in-place ops become out-of-place ones ---------------------------------------
-
-# Kinds whose result may share memory with their first input (a view, or the input itself when
-# nothing changes: ``to`` in the same dtype, eval-mode dropout): a write through one is seen
-# through the others.
-_ALIASING_KINDS = frozenset({
-    "view", "transpose", "permute", "expand", "select", "split", "chunk", "getitem", "identity",
-    "detach", "contiguous", "cast", "dropout", "as_strided", "diagonal", "unfold", "movedim",
-    "moveaxis", "broadcast_to", "real", "imag", "view_as_real", "view_as_complex",
-})
-_SPLIT_KINDS = frozenset({"split", "chunk"})  # their pieces never overlap one another
-
-# In-place calls kept as written: no out-of-place form of the same meaning (``bernoulli_(p)``
-# draws with probability p, ``bernoulli()`` reads it from the tensor), no data written
-# (``requires_grad_``), or the write-back primitive itself (``copy_``).
-_NOT_FUNCTIONAL = frozenset({
-    "requires_grad_", "bernoulli_", "resize_", "resize_as_", "set_", "share_memory_", "copy_",
-})
-
-_COPY = torch.ops.aten.copy_.default
-
-
-def _inplace_form(node: fx.Node) -> tuple[fx.Node, tuple | None] | None:
-    """For a call that writes into a tensor: (that tensor, the out-of-place call as
-    (target, args, kwargs), or None when it has none). None for every other node."""
-    if node.op not in ("call_method", "call_function"):
-        return None
-    out = node.kwargs.get("out")
-    if isinstance(out, fx.Node):
-        kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
-        if isinstance(node.target, torch._ops.OpOverload):  # export: ``aten.mul.out``
-            fn = _functional_overload(node.target)
-            return out, (fn, node.args, kwargs) if fn is not None else None
-        return out, (node.target, node.args, kwargs)
-    first = node.args[0] if node.args else None
-    if not isinstance(first, fx.Node):
-        return None
-    if isinstance(node.target, torch._ops.OpOverload):  # export: ``aten.add_.Tensor``
-        name = node.target._overloadpacket.__name__
-        if not name.endswith("_") or name.startswith("_"):
-            return None
-        if name in _NOT_FUNCTIONAL:
-            return first, None
-        packet = getattr(getattr(torch.ops, node.target.namespace), name[:-1], None)
-        fn = getattr(packet, node.target._overloadname, None) if packet is not None else None
-        return first, (fn, node.args, node.kwargs) if fn is not None and not fn._schema.is_mutable else None
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if not isinstance(name, str):
-        return None
-    if name.endswith("_") and not name.startswith("_"):
-        base = name[:-1]
-        if name in _NOT_FUNCTIONAL:
-            return first, None
-        if node.op == "call_method":
-            if callable(getattr(torch.Tensor, base, None)):
-                return first, (base, node.args, node.kwargs)
-            fn = getattr(torch, base, None)  # ``fill_`` -> ``torch.fill``
-            return first, (fn, node.args, node.kwargs) if callable(fn) else None
-        for namespace in (torch.nn.functional, torch):
-            if getattr(namespace, name, None) is node.target:
-                fn = getattr(namespace, base, None)
-                return first, (fn, node.args, node.kwargs) if callable(fn) else None
-        return None  # a function of the user's that happens to end in "_"
-    if node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith("torch"):
-        signature = _signature(node.target)
-        try:  # ``F.relu(x, inplace=True)``, also ``nn.ReLU(inplace=True)`` traced through
-            bound = signature.bind(*node.args, **node.kwargs) if signature is not None else None
-        except TypeError:
-            return None
-        if bound is None:
-            return None
-        if bound.arguments.get("inplace") is True:
-            if "inplace" in node.kwargs:
-                return first, (node.target, node.args, {**node.kwargs, "inplace": False})
-            bound.arguments["inplace"] = False
-            return first, (node.target, bound.args, bound.kwargs)
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _signature(fn) -> inspect.Signature | None:
-    """``fn``'s signature if it takes an ``inplace`` argument (read once per function)."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins without a text signature
-        return None
-    return signature if "inplace" in signature.parameters else None
-
-
-def _functional_overload(op: torch._ops.OpOverload):
-    """The overload of ``op``'s packet taking the same arguments minus ``out``, writing nothing."""
-    want = [a.name for a in op._schema.arguments if not getattr(a, "is_out", a.name == "out")]
-    for name in op._overloadpacket.overloads():
-        candidate = getattr(op._overloadpacket, name)
-        if not candidate._schema.is_mutable and [a.name for a in candidate._schema.arguments] == want:
-            return candidate
-    return None
-
-
-def _alias_parent(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The value ``node``'s result may share memory with, if any."""
-    form = _inplace_form(node)
-    if form is not None:
-        return form[0]
-    if (node.op in ("call_method", "call_function") and node.args and isinstance(node.args[0], fx.Node)
-            and node_kind(node, gm) in _ALIASING_KINDS):
-        return node.args[0]
-    return None
-
-
-def _alias_root(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
-    while (parent := _alias_parent(node, gm)) is not None:
-        node = parent
-    return node
-
-
-def _is_source(node: fx.Node) -> bool:
-    """A model input, parameter or buffer: a write into it is seen by the caller."""
-    return node.op in ("placeholder", "get_attr")
-
-
-def _read_alias_after(node: fx.Node, dest: fx.Node, gm: fx.GraphModule,
-                      order: dict[fx.Node, float]) -> bool:
-    """Whether a value made before ``node`` that may share memory with ``dest`` (``dest`` itself
-    aside) is read after ``node``: then the write must reach ``dest``'s memory."""
-    path = [dest]
-    while (parent := _alias_parent(path[-1], gm)) is not None:
-        path.append(parent)
-    on_path = set(path)
-    at = order[node]
-    stack, seen = [path[-1]], set()
-    while stack:
-        m = stack.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        if m is not dest and any(order[u] > at for u in m.users):
-            return True
-        on_path_child = next((u for u in m.users if u in on_path), None)
-        for u in m.users:
-            if order[u] >= at or _alias_parent(u, gm) is not m:
-                continue
-            if (node_kind(m, gm) in _SPLIT_KINDS and u not in on_path and on_path_child is not None
-                    and u.target is operator.getitem and on_path_child.target is operator.getitem
-                    and isinstance(u.args[1], int) and isinstance(on_path_child.args[1], int)
-                    and u.args[1] != on_path_child.args[1]):
-                continue  # another piece of the same split: disjoint memory
-            stack.append(u)
-    return False
-
-
-def functionalize(gm: fx.GraphModule) -> None:
-    """Rewrite in-place and ``out=`` calls into their out-of-place forms and make later readers
-    of the written tensor read the new value (in place; recompiles if anything changed). Both
-    capture paths need it: fx records in-place calls as written, and torch.export's training IR
-    keeps aten in-place ops.
-
-    Why: a cast inserted in front of an in-place op gives it a copy to write into, and readers
-    of the original tensor never see the write. Out of place, every value is one node.
-
-    Where the written memory is seen elsewhere -- a model input or buffer (the caller sees it),
-    or another view read afterwards -- an ``aten.copy_`` writes the new value back right after
-    the op (``build_dataflow`` never casts its source, nor a destination that is an input or
-    buffer, so it lands on the real tensor in that tensor's dtype). Calls with no out-of-place
-    form (``bernoulli_``, ``copy_``) are kept; later readers then read the call's result.
-    """
-    graph = gm.graph
-    order: dict[fx.Node, float] = {n: i for i, n in enumerate(graph.nodes)}
-    stands_for: dict[fx.Node, fx.Node] = {}  # rewritten node -> the tensor it wrote into
-    changed = False
-    for node in list(graph.nodes):
-        form = _inplace_form(node)
-        if form is None:
-            continue
-        dest, functional = form
-        if functional is None:  # kept: readers follow the call's result, as torch.export does
-            if not _is_source(_alias_root(dest, gm)):
-                for user in [u for u in dest.users if order[u] > order[node]]:
-                    user.replace_input_with(dest, node)
-                    changed = True
-            continue
-        changed = True
-        # the memory written: a rewritten value stands for the tensor its op wrote into
-        home = dest
-        while home in stands_for:
-            home = stands_for[home]
-        ancestors = []
-        while (parent := _alias_parent(ancestors[-1] if ancestors else home, gm)) is not None:
-            ancestors.append(parent)
-        if any(a in stands_for for a in ancestors):
-            raise UnsupportedModelError(
-                f"in-place `{target_name(node)}` ({node.name}) writes through a view of a value that "
-                f"an earlier in-place op already rewrote; this aliasing cannot be kept: write the "
-                f"ops out of place")
-        root = ancestors[-1] if ancestors else home
-        write_back = _is_source(root) or _read_alias_after(node, home, gm, order)
-        node.target, node.args, node.kwargs = functional
-        stands_for[node] = dest
-        stale = [dest]
-        if dest.op == "get_attr":  # each ``self.buf`` in the source is its own get_attr node
-            stale += [n for n in graph.nodes if n.op == "get_attr" and n.target == dest.target
-                      and order[n] > order[node]]
-        for old in stale:
-            for user in [u for u in old.users if order[u] > order[node]]:
-                user.replace_input_with(old, node)
-            if old is not dest and not old.users:
-                graph.erase_node(old)
-        if write_back:
-            with graph.inserting_after(node):
-                back = graph.call_function(_COPY, (home, node))
-            back.meta.update({k: v for k, v in home.meta.items() if k == "val"})
-            order[back] = order[node] + 0.5
-        elif not dest.users and dest.op == "call_function" and node_kind(dest, gm) == "factory":
-            graph.erase_node(dest)  # the ``out=`` buffer, now never written
-    if changed:
-        graph.lint()
-        gm.recompile()
 
 
 def export_capture(model: nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True) -> fx.GraphModule:
@@ -573,6 +164,8 @@ def export_capture(model: nn.Module, example_inputs: tuple, *, dynamic_batch: bo
             ep = export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
         gm = ep.module()
         _keep_function_calls(gm)
+        from amp_compiler.functionalize import functionalize
+
         functionalize(gm)
     except UnsupportedModelError:
         raise
@@ -782,6 +375,8 @@ def _uncast_slots(node: fx.Node, gm: fx.GraphModule) -> set[tuple[int | None, st
     if node.op not in ("call_method", "call_function"):
         return set()
     slots: set = set()
+    from amp_compiler.functionalize import _alias_root, _inplace_form, _is_source
+
     if target_name(node) == "copy_":
         slots |= {(1, None), (None, "src")}
     form = _inplace_form(node)

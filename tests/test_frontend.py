@@ -21,8 +21,8 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.errors import TraceError, UnsupportedModelError
-from amp_compiler.frontend import (FunctionCall, _batch_dynamic_shapes, build_dataflow,
-                                   capture, symbolic_capture)
+from amp_compiler.frontend import _batch_dynamic_shapes, build_dataflow, capture, symbolic_capture
+from amp_compiler.functions import FunctionCall
 
 from conftest import DTYPES, assert_unchanged, rel_err, snapshot
 
