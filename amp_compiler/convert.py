@@ -17,7 +17,7 @@ from amp_compiler.errors import ConfigError
 from amp_compiler.frontend import build_dataflow, capture
 from amp_compiler.module import AmpModule
 from amp_compiler.passes.attention import rewrite_attention as rewrite_attention_pass
-from amp_compiler.passes.classify import classify
+from amp_compiler.passes.classify import classify, override_entries
 from amp_compiler.passes.fold_weights import fold_weights
 from amp_compiler.passes.insert_casts import insert_casts
 from amp_compiler.passes.plan import PrecisionPlan
@@ -193,8 +193,7 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
         example_inputs = (example_inputs,)
     low = resolve_dtype(dtype)
     device_type = model_device_type(model, example_inputs)
-    options = dict(dtype=low, keep_fp32=tuple(keep_fp32) if not isinstance(keep_fp32, (str, type)) else (keep_fp32,),
-                   force_low=tuple(force_low) if not isinstance(force_low, (str, type)) else (force_low,),
+    options = dict(dtype=low, keep_fp32=override_entries(keep_fp32), force_low=override_entries(force_low),
                    calibration=calibration, tolerance=tolerance, loss_scale=loss_scale,
                    dynamic_batch=dynamic_batch)
     attention = wants_attention_rewrite(rewrite_attention, device_type, options)

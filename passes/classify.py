@@ -56,6 +56,12 @@ def classify(graph: DataflowGraph, policy: Policy, *, keep_fp32: Iterable = (),
                           _resolve(graph, force_low, "force_low"))
 
 
+def override_entries(entries) -> tuple:
+    """``keep_fp32`` / ``force_low`` as a tuple: one string or class alone counts as one entry
+    (``keep_fp32="softmax"`` is not five letters)."""
+    return (entries,) if isinstance(entries, (str, type)) else tuple(entries)
+
+
 def _entry_text(entry) -> str:
     if isinstance(entry, type):
         return f"{entry.__module__}.{entry.__qualname__}"

@@ -60,7 +60,7 @@ import torch.fx as fx
 
 from amp_compiler.errors import ConfigError
 
-from .classify import Classification, classify
+from .classify import Classification, classify, override_entries
 from .graph import DataflowGraph
 from .kinds import LEAF_PARAMS_FOLLOW
 from .plan import PrecisionPlan, dtype_name
@@ -500,8 +500,7 @@ def plan_from_ranges(graph: DataflowGraph, ranges: Mapping[str, ValueRange], low
                      data_max: float | None = None) -> PrecisionPlan:
     """classify -> propagate with D1-D4 pins, to a fixed point; ``plan.meta["range_findings"]``
     lists every finding as ``[node, rule, action, reason]`` (notes included)."""
-    keep_fp32 = (keep_fp32,) if isinstance(keep_fp32, (str, type)) else tuple(keep_fp32)
-    force_low = (force_low,) if isinstance(force_low, (str, type)) else tuple(force_low)
+    keep_fp32, force_low = override_entries(keep_fp32), override_entries(force_low)
     overrides: dict[str, tuple[str, str]] = {}
     # pins only shrink low regions, so a few rounds reach the fixed point (a pinned node's low
     # neighbours are re-checked: they may now read one of its big values through a cast)

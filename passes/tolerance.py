@@ -50,6 +50,7 @@ from torch import nn
 
 from amp_compiler.errors import ConfigError, ToleranceError
 
+from .classify import override_entries
 from .graph import DataflowGraph
 from .plan import PrecisionPlan, dtype_name
 from .ranges import check_calibration, float_tensors, plan_with_overrides, rel_error, run_in_dtype
@@ -131,8 +132,7 @@ class AmpBuilder:
             finally:
                 model.train(was_training)
         self.dataflow: DataflowGraph = build_dataflow(self.graph_module)
-        self.keep_fp32 = (keep_fp32,) if isinstance(keep_fp32, (str, type)) else tuple(keep_fp32)
-        self.force_low = (force_low,) if isinstance(force_low, (str, type)) else tuple(force_low)
+        self.keep_fp32, self.force_low = override_entries(keep_fp32), override_entries(force_low)
         self.overrides = dict(overrides or {})
         self.builds = 0
 

@@ -204,3 +204,12 @@ def test_override_of_a_wrong_type_raises_config_error(gpt_graph):
         _resolve(graph, keep_fp32=(3,))
     with pytest.raises(ConfigError, match="matches no"):
         _resolve(graph, keep_fp32=(nn.Conv2d,))  # a class the model does not use
+
+
+def test_override_entries_take_one_string_or_class_as_one_entry():
+    from amp_compiler.passes.classify import override_entries
+
+    assert override_entries("softmax") == ("softmax",)
+    assert override_entries(torch.nn.LayerNorm) == (torch.nn.LayerNorm,)
+    assert override_entries(["softmax", "node:fc1"]) == ("softmax", "node:fc1")
+    assert override_entries(()) == ()
