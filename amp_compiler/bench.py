@@ -160,20 +160,25 @@ class Config:
         return self.device.type == "cuda"
 
 
-def _resolve(argv: list[str]) -> Config:
-    a = build_parser().parse_args(argv)
-    for name in ("batch", "seq_len", "steps", "loss_steps"):
+def check_counts(a: argparse.Namespace, positive: Sequence[str], non_negative: Sequence[str]) -> None:
+    """The checks every bench mode shares: counts in range, --seq-len only where it applies."""
+    for name in positive:
         value = getattr(a, name)
         if value is not None and value < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("rounds", "warmup"):
+    for name in non_negative:
         if getattr(a, name) < 0:
             raise BenchError(f"--{name} must be >= 0, got {getattr(a, name)}")
-    if a.lr is not None and not a.lr > 0:
-        raise BenchError(f"--lr must be > 0, got {a.lr}")
     if a.seq_len is not None and a.model not in SEQ_LEN_MODELS:
         raise BenchError(f"--seq-len applies to {', '.join(sorted(SEQ_LEN_MODELS))}, "
                          f"not {a.model}")
+
+
+def _resolve(argv: list[str]) -> Config:
+    a = build_parser().parse_args(argv)
+    check_counts(a, ("batch", "seq_len", "steps", "loss_steps"), ("rounds", "warmup"))
+    if a.lr is not None and not a.lr > 0:
+        raise BenchError(f"--lr must be > 0, got {a.lr}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda but CUDA is not available; use --device cpu")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()

@@ -37,7 +37,6 @@ import datetime
 import io
 import platform
 import shlex
-import statistics
 import sys
 import time
 import warnings
@@ -49,7 +48,9 @@ import onnx
 import torch
 from torch import nn
 
-from amp_compiler.bench import MODELS, SEQ_LEN_MODELS, SIZES, BenchError, write_json
+from amp_compiler.bench import (DTYPES, MODELS, SIZES, BenchError, _fmt, _Parser, _summary,
+                                check_counts, write_json)
+from amp_compiler.onnx_export import ort_providers
 from amp_compiler.passes.ranges import rel_error
 
 __all__ = ["main", "run", "export_fp32", "FILES", "MINCAST"]
@@ -59,14 +60,8 @@ FILES = ("fp32", "onnxconverter-common", "convert_onnx", "convert_onnx-mincast",
 BASELINES = ("onnxconverter-common", "fp32")
 # The fewest-casts recipe: the residual stream (add) and the LayerNorms on it low as well.
 MINCAST = ("add", "layer_norm")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 PROVIDERS = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "cpu": ["CPUExecutionProvider"]}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise BenchError(message)
 
 
 def build_parser(prog: str = "amp-compiler bench --mode onnx") -> argparse.ArgumentParser:
@@ -107,25 +102,10 @@ class Config:
     out: str
 
 
-def _ort_has_cuda() -> bool:
-    import onnxruntime as ort
-
-    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu finds torch's CUDA libraries this way
-        try:
-            ort.preload_dlls()
-        except Exception:  # noqa: BLE001 -- CPU builds or missing libraries: just no CUDA EP
-            pass
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 def _resolve(argv: list[str]) -> Config:
     a = build_parser().parse_args(argv)
-    for name in ("batch", "seq_len", "steps"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
-    if a.seq_len is not None and a.model not in SEQ_LEN_MODELS:
-        raise BenchError(f"--seq-len applies to {', '.join(sorted(SEQ_LEN_MODELS))}, not {a.model}")
-    cuda_ok = torch.cuda.is_available() and _ort_has_cuda()
+    check_counts(a, ("batch", "seq_len", "steps"), ("rounds", "warmup"))
+    cuda_ok = torch.cuda.is_available() and "CUDAExecutionProvider" in ort_providers()
     if a.device == "cuda" and not cuda_ok:
         raise BenchError("--device cuda needs a GPU and onnxruntime-gpu (CUDAExecutionProvider "
                          "missing from onnxruntime.get_available_providers()); use --device cpu")
@@ -257,13 +237,6 @@ def _time(r: Runner, n: int) -> None:
         r.times_ms.append((time.perf_counter() - t0) * 1e3)
 
 
-def _summary(times: list[float]) -> dict[str, float] | None:
-    if not times:
-        return None
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "iqr": q[2] - q[0], "n": len(times)}
-
-
 def _reference(model: nn.Module, inputs: tuple, device: str) -> torch.Tensor:
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -301,6 +274,8 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> dict[s
                   file=sys.stderr)
             continue
         runners.append(r)
+    if not runners:
+        raise BenchError("ONNX Runtime refused every file (the reasons are printed above)")
     for k in range(cfg.rounds):
         for r in runners[k % len(runners):] + runners[:k % len(runners)]:
             progress(f"round {k + 1}/{cfg.rounds}: {r.name}")
@@ -342,8 +317,6 @@ def _result(cfg: Config, model: nn.Module, inputs: tuple, runners: list[Runner],
 def print_table(result: dict[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from amp_compiler.bench import _fmt
 
     console = console or Console(width=160)
     t = Table(title=f"{result['model']} ({result['size']}) ONNX, inputs {result['input_shapes']}, "

@@ -49,7 +49,6 @@ and why:
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import os
@@ -541,6 +540,20 @@ def export_onnx(amp, example_inputs, path: str | os.PathLike, *, opset: int | No
 
 # -- running and checking -----------------------------------------------------------------------------
 
+def ort_providers() -> list[str]:
+    """ONNX Runtime's execution providers, after letting onnxruntime-gpu find the CUDA
+    libraries torch's wheels installed (``preload_dlls``; without it a CUDA session fails to
+    load them)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 -- libraries missing: the CUDA session says so itself
+            pass
+    return ort.get_available_providers()
+
+
 def onnx_session(path, providers: list[str] | None = None):
     """An ``onnxruntime.InferenceSession``: CUDAExecutionProvider when ORT has it, else CPU.
 
@@ -552,7 +565,7 @@ def onnx_session(path, providers: list[str] | None = None):
     import onnxruntime as ort
 
     if providers is None:
-        available = ort.get_available_providers()
+        available = ort_providers()
         providers = [p for p in ("CUDAExecutionProvider",) if p in available] + ["CPUExecutionProvider"]
     source = path.SerializeToString() if isinstance(path, onnx.ModelProto) else (
         path if isinstance(path, (bytes, bytearray)) else os.fspath(path))

@@ -34,7 +34,7 @@ def test_gpt_every_file_measured_and_consistent(tmp_path, capsys):
     files = result["files"]
     for name, r in files.items():
         assert r["provider"] == "CPUExecutionProvider"
-        assert r["time_ms"]["n"] == 2 and r["time_ms"]["median"] > 0, name
+        assert r["time_ms"]["samples"] == 2 and r["time_ms"]["median"] > 0, name
         assert r["size_bytes"] > 0
     # the fp32 file is exact up to the engine; every fp16 file is float16-accurate, not exact
     assert files["fp32"]["max_rel_error"] < 1e-5

@@ -20,7 +20,6 @@ more casts. Run ``pytest -s`` to see the figures.
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import numpy as np
@@ -34,13 +33,12 @@ from onnxconverter_common import float16 as occ
 from amp_compiler.bench_onnx import MINCAST, export_fp32
 from amp_compiler.errors import ConfigError, OnnxError
 from amp_compiler.models import build
-from amp_compiler.onnx_export import OnnxFileExistsError
+from amp_compiler.onnx_export import OnnxFileExistsError, ort_providers
 from amp_compiler.onnx_frontend import ONNX_OPS, build_onnx_dataflow, convert_onnx, prepare
 from amp_compiler.passes.kinds import TORCH_ALIASES
 from amp_compiler.passes.policy import NON_FLOAT, policy_for
 
-if "CUDAExecutionProvider" in ort.get_available_providers() and hasattr(ort, "preload_dlls"):
-    ort.preload_dlls()  # onnxruntime-gpu loads the CUDA libraries torch's wheels brought
+HAS_CUDA_EP = "CUDAExecutionProvider" in ort_providers()  # preloads onnxruntime-gpu's libraries
 
 MODELS = ("mlp", "resnet", "gpt", "bert", "lstm", "mf")
 FP16 = TensorProto.FLOAT16
@@ -259,7 +257,7 @@ def test_bfloat16_file_is_valid(name, fp32_files):
         if schema is not None and "tensor(bfloat16)" not in schema.type_constraints[0].allowed_type_strs:
             # ONNX Conv has no bfloat16 before opset 22: the schema rule keeps it fp32
             assert plan[node.name].rule == "O2:schema" and plan[node.name].precision == torch.float32
-    if "CUDAExecutionProvider" in ort.get_available_providers():  # ORT CPU has no bf16 kernels
+    if HAS_CUDA_EP:  # ORT CPU has no bf16 kernels
         _, inputs = build(name, "tiny", batch=16, seed=7)
         session = ort.InferenceSession(ours.SerializeToString(), providers=["CUDAExecutionProvider"])
         out = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), inputs)})[0]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings

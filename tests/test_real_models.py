@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     from multiprocessing import get_context
 
     p = argparse.ArgumentParser(description="Measure the real-model table (docs/real_models.md).")
-    p.add_argument("models", nargs="*", help=f"default: every model whose library is installed")
+    p.add_argument("models", nargs="*", help="default: every model whose library is installed")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (threads split evenly)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "..", "docs", "real_models.md"))
