@@ -56,19 +56,19 @@ import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-
-from amp_compiler.errors import ConfigError, OnnxError
-from dataclasses import dataclass
-
 from onnx import TensorProto, helper
 
-from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, TORCH_TO_ONNX, _Names, convert_tensor,
-                                              outer_references, set_io_dtype, value_types)
+from amp_compiler.errors import ConfigError, OnnxError
+from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, SHORT, TORCH_TO_ONNX, TYPE_STR,
+                                              _Names, convert_tensor, outer_references,
+                                              set_io_dtype, slot_type_vars, value_types)
+from amp_compiler.passes.plan import dtype_name
 
 log = logging.getLogger("amp_compiler")
 
@@ -235,13 +235,6 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {next((line for line in lines if line), '')}"[:500]
 
 
-def _slot_type_strs(params, count: int) -> list[str | None]:
-    """The schema ``type_str`` (a type variable such as ``T``, or a fixed ``tensor(int64)``) of
-    each of ``count`` slots; slots past the formal parameters repeat the last one (variadic)."""
-    return [params[i].type_str if i < len(params) else (params[-1].type_str if params else None)
-            for i in range(count)]
-
-
 def _default_opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -287,7 +280,7 @@ def _match_initializer_types(model: onnx.ModelProto) -> int:
             continue
         variables = {tc.type_param_str for tc in schema.type_constraints}
         groups: dict[str, list[int]] = {}
-        for i, (v, t) in enumerate(zip(node.input, _slot_type_strs(list(schema.inputs), len(node.input)))):
+        for i, (v, t) in enumerate(zip(node.input, slot_type_vars(list(schema.inputs), len(node.input)))):
             if v and t in variables:
                 groups.setdefault(t, []).append(i)
         for slots in groups.values():
@@ -319,14 +312,13 @@ def _match_initializer_types(model: onnx.ModelProto) -> int:
 # -- legalisation: ops whose schema has no kernel type for the low dtype (module docstring, 5) ----
 
 _LOW_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
-_TYPE_STR = {TensorProto.FLOAT: "tensor(float)", TensorProto.FLOAT16: "tensor(float16)",
-             TensorProto.BFLOAT16: "tensor(bfloat16)", TensorProto.DOUBLE: "tensor(double)"}
-_TYPE_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
-              TensorProto.BFLOAT16: "bfloat16", TensorProto.DOUBLE: "float64"}
-_SUFFIX = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16"}
 # Safest first: float32 holds every float16/bfloat16 value exactly.
 _FALLBACK_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
 REASON_KEY = "amp_compiler.reason"
+
+
+def _type_name(elem_type: int) -> str:
+    return dtype_name(ONNX_TO_TORCH[elem_type])
 
 
 @dataclass(frozen=True)
@@ -344,14 +336,14 @@ def _illegal_variables(node: onnx.NodeProto, schema, types: dict[str, int]) -> d
     """Type variables of ``node`` whose low float type the schema rejects: var -> (had, fallback)."""
     allowed = {tc.type_param_str: set(tc.allowed_type_strs) for tc in schema.type_constraints}
     bad: dict[str, tuple[int, int]] = {}
-    for v, t in zip(node.input, _slot_type_strs(list(schema.inputs), len(node.input))):
+    for v, t in zip(node.input, slot_type_vars(list(schema.inputs), len(node.input))):
         et = types.get(v) if v else None
         if t is None or et not in _LOW_TYPES or t in bad:
             continue
         ok = allowed.get(t, {t})  # a fixed type_str allows exactly itself
-        if _TYPE_STR[et] in ok:
+        if TYPE_STR[et] in ok:
             continue
-        fallback = next((f for f in _FALLBACK_TYPES if _TYPE_STR[f] in ok), None)
+        fallback = next((f for f in _FALLBACK_TYPES if TYPE_STR[f] in ok), None)
         if fallback is not None and t in allowed:  # a fixed-type slot cannot be retyped by casting others
             bad[t] = (et, fallback)
     return bad
@@ -410,21 +402,21 @@ def legalise_types(model: onnx.ModelProto) -> list[Legalised]:
             return
         key = (value, want)
         if key not in cast_cache:
-            out = names.fresh(f"{value}_{_SUFFIX[want]}")
+            out = names.fresh(f"{value}_{SHORT[want]}")
             before.setdefault(id(node), []).append(
                 helper.make_node("Cast", [value], [out], to=want, name=names.fresh(f"amp_legal_{out}")))
             cast_cache[key] = out
         node.input[slot] = cast_cache[key]
 
     for node, bad, schema in found:
-        in_vars = _slot_type_strs(list(schema.inputs), len(node.input))
-        out_vars = _slot_type_strs(list(schema.outputs), len(node.output))
+        in_vars = slot_type_vars(list(schema.inputs), len(node.input))
+        out_vars = slot_type_vars(list(schema.outputs), len(node.output))
         for i, (v, t) in enumerate(zip(node.input, in_vars)):
             if v and t in bad and types.get(v) in FLOAT_TYPES and types.get(v) != bad[t][1]:
                 deliver(v, bad[t][1], node, i)
         for k, (o, t) in enumerate(zip(node.output, out_vars)):
             if o and t in bad:
-                inner = names.fresh(f"{o}_{_SUFFIX[bad[t][1]]}")
+                inner = names.fresh(f"{o}_{SHORT[bad[t][1]]}")
                 node.output[k] = inner
                 back = helper.make_node("Cast", [inner], [o], to=types.get(o, bad[t][0]),
                                         name=names.fresh(f"amp_legal_{o}"))
@@ -433,16 +425,16 @@ def legalise_types(model: onnx.ModelProto) -> list[Legalised]:
                 producer[o] = back
                 types[inner] = bad[t][1]
         had, now = next(iter(bad.values()))
-        reason = (f"ONNX {node.op_type} (opset {opset}) has no {_TYPE_STR[had]} in type constraint "
-                  f"{', '.join(sorted(bad))}: computed in {_TYPE_NAME[now]}, outputs cast back to "
-                  f"{_TYPE_NAME[had]}")
+        reason = (f"ONNX {node.op_type} (opset {opset}) has no {TYPE_STR[had]} in type constraint "
+                  f"{', '.join(sorted(bad))}: computed in {_type_name(now)}, outputs cast back to "
+                  f"{_type_name(had)}")
         node.metadata_props.add(key=REASON_KEY, value=reason)
         records.append(Legalised(node.name, node.op_type, had, now, reason))
 
     # initializers: converted in the file rather than cast at every run; renamed, since the
     # exported name says "_bf16"; in place when only legalised nodes read it, else a copy
     for (name, want), uses in init_uses.items():
-        new_name = names.fresh(f"{re.sub(r'_b?f16$', '', name)}_{_SUFFIX[want]}")
+        new_name = names.fresh(f"{re.sub(r'_b?f16$', '', name)}_{SHORT[want]}")
         tensor = convert_tensor(inits[name], want, name=new_name)[0]
         if readers.get(name, 0) == len(uses) and sum(1 for (n, _) in init_uses if n == name) == 1:
             inits[name].CopyFrom(tensor)
@@ -532,7 +524,7 @@ def export_onnx(amp, example_inputs, path: str | os.PathLike, *, opset: int | No
     legalised = legalise_types(model)
     if legalised:
         log.info("kept %d ONNX nodes out of %s (their schema has no such type at this opset): %s",
-                 len(legalised), _TYPE_NAME[legalised[0].was],
+                 len(legalised), _type_name(legalised[0].was),
                  "; ".join(f"{r.node} ({r.op_type})" for r in legalised))
     check(model, "the exported model")
     return save_model(model, path, overwrite=overwrite)

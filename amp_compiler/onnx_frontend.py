@@ -44,8 +44,9 @@ from onnx import TensorProto, helper
 from amp_compiler.errors import ConfigError, OnnxError
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
-from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, TORCH_TO_ONNX, NodeSlots,
-                                              outer_references, rewrite_onnx, value_types)
+from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, TORCH_TO_ONNX, TYPE_STR,
+                                              NodeSlots, outer_references, rewrite_onnx,
+                                              slot_type_vars, value_types)
 from amp_compiler.passes.plan import Decision, PrecisionPlan, dtype_name
 from amp_compiler.passes.policy import policy_for
 from amp_compiler.passes.propagate import propagate
@@ -122,7 +123,6 @@ _ALSO_FOLLOW: dict[str, frozenset[str]] = {"Attention": frozenset({"T2"})}
 
 log = logging.getLogger("amp_compiler")
 
-_LOW_TYPE_STR = {torch.float16: "tensor(float16)", torch.bfloat16: "tensor(bfloat16)"}
 
 
 def _key(node: onnx.NodeProto) -> str:
@@ -257,22 +257,9 @@ def node_slots(node: onnx.NodeProto, opset: int | None, types: Mapping[str, int]
                              s.outputs[:len(node.output)] + ("keep",) * max(0, len(node.output) - len(s.outputs))), True
         return NodeSlots(("keep",) * len(node.input), ("keep",) * len(node.output)), False
 
-    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
-
-    def var_of(params, i: int) -> str | None:
-        if i < len(params):
-            f = params[i]
-        elif params and params[-1].option == variadic:
-            f = params[-1]
-        else:
-            return None
-        if f.option == variadic and not f.is_homogeneous:
-            return f"{f.type_str}#{i}"  # heterogeneous variadic: every slot is its own type
-        return f.type_str
-
     allowed = {tc.type_param_str: set(tc.allowed_type_strs) for tc in schema.type_constraints}
-    in_vars = [var_of(schema.inputs, i) for i in range(len(node.input))]
-    out_vars = [var_of(schema.outputs, k) for k in range(len(node.output))]
+    in_vars = slot_type_vars(list(schema.inputs), len(node.input))
+    out_vars = slot_type_vars(list(schema.outputs), len(node.output))
     follow = next((t for t, v in zip(in_vars, node.input)
                    if v and t in allowed and types.get(v) in FLOAT_TYPES), None)
     following = {follow} | set(_ALSO_FOLLOW.get(node.op_type, ())) if follow else set()
@@ -293,7 +280,7 @@ def node_slots(node: onnx.NodeProto, opset: int | None, types: Mapping[str, int]
             outputs.append(in_vars.index(t))
         else:
             outputs.append("keep")
-    low_ok = follow is None or _LOW_TYPE_STR[low] in allowed.get(follow, set())
+    low_ok = follow is None or TYPE_STR[TORCH_TO_ONNX[low]] in allowed.get(follow, set())
     return NodeSlots(tuple(inputs), tuple(outputs)), low_ok
 
 

@@ -59,9 +59,32 @@ ONNX_TO_TORCH: dict[int, torch.dtype] = {
 TORCH_TO_ONNX: dict[torch.dtype, int] = {v: k for k, v in ONNX_TO_TORCH.items()}
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
                          TensorProto.DOUBLE})
-_SHORT = {TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT: "f32",
-          TensorProto.DOUBLE: "f64"}
+# Short names for value-name suffixes (``x_f16``), and the schema type strings of float types.
+SHORT = {TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT: "f32",
+         TensorProto.DOUBLE: "f64"}
+TYPE_STR = {TensorProto.FLOAT: "tensor(float)", TensorProto.FLOAT16: "tensor(float16)",
+            TensorProto.BFLOAT16: "tensor(bfloat16)", TensorProto.DOUBLE: "tensor(double)"}
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
+
+
+def slot_type_vars(params, count: int) -> list[str | None]:
+    """The schema type string of each of ``count`` slots (a type variable such as ``T``, or a
+    fixed ``tensor(int64)``) from an op schema's formal ``params``: slots past them repeat a
+    variadic last one; a heterogeneous variadic slot is its own variable (``T#3``); None where
+    the schema has no such slot."""
+    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+    out: list[str | None] = []
+    for i in range(count):
+        if i < len(params):
+            f = params[i]
+        elif params and params[-1].option == variadic:
+            f = params[-1]
+        else:
+            out.append(None)
+            continue
+        out.append(f"{f.type_str}#{i}" if f.option == variadic and not f.is_homogeneous
+                   else f.type_str)
+    return out
 
 
 @dataclass(frozen=True)
@@ -234,7 +257,7 @@ def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_
             return value
         key = (value, want)
         if key not in cast_cache:
-            cast_out = names.fresh(f"{value}_{_SHORT.get(want, want)}")
+            cast_out = names.fresh(f"{value}_{SHORT.get(want, want)}")
             new_nodes.append(helper.make_node("Cast", [value], [cast_out], to=want,
                                               name=names.fresh(f"amp_cast_{cast_out}")))
             runtime[cast_out] = want
@@ -298,11 +321,11 @@ def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_
         wanted = [dt for dt in uses if dt != src]
         for dt in wanted:
             in_place = len(uses) == 1 and name not in overridable and not _is_graph_output(g, name)
-            target = name if in_place else names.fresh(f"{name}_{_SHORT.get(dt, dt)}")
+            target = name if in_place else names.fresh(f"{name}_{SHORT.get(dt, dt)}")
             tensor, clamped = convert_tensor(inits[name], dt, name=target)
             if clamped:
                 result.clamped.append(name)
-                warnings.warn(f"initializer '{name}' has values beyond the {_SHORT.get(dt)} range; "
+                warnings.warn(f"initializer '{name}' has values beyond the {SHORT.get(dt)} range; "
                               f"clamped to +-{float(torch.finfo(ONNX_TO_TORCH[dt]).max):g}. Keep its "
                               f"consumers in fp32 (keep_fp32=...) if that matters", stacklevel=3)
             if in_place:
@@ -332,7 +355,7 @@ def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_
         producer = next((n for n in new_nodes if vo.name in n.output), None)
         if producer is None:
             continue  # an input or initializer passed straight out: left as it is
-        inner = names.fresh(f"{vo.name}_{_SHORT.get(have, have)}")
+        inner = names.fresh(f"{vo.name}_{SHORT.get(have, have)}")
         producer.output[list(producer.output).index(vo.name)] = inner
         for n in new_nodes:
             for i, v in enumerate(n.input):
@@ -419,7 +442,7 @@ def set_io_dtype(model: onnx.ModelProto, low: int) -> onnx.ModelProto:
                 nodes.remove(n)
                 continue
             if back is None:
-                back = names.fresh(f"{vi.name}_{_SHORT.get(old, old)}")
+                back = names.fresh(f"{vi.name}_{SHORT.get(old, old)}")
                 prepend.append(helper.make_node("Cast", [vi.name], [back], to=old,
                                                 name=names.fresh(f"amp_cast_{back}")))
             for i, v in enumerate(n.input):
@@ -447,7 +470,7 @@ def set_io_dtype(model: onnx.ModelProto, low: int) -> onnx.ModelProto:
                 if o.name == source:
                     o.name = vo.name
         elif producer is not None:
-            inner = names.fresh(f"{vo.name}_{_SHORT.get(old, old)}")
+            inner = names.fresh(f"{vo.name}_{SHORT.get(old, old)}")
             producer.output[list(producer.output).index(vo.name)] = inner
             for n in consumers:
                 for i, v in enumerate(n.input):
