@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from amp_compiler.errors import UnsupportedModelError
 
+
 class FunctionCall:
     """Graph target standing for ``fn.apply(*args)``: calling ``apply`` (not the forward's ops)
     is what makes autograd run the Function's own backward. Named after the Function, which

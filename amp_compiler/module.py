@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Callable
@@ -121,8 +122,7 @@ class AmpModule(nn.Module):
             memo[id(state._dataflow)] = state._dataflow  # the analysis record, never mutated
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        with warnings.catch_warnings():  # see copy_graph_module
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        with _quiet_spec_warnings():
             new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
 
@@ -166,6 +166,13 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """``copy.deepcopy(gm)`` that also works on torch.export graphs (fake metadata shared)."""
     memo: dict = {}
     _share_fake_meta(gm, memo)
-    with warnings.catch_warnings():  # torch's own pytree specs warn about themselves when copied
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    with _quiet_spec_warnings():
         return copy.deepcopy(gm, memo)
+
+
+@contextlib.contextmanager
+def _quiet_spec_warnings():
+    """torch's own pytree specs warn about themselves (a LeafSpec deprecation) when copied."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield

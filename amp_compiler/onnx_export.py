@@ -147,9 +147,9 @@ def _inference_graph(amp) -> torch.fx.GraphModule:
 
 
 def explicit_promotions(gm: torch.fx.GraphModule, example_inputs: tuple) -> torch.fx.GraphModule:
-    """A copy of ``gm`` where every promoting elementwise op (rule I7's ``add``, ``mul``...)
-    whose float operands differ in dtype reads them cast to its result dtype; ``gm`` itself
-    is returned unchanged when it has no such op. Dtypes come from one run on the inputs."""
+    """A copy of ``gm`` (never ``gm`` itself: the run records shapes in node metadata) where
+    every promoting elementwise op (rule I7's ``add``, ``mul``...) whose float operands differ
+    in dtype reads them cast to its result dtype. Dtypes come from one run on the inputs."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     from amp_compiler.frontend import node_kind

@@ -7,9 +7,9 @@ Rules:
     F2  the fp32 original is dropped from the graph module once nothing reads it, so a frozen
         model holds no second full-precision copy beyond what the caller keeps;
     F3  leaf modules (``nn.LSTM``) that run in a low dtype are replaced by a low-precision copy.
-    F4  a buffer the graph writes (``copy_`` into it, or an in-place op on it: a running
-        average updated in forward) is not folded: a stored copy would go stale after the
-        first call; its cast stays in the graph and reads the current value.
+    F4  a buffer the graph writes is not folded (capture turns every write into a buffer, such
+        as a running average updated in forward, into a ``copy_`` into it): a stored copy would
+        go stale after the first call; its cast stays in the graph and reads the current value.
 
     >>> n = fold_weights(gm, casts)
     >>> "to(" in gm.code
@@ -45,17 +45,12 @@ def _delete(root, target: str) -> None:
 
 
 def _written_attrs(gm: fx.GraphModule) -> set[str]:
-    """Targets of ``get_attr`` nodes that an op writes into (argument 0 of ``copy_`` or of an
-    in-place ``op_``)."""
-    out = set()
-    for node in gm.graph.nodes:
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if node.op in ("call_function", "call_method") and name.endswith("_") \
-                and not name.startswith("_") and node.args:
-            dst = node.args[0]
-            if isinstance(dst, fx.Node) and dst.op == "get_attr":
-                out.add(str(dst.target))
-    return out
+    """Targets of ``get_attr`` nodes written into: after capture's functionalize every write
+    into a buffer is a ``copy_`` whose destination is argument 0."""
+    return {str(n.args[0].target) for n in gm.graph.nodes
+            if n.op in ("call_function", "call_method") and n.args
+            and getattr(n.target, "__name__", str(n.target)).split(".")[0] == "copy_"
+            and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"}
 
 
 def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
