@@ -298,19 +298,6 @@ def test_library_custom_op_left_fp32_as_unknown_and_listed(frontend):
         assert rel_err(amp(X), model(X)) < 16 * EPS[torch.bfloat16]
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_force_low_overrides_unknown_custom_op(frontend):
-    model = _WithCustomOp().eval()
-    amp = ac.convert(model, (X,) if frontend == "export" else None, dtype="bfloat16",
-                     force_low=("wobble",))
-    (name,) = [n for n, d in amp.plan.items() if d.kind == "wobble"]
-    assert (amp.plan[name].precision, amp.plan[name].rule) == (torch.bfloat16, "R6:force_low")
-    with torch.no_grad():
-        rec = runtime_dtypes(amp.graph_module, X)
-    assert rec.dtypes[name] == torch.bfloat16
-    assert "force_low='wobble'" in amp.plan[name].reason
-
-
 class _StraightThrough(torch.autograd.Function):
     """Quantiser with a straight-through gradient: its backward is NOT the forward's derivative."""
 
@@ -342,15 +329,19 @@ def test_custom_autograd_function_is_one_unknown_fp32_op(frontend):
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_force_low_overrides_unknown_autograd_function(frontend):
-    model = _WithAutogradFunction().eval()
+@pytest.mark.parametrize("make, kind", [(lambda: _WithCustomOp(), "wobble"),
+                                        (lambda: _WithAutogradFunction(), "_StraightThrough")],
+                         ids=["library-custom-op", "autograd-function"])
+def test_force_low_overrides_unknown_op(make, kind, frontend):
+    model = make().eval()
     amp = ac.convert(model, (X,) if frontend == "export" else None, dtype="bfloat16",
-                     force_low=("_StraightThrough",))
-    (name,) = [n for n, d in amp.plan.items() if d.kind == "_StraightThrough"]
+                     force_low=(kind,))
+    (name,) = [n for n, d in amp.plan.items() if d.kind == kind]
     assert (amp.plan[name].precision, amp.plan[name].rule) == (torch.bfloat16, "R6:force_low")
     with torch.no_grad():
         rec = runtime_dtypes(amp.graph_module, X)
     assert rec.dtypes[name] == torch.bfloat16
+    assert f"force_low={kind!r}" in amp.plan[name].reason
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
