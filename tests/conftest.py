@@ -43,6 +43,15 @@ LOW_KINDS = frozenset({"linear", "matmul", "conv", "rnn"})
 FP32_KINDS = frozenset({"exp", "log", "pow", "sum", "cross_entropy", "nll_loss", "bce_with_logits"})
 
 
+# Machine epsilon of each low dtype: tolerances are written as multiples of it.
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def convert_via(frontend: str, model: nn.Module, inputs: tuple, **kw):
+    """``convert()`` through one front end: torch.export with ``inputs``, fx tracing without."""
+    return ac.convert(model, inputs if frontend == "export" else None, **kw)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """The project's relative error: max|out - ref| / max|ref|, computed in float64."""
     out, ref = out.detach().double(), ref.detach().double()

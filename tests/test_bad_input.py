@@ -23,10 +23,9 @@ from torch import nn
 import amp_compiler as ac
 from amp_compiler.errors import AmpCompilerError, ConfigError, TraceError
 
-from conftest import DTYPES, assert_unchanged, rel_err, runtime_dtypes, snapshot
+from conftest import DTYPES, EPS, assert_unchanged, rel_err, runtime_dtypes, snapshot
 
 X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
-EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
 def _converts_or_fails_cleanly(model: nn.Module, call) -> AmpCompilerError:

@@ -19,8 +19,8 @@ import amp_compiler as ac
 from amp_compiler.errors import AmpCompilerError
 from amp_compiler.models import build
 
-from conftest import (DTYPES, FRONTENDS, MODELS, assert_unchanged, cast_nodes, eval_conversion,
-                      fetch, rel_err, snapshot)
+from conftest import (DTYPES, EPS, FRONTENDS, MODELS, assert_unchanged, cast_nodes,
+                      eval_conversion, fetch, rel_err, snapshot)
 
 CASES = [(m, fe) for m in MODELS for fe in FRONTENDS[m] if (m, fe) != ("bert", "fx")]
 
@@ -186,4 +186,4 @@ def test_f4_a_buffer_written_in_forward_is_not_folded(dtype):
         for _ in range(3):
             out, ref = amp(x), twin(x)
     assert torch.equal(model.avg, twin.avg)  # the update lands on the user's buffer
-    assert rel_err(out, ref) < 8 * {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    assert rel_err(out, ref) < 8 * EPS[dtype]

@@ -33,10 +33,9 @@ from torch import nn
 import amp_compiler as ac
 from amp_compiler.passes.insert_casts import PROMOTING
 
-from conftest import DTYPES, rel_err, runtime_dtypes
+from conftest import DTYPES, EPS, rel_err, runtime_dtypes
 
 B = 3
-EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 UNARY = ("linear", "conv1d", "conv2d", "softmax", "layer_norm", "exp", "relu", "gelu", "sum",
          "mean", "reshape")
 BINARY = ("add", "mul", "matmul", "cat")
