@@ -466,6 +466,10 @@ def _numbers_line(loaded: Loaded, amp) -> str | None:
         n = compare_outputs(loaded.model, amp, loaded.example_inputs, amp.low_dtype)
     finally:
         loaded.model.train(was)
+    if n["autocast_unavailable"]:
+        return (f"max relative error vs fp32 on the example inputs: {n['error_amp']:.2e}; casts "
+                f"per forward: {n['casts_amp']} (no torch.autocast comparison: "
+                f"{n['autocast_unavailable']})")
     return (f"max relative error vs fp32 on the example inputs: {n['error_amp']:.2e} "
             f"(torch.autocast: {n['error_autocast']:.2e}); casts per forward: {n['casts_amp']} "
             f"(torch.autocast: {n['casts_autocast']})")
@@ -501,7 +505,9 @@ def _cmd_convert(args, console) -> int:
     console.print("  " + amp.report(print_=False).caption)
     line = _numbers_line(loaded, amp)
     if line:
-        console.print("  " + line)
+        from rich.markup import escape
+
+        console.print("  " + escape(line))
     for key, path in files.items():
         if path.exists():
             console.print(f"  wrote {path}")

@@ -218,9 +218,11 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
         plan = numerics_plan(model, example_inputs, gm, source, dataflow, low, device_type,
                              training=training, attention=attention, **options)
     elif saved_plan is None:
-        # 3. classify: op kind -> category from the (device, dtype) policy; overrides resolved
+        # 3. classify: op kind -> category from the (device, dtype) policy; overrides resolved;
+        #    kinds whose low kernel this device lacks are probed once and found (C5)
         policy = policy_for(device_type, low)
-        classes = classify(dataflow, policy, keep_fp32=options["keep_fp32"], force_low=options["force_low"])
+        classes = classify(dataflow, policy, keep_fp32=options["keep_fp32"], force_low=options["force_low"],
+                           probe_kernels=True)
         # 4. propagate: paint precisions (rules R0-R7), every node gets a Decision
         plan = propagate(dataflow, classes, policy)
     else:

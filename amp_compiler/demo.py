@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -89,28 +90,38 @@ def count_casts(fn: Callable[[], Any]) -> int:
     return counter.count
 
 
-def compare_outputs(model, amp, inputs: tuple, dtype: torch.dtype) -> dict[str, float]:
+def compare_outputs(model, amp, inputs: tuple, dtype: torch.dtype) -> dict[str, Any]:
     """amp_compiler and ``torch.autocast`` against fp32, on the same input, same weights.
 
-    ``model`` must be in eval mode. Returns relative errors and casts per forward of both.
+    ``model`` must be in eval mode. Returns relative errors and casts per forward of both;
+    where autocast cannot run on this machine (``reference.ReferenceUnavailable``), its figures
+    are None and ``autocast_unavailable`` says why.
     """
+    from amp_compiler.reference import ReferenceUnavailable, autocast_run
+
     device_type = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
     with torch.no_grad():
         ref = model(*inputs)
         out = amp(*inputs)
-        with torch.autocast(device_type, dtype=dtype):
-            auto = model(*inputs)
-        # a fresh autocast region: its weight-cast cache lives as long as the region does
-        with torch.autocast(device_type, dtype=dtype):
-            auto_casts = count_casts(lambda: model(*inputs))
         amp_casts = count_casts(lambda: amp(*inputs))
-    return {"error_amp": relative_error(out, ref), "error_autocast": relative_error(auto, ref),
-            "casts_amp": amp_casts, "casts_autocast": auto_casts}
+        numbers = {"error_amp": relative_error(out, ref), "casts_amp": amp_casts,
+                   "error_autocast": None, "casts_autocast": None, "autocast_unavailable": None}
+        try:
+            auto = autocast_run(lambda: model(*inputs), device_type, dtype)
+            # a fresh autocast region: its weight-cast cache lives as long as the region does
+            auto_casts = autocast_run(lambda: count_casts(lambda: model(*inputs)), device_type, dtype)
+        except ReferenceUnavailable as exc:
+            numbers["autocast_unavailable"] = str(exc)
+            return numbers
+    numbers.update(error_autocast=relative_error(auto, ref), casts_autocast=auto_casts)
+    return numbers
 
 
 # -- the steps -----------------------------------------------------------------------------------
 
-def _fmt(x: float) -> str:
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "unavailable"
     return f"{x:.2e}" if isinstance(x, float) and math.isfinite(x) else str(x)
 
 
@@ -142,8 +153,10 @@ def _gpt_step(ctx: dict, console: Console) -> dict:
     table.add_column("torch.autocast", justify="right")
     table.add_row("max relative error vs fp32", _fmt(numbers["error_amp"]),
                   _fmt(numbers["error_autocast"]))
-    table.add_row("casts per forward", str(numbers["casts_amp"]), str(numbers["casts_autocast"]))
+    table.add_row("casts per forward", str(numbers["casts_amp"]), _fmt(numbers["casts_autocast"]))
     console.print(table)
+    if numbers["autocast_unavailable"]:
+        console.print(f"  {escape(numbers['autocast_unavailable'])}")
     low_name = str(dtype).replace("torch.", "")
     for key, label in (("low", low_name), ("fp32", "float32")):
         items = ", ".join(f"{k} ×{n}" for k, n in kinds.get(key, Counter()).most_common())

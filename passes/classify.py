@@ -9,6 +9,9 @@ Rules (numbered as they appear in Decisions):
         (``"softmax"``), a node name (``"node:softmax_2"`` when it collides with a kind), a module-path glob (``"blocks.*.ln1"``; a module path also
         covers everything under it) or an ``nn.Module`` class. An entry that matches nothing
         raises ``ConfigError`` with the closest valid names.
+    C5  with ``probe_kernels``, a kind whose low-precision kernel this device lacks
+        (``passes.kernels``: probed once per kind, device type and dtype) is listed in
+        ``no_kernel`` with the probe's error; ``propagate`` keeps it fp32 (rule R8).
 
     >>> cls = classify(graph, policy_for("cpu", torch.bfloat16), keep_fp32=("softmax",))
     >>> cls.categories["fc1"], sorted(cls.keep_fp32)
@@ -25,6 +28,7 @@ from typing import Iterable
 from amp_compiler.errors import ConfigError
 
 from .graph import DataflowGraph
+from .kernels import missing_kernel
 from .policy import NON_FLOAT, Policy
 
 SOURCE_ROLES = ("input", "param", "const", "output")
@@ -37,11 +41,12 @@ class Classification:
     categories: dict[str, str]
     keep_fp32: dict[str, str] = field(default_factory=dict)
     force_low: dict[str, str] = field(default_factory=dict)
+    no_kernel: dict[str, str] = field(default_factory=dict)  # node -> why (rule C5)
 
 
 def classify(graph: DataflowGraph, policy: Policy, *, keep_fp32: Iterable = (),
-             force_low: Iterable = ()) -> Classification:
-    """Run rules C1-C4 over ``graph``."""
+             force_low: Iterable = (), probe_kernels: bool = False) -> Classification:
+    """Run rules C1-C5 over ``graph``; ``probe_kernels`` for graphs torch will run (not ONNX)."""
     categories: dict[str, str] = {}
     for v in graph.vertices():
         if v.role in SOURCE_ROLES:
@@ -52,8 +57,15 @@ def classify(graph: DataflowGraph, policy: Policy, *, keep_fp32: Iterable = (),
             categories[v.name] = v.kind
         else:
             categories[v.name] = policy.category(v.kind)
+    no_kernel: dict[str, str] = {}
+    if probe_kernels:
+        for v in graph.vertices():
+            if categories[v.name] in ("allow", "fp32_acc", "infer", "clear"):
+                why = missing_kernel(v.kind, policy.device_type, policy.low_dtype)
+                if why is not None:
+                    no_kernel[v.name] = why
     return Classification(categories, _resolve(graph, keep_fp32, "keep_fp32"),
-                          _resolve(graph, force_low, "force_low"))
+                          _resolve(graph, force_low, "force_low"), no_kernel)
 
 
 def override_entries(entries) -> tuple:

@@ -30,6 +30,9 @@ Every vertex ends with a precision and the number of the rule that set it:
         are pinned before R1 so the other rules route around them.
     R7  what remains (``infer``/``clear`` ops outside low regions, ``unknown`` ops) is fp32,
         as torch.autocast's type promotion would leave it.
+    R8  an op whose low-precision kernel this device lacks (classify's rule C5 probed it) is
+        fp32, whatever the other rules say, ``force_low`` included: a plan never puts an op in a
+        dtype the device cannot run. Pinned before R1, like R6.
 
     >>> plan = propagate(graph, classify(graph, policy), policy)
     >>> plan["fc1"].rule
@@ -96,10 +99,15 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
     paint: dict[str, tuple] = {}  # name -> (precision, rule, reason) for compute vertices
     open_ = [n for n in graph if n not in decided]
 
-    # R6 -- user overrides pin their nodes before painting, so the rules route around them
+    # R6 -- user overrides pin their nodes before painting, so the rules route around them;
+    # R8 -- an op with no low-precision kernel on this device is fp32, force_low or not
     for n, entry in cls.keep_fp32.items():
         if n in open_:
             paint[n] = (FP32, "R6:keep_fp32", f"keep_fp32={entry!r}")
+    for n, why in cls.no_kernel.items():
+        if n in open_ and n not in paint:
+            paint[n] = (FP32, "R8:no-kernel", f"{graph.vertex(n).kind} has no {lowname} kernel on "
+                        f"this {policy.device_type} (probed: {why}): fp32")
     for n, entry in cls.force_low.items():
         if n in open_ and n not in paint:
             paint[n] = (low, "R6:force_low", f"force_low={entry!r}")

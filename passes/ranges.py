@@ -489,7 +489,7 @@ def plan_with_overrides(graph: DataflowGraph, low_dtype: torch.dtype, device_typ
                         overrides: Mapping[str, tuple[str, str]] | None = None) -> PrecisionPlan:
     """classify -> pin ``overrides`` -> propagate -> relabel: the plan with analysis pins."""
     policy = policy_for(device_type, low_dtype)
-    cls = classify(graph, policy, keep_fp32=keep_fp32, force_low=force_low)
+    cls = classify(graph, policy, keep_fp32=keep_fp32, force_low=force_low, probe_kernels=True)
     overrides = dict(overrides or {})
     plan = propagate(graph, apply_overrides(cls, overrides), policy)
     return relabel(plan, overrides)
