@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -140,6 +140,7 @@ def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: s
 def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="float16",
             training: bool | None = None, keep_fp32: Iterable = (), force_low: Iterable = (),
             calibration=None, tolerance: float | None = None, loss_scale="dynamic",
+            example_kwargs: dict | None = None, dynamic_shapes: Any = "auto",
             dynamic_batch: bool = True, plan: PrecisionPlan | str | None = None,
             rewrite_attention: bool | None = None) -> AmpModule:
     """Convert ``model`` to mixed precision; the model itself is never modified.
@@ -148,6 +149,11 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
         model: an ``nn.Module``.
         example_inputs: a tuple of inputs. Given: ``torch.export`` captures the model (needed
             for models fx cannot trace). Absent: ``torch.fx`` symbolic tracing.
+        example_kwargs: keyword inputs (``amp(**batch)``, as Trainer and Accelerate call a
+            model), alone or beside ``example_inputs``; captured with ``torch.export``.
+        dynamic_shapes: "auto" (every dimension symbolic unless the model fixes it; a batch-1
+            example does not fix the batch), None (all static), or torch.export's spec.
+        dynamic_batch: False is the same as ``dynamic_shapes=None`` (kept for old callers).
         dtype: ``"float16"`` | ``"bfloat16"`` (also torch dtypes and ``"mixed_*"`` spellings).
         training: None follows ``model.training``; False folds weight casts once (inference).
         keep_fp32 / force_low: op kinds, module-path globs, nn.Module classes or node names.
@@ -179,30 +185,39 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
                           "guarantee is measured against fp32 on that data")
     if calibration is not None:
         calibration = [c if isinstance(c, tuple) else (c,) for c in calibration]
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise ConfigError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
+    if example_kwargs is not None and calibration is not None:
+        raise ConfigError("calibration data are input tuples: convert with positional "
+                          "example_inputs to use calibration (keyword inputs are not supported there yet)")
+    if not dynamic_batch:
+        dynamic_shapes = None
     return _build(model, example_inputs, training=training, fold=not training, dtype=dtype,
                   keep_fp32=keep_fp32, force_low=force_low, calibration=calibration,
-                  tolerance=tolerance, loss_scale=loss_scale, dynamic_batch=dynamic_batch,
-                  saved_plan=plan, rewrite_attention=rewrite_attention)
+                  tolerance=tolerance, loss_scale=loss_scale, example_kwargs=example_kwargs,
+                  dynamic_shapes=dynamic_shapes, saved_plan=plan, rewrite_attention=rewrite_attention)
 
 
 def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtype, keep_fp32,
-           force_low, calibration, tolerance, loss_scale, dynamic_batch,
+           force_low, calibration, tolerance, loss_scale, example_kwargs, dynamic_shapes,
            saved_plan: PrecisionPlan | None = None, rewrite_attention: bool | None = None) -> AmpModule:
     """The pipeline; ``fold`` is False for the eval variant of a training conversion."""
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     low = resolve_dtype(dtype)
-    device_type = model_device_type(model, example_inputs)
+    device_type = model_device_type(model, tuple(example_inputs or ()) + tuple((example_kwargs or {}).values()))
     options = dict(dtype=low, keep_fp32=override_entries(keep_fp32), force_low=override_entries(force_low),
                    calibration=calibration, tolerance=tolerance, loss_scale=loss_scale,
-                   dynamic_batch=dynamic_batch)
+                   example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes)
     attention = wants_attention_rewrite(rewrite_attention, device_type, options)
 
     was_training = model.training
     try:
         model.train(training)  # trace the graph of the mode asked for; restored below
-        # 1. capture: an FX GraphModule of our own (the user's parameters are shared, not copied)
-        gm, source = capture(model, example_inputs, dynamic_batch=dynamic_batch)
+        # 1. capture: an FX GraphModule of our own (the user's parameters are shared, not copied);
+        #    capture-time asserts and no-ops removed (H1-H5), SDPA masks folded (S1-S3)
+        gm, source = capture(model, example_inputs, example_kwargs=example_kwargs,
+                             dynamic_shapes=dynamic_shapes)
     finally:
         model.train(was_training)
     log.info("captured %s graph: %d nodes", source, len(gm.graph.nodes))
@@ -229,7 +244,8 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
         # 3-4. a saved plan replaces the analyses, after checking it describes this graph
         plan = check_saved_plan(saved_plan, dataflow)
     plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
-                         meta={**plan.meta, "rewrite_attention": attention, "capture": source})
+                         meta={**plan.meta, "rewrite_attention": attention, "capture": source,
+                               "rewrites": [r.as_row() for r in gm.meta.get("amp_rewrites", ())]})
     log.info("plan: %s", plan)
     # 5. insert casts: one per (value, dtype), outputs restored (rules I1-I6)
     casts = insert_casts(gm, dataflow, plan)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import logging
 import os
 import sys
 import operator
@@ -37,12 +38,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from amp_compiler.errors import TraceError, UnsupportedModelError
+from amp_compiler.errors import ConfigError, TraceError, UnsupportedModelError
 from amp_compiler.functions import (_PENDING, _export_apply, _function_apply_as, _fx_apply,
                                     _keep_function_calls)
 from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.hygiene import clean_graph
+from amp_compiler.passes.sdpa_masks import fold_sdpa_masks
 from amp_compiler.passes.kinds import LEAF_MODULE_KINDS, torch_kind
 from amp_compiler.passes.policy import CAST_ONLY_ARGS, NON_FLOAT
+
+log = logging.getLogger("amp_compiler")
 
 # Arguments that carry integers or booleans by the op's definition (torch-level positions and
 # keyword names). Only needed where tracing recorded no dtypes (the fx path): such inputs are
@@ -154,20 +159,45 @@ def symbolic_capture(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def export_capture(model: nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True) -> fx.GraphModule:
-    """torch.export (non-strict), batch dimension dynamic; returns the exported module."""
-    from torch.export import Dim, export
+def export_capture(model: nn.Module, example_inputs: tuple, *, example_kwargs: dict | None = None,
+                   dynamic_shapes: Any = "auto") -> fx.GraphModule:
+    """torch.export (non-strict) with every dimension dynamic unless the model fixes it
+    (``amp_compiler.shapes``); returns the exported module, which takes the same positional
+    and keyword inputs as ``model``. ``dynamic_shapes``: "auto" (that default), None (every
+    dimension static) or torch.export's own spec, passed through."""
+    from torch.export import export
 
-    dynamic_shapes = _batch_dynamic_shapes(model, example_inputs, Dim.AUTO) if dynamic_batch else None
+    from amp_compiler.libraries import prepare_for_export
+    from amp_compiler.shapes import default_dynamic_shapes, widen_batch
+
+    prepare_for_export(model)
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    attempts = [(args, kwargs, dynamic_shapes)]
+    if isinstance(dynamic_shapes, str):
+        if dynamic_shapes != "auto":
+            raise ConfigError(f"dynamic_shapes={dynamic_shapes!r}: use 'auto', None, or torch.export's "
+                              f"dynamic_shapes spec")
+        wide = widen_batch(args, kwargs)
+        attempts = [(a, k, default_dynamic_shapes(model.forward, a, k))
+                    for a, k in ([wide] if wide is not None else []) + [(args, kwargs)]]
     try:
-        with _function_apply_as(_export_apply):
-            ep = export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+        for i, (a, k, shapes) in enumerate(attempts):
+            try:
+                with _function_apply_as(_export_apply):
+                    ep = export(model, a, kwargs=k or None, dynamic_shapes=shapes, strict=False)
+                break
+            except Exception:  # noqa: BLE001 -- the widened example failed: try the one given
+                _PENDING.clear()
+                if i == len(attempts) - 1:
+                    raise
+                log.info("capture with the batch widened to 2 failed; capturing the example as "
+                         "given (its batch of 1 is then fixed)")
         gm = ep.module()
         _keep_function_calls(gm)
         from amp_compiler.functionalize import functionalize
 
         functionalize(gm)
-    except UnsupportedModelError:
+    except (UnsupportedModelError, ConfigError):
         raise
     except Exception as exc:  # noqa: BLE001
         ours = _cause_of_type(exc, UnsupportedModelError)  # raised inside torch's tracing
@@ -180,29 +210,6 @@ def export_capture(model: nn.Module, example_inputs: tuple, *, dynamic_batch: bo
         _PENDING.clear()
     _rebind_parameters(gm, model)
     return gm
-
-
-def _batch_dynamic_shapes(model: nn.Module, example_inputs: tuple, auto) -> tuple:
-    """torch.export's ``dynamic_shapes``: dimension 0 of every tensor input dynamic, shaped like
-    forward's parameters (one entry per positional parameter; a ``*args`` parameter takes one
-    entry, the tuple of its inputs' specs)."""
-    def spec(a):
-        return {0: auto} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
-
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # no readable signature: one entry per input
-        return tuple(spec(a) for a in example_inputs)
-    entries, rest = [], list(example_inputs)
-    for p in params:
-        if not rest:
-            break
-        if p.kind == inspect.Parameter.VAR_POSITIONAL:
-            entries.append(tuple(spec(a) for a in rest))
-            rest = []
-        elif p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            entries.append(spec(rest.pop(0)))
-    return tuple(entries) + tuple(spec(a) for a in rest)  # extra inputs: export reports the misuse
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:
@@ -250,13 +257,22 @@ def _rebind_parameters(gm: nn.Module, model: nn.Module) -> None:
 
 
 def capture(model: nn.Module, example_inputs: tuple | None = None, *,
-            dynamic_batch: bool = True) -> tuple[fx.GraphModule, str]:
-    """Capture ``model``: ("fx" | "export"), see the module docstring."""
-    if example_inputs is None:
-        return symbolic_capture(model), "fx"
-    if not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
-    return export_capture(model, example_inputs, dynamic_batch=dynamic_batch), "export"
+            example_kwargs: dict | None = None,
+            dynamic_shapes: Any = "auto") -> tuple[fx.GraphModule, str]:
+    """Capture ``model``: ("fx" | "export"), see the module docstring; then the hygiene pass
+    (metadata asserts, inert dropout, empty concatenations, dead code: rules H1-H5) and the SDPA
+    mask folding (S1-S3), their remarks in ``gm.meta["amp_rewrites"]``."""
+    if example_inputs is None and example_kwargs is None:
+        gm, source = symbolic_capture(model), "fx"
+    else:
+        if example_inputs is None:
+            example_inputs = ()
+        elif not isinstance(example_inputs, tuple):
+            example_inputs = (example_inputs,)
+        gm, source = export_capture(model, example_inputs, example_kwargs=example_kwargs,
+                                    dynamic_shapes=dynamic_shapes), "export"
+    gm.meta["amp_rewrites"] = clean_graph(gm) + fold_sdpa_masks(gm)
+    return gm, source
 
 
 # -- FX -> DataflowGraph ------------------------------------------------------------------------

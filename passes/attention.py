@@ -81,6 +81,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from .sdpa_masks import size_only_values
+
 aten = torch.ops.aten
 
 __all__ = ["AttentionMatch", "rewrite_attention"]
@@ -346,6 +348,27 @@ def _causal_additive_mask(m: torch.Tensor) -> int | None:
     return t if torch.equal(sq, expected) else None
 
 
+_SIZED = -1  # a causal mask checked against the scores' sizes for every probe (A6)
+
+
+def _causal_mask(mask: fx.Node, scores: fx.Node, gm: fx.GraphModule, causal_t) -> int | None:
+    """A6: T when ``mask`` is a causal mask (``causal_t`` says which kind) of a T x T matrix:
+    evaluated once when it depends on constants and buffers only; when it is built from the
+    input's (symbolic) sequence length, evaluated for several lengths
+    (``sdpa_masks.size_only_values``), each time as wide as the scores (then ``_SIZED``)."""
+    const = _const_eval(mask, gm)
+    if const is not None:
+        return causal_t(const)
+    probes = size_only_values(mask, [scores])
+    if not probes:
+        return None
+    for value, (shape,) in probes:
+        t = causal_t(value)
+        if t is None or len(shape) < 2 or tuple(shape[-2:]) != (t, t):
+            return None
+    return _SIZED
+
+
 # -- matching -----------------------------------------------------------------------------------
 
 @dataclass
@@ -467,8 +490,7 @@ def _match(softmax: fx.Node, gm: fx.GraphModule) -> _Pattern | None:
             if not (isinstance(cur_prev, fx.Node) and isinstance(fill_mask, fx.Node)
                     and _is_number(value) and value == float("-inf")):
                 return None
-            const = _const_eval(fill_mask, gm)
-            t = _causal_fill_mask(const) if const is not None else None
+            t = _causal_mask(fill_mask, cur_prev, gm, _causal_fill_mask)
             if t is None:
                 return None  # A7: a masked_fill that is not causal is left alone
             mask_kind, t_causal = "causal", t
@@ -480,8 +502,7 @@ def _match(softmax: fx.Node, gm: fx.GraphModule) -> _Pattern | None:
             cur_prev, other = (a, b) if _leads_to_matmul(a, gm) else (b, a)
             if not _leads_to_matmul(cur_prev, gm):
                 return None
-            const = _const_eval(other, gm)
-            t = _causal_additive_mask(const) if const is not None else None
+            t = _causal_mask(other, cur_prev, gm, _causal_additive_mask)
             if t is not None:
                 mask_kind, t_causal = "causal", t
             else:
@@ -493,7 +514,7 @@ def _match(softmax: fx.Node, gm: fx.GraphModule) -> _Pattern | None:
 
     scores = cur
     nodes.append(scores)
-    if mask_kind == "causal" and (after_mask <= 0 or not _shape_fits(scores, t_causal)):
+    if mask_kind == "causal" and (after_mask <= 0 or (t_causal != _SIZED and not _shape_fits(scores, t_causal))):
         return None  # A4: -inf * s must stay -inf; A6: the mask must cover the scores exactly
     if mask_kind == "additive" and (after_mask != 1.0 or not _additive_mask_fits(scores, mask)):
         return None  # A4: a scale after the mask would scale the mask; A7

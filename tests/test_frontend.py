@@ -1,5 +1,5 @@
 """Front end (amp_compiler/frontend.py): what capture hands the passes: torch.export's
-``dynamic_shapes`` follow forward's signature (``*args``); module paths are the user's.
+``dynamic_shapes`` follow forward's signature (``*args``, keywords); module paths are the user's.
 functionalize and the autograd.Function capture have their own test files.
 
     pytest tests/test_frontend.py
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import amp_compiler as ac
-from amp_compiler.frontend import _batch_dynamic_shapes
+from amp_compiler.shapes import default_dynamic_shapes
 
 from conftest import EPS, rel_err
 
@@ -32,8 +32,9 @@ class _Mixed(nn.Module):
 def test_dynamic_shapes_group_var_positional_inputs():
     auto = torch.export.Dim.AUTO
     y, z = torch.randn(3, 8), torch.randn(3, 8)
-    assert _batch_dynamic_shapes(_Mixed(), (X, y, z), auto) == ({0: auto}, ({0: auto}, {0: auto}))
-    assert _batch_dynamic_shapes(_Mixed(), (X,), auto) == ({0: auto},)
+    every = {0: auto, 1: auto}
+    assert default_dynamic_shapes(_Mixed().forward, (X, y, z), {}) == {"x": every, "rest": (every, every)}
+    assert default_dynamic_shapes(_Mixed().forward, (X,), {"scale": 2.0}) == {"x": every, "scale": None}
     model = _Mixed().eval()
     amp = ac.convert(model, (X, y, z), dtype="bfloat16")
     x5, y5, z5 = (torch.randn(5, 8) for _ in range(3))  # the batch stays dynamic

@@ -1,0 +1,141 @@
+"""hygiene (FX rewrite, right after capture): drop what the captured graph says about itself.
+
+A ``torch.export`` graph restates facts of the example run: ``aten._assert_tensor_metadata``
+checks that a tensor still has the dtype it had at capture before every ``.to()``. Mixed
+precision changes those dtypes on purpose (a projection's output is float16 now), so the asserts
+would stop the first forward of every Hugging Face causal LM with labels ("Tensor dtype
+mismatch! Expected: Float, Got: c10::Half"). Eval-mode dropout and ``alias`` are no-ops that
+still cost a kernel launch and a node on every call. Rules:
+
+    H1  ``_assert_tensor_metadata`` nodes are removed: they restate capture-time dtypes, which
+        the plan changes on purpose (torch's ONNX exporter drops them too); shape and value
+        asserts (``_assert_scalar``, range constraints) stay;
+    H2  dropout that cannot drop (``train=False`` or ``p == 0``, eval-mode captures) is its
+        input;
+    H3  ``aten.alias`` is its input;
+    H4  dead code is eliminated (values nobody reads: export keeps the intermediate results of
+        size computations whose result was specialised), side-effecting nodes and submodule
+        calls kept;
+    H5  a ``cat`` drops operands with a static size of 0 (transformers' empty key/value cache
+        concatenated with the new keys: a copy of K and V per layer, and an fp32 empty tensor
+        would promote fp16 keys to fp32); one operand left is the result itself.
+
+Each removal is a ``Remark``; ``convert`` keeps them in ``plan.meta["rewrites"]``.
+
+    >>> remarks = clean_graph(gm)
+    >>> remarks[0].rule
+    'H1:metadata-assert'
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .remarks import Remark, keep_when_dead
+
+_ASSERT_METADATA = frozenset({"_assert_tensor_metadata"})
+# dropout spellings and the position / keyword of their "train" flag and probability
+_DROPOUTS = {
+    "dropout": (2, ("train", "training"), 1),
+    "feature_dropout": (2, ("train", "training"), 1),
+    "alpha_dropout": (2, ("train", "training"), 1),
+    "feature_alpha_dropout": (2, ("train", "training"), 1),
+    "dropout1d": (2, ("train", "training"), 1),
+    "dropout2d": (2, ("train", "training"), 1),
+    "dropout3d": (2, ("train", "training"), 1),
+}
+_ALIASES = frozenset({"alias"})
+_CATS = frozenset({"cat", "concat", "concatenate"})
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    return getattr(t, "__name__", str(t))
+
+
+def _arg(node: fx.Node, position: int, names: tuple[str, ...], default):
+    if len(node.args) > position:
+        return node.args[position]
+    for name in names:
+        if name in node.kwargs:
+            return node.kwargs[name]
+    return default
+
+
+def _inert_dropout(node: fx.Node) -> bool:
+    spec = _DROPOUTS.get(_op_name(node))
+    if spec is None or node.op not in ("call_function", "call_method"):
+        return False
+    train_pos, train_names, p_pos = spec
+    train = _arg(node, train_pos, train_names, True)
+    p = _arg(node, p_pos, ("p",), 0.5)
+    return train is False or (isinstance(p, (int, float)) and p == 0)
+
+
+def clean_graph(gm: fx.GraphModule) -> list[Remark]:
+    """Apply H1-H5 to ``gm`` in place (recompiled); returns what was removed."""
+    graph = gm.graph
+    removals: list[Remark] = []
+
+    def removed(node: fx.Node, rule: str, reason: str) -> None:
+        removals.append(Remark("hygiene", rule, node.name, reason))
+
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = _op_name(node)
+        if name in _ASSERT_METADATA and not node.users:
+            removed(node, "H1:metadata-assert",
+                    "restated a capture-time dtype that mixed precision changes on purpose")
+            graph.erase_node(node)
+        elif _inert_dropout(node) and isinstance(node.args[0], fx.Node):
+            removed(node, "H2:inert-dropout", "dropout that cannot drop (eval mode or p=0) is its input")
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif name in _ALIASES and node.args and isinstance(node.args[0], fx.Node):
+            removed(node, "H3:alias", "an alias of its input")
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif name in _CATS and _drop_empty_operands(node):
+            removals.append(Remark("hygiene", "H5:empty-cat", node.name,
+                                   "operands with no elements (an empty key/value cache) dropped"))
+    before = {n.name for n in graph.nodes}
+    graph.eliminate_dead_code(is_impure_node=keep_when_dead)
+    removals += [Remark("hygiene", "H4:dead-code", n, "its value is never read")
+                 for n in sorted(before - {n.name for n in graph.nodes})]
+    graph.lint()
+    gm.recompile()
+    return removals
+
+
+def _empty(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and any(isinstance(s, int) and s == 0 for s in val.shape)
+
+
+def _drop_empty_operands(node: fx.Node) -> bool:
+    """H5 on one ``cat``: drop operands with a static zero size when a non-empty operand of the
+    same rank remains (an empty operand of the same rank adds nothing; its dtype would only
+    promote the result: an empty fp32 cache concatenated with fp16 keys makes them fp32)."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(tensors, (list, tuple)) or not any(_empty(t) for t in tensors):
+        return False
+    kept = [t for t in tensors if not _empty(t)]
+    out = node.meta.get("val")
+    if not kept or not isinstance(out, torch.Tensor) or any(
+            not isinstance(t, fx.Node) or not isinstance(t.meta.get("val"), torch.Tensor)
+            or t.meta["val"].dim() != out.dim() for t in kept):
+        return False
+    if len(kept) == 1 and kept[0].meta["val"].dtype == out.dtype:
+        node.replace_all_uses_with(kept[0])
+        node.graph.erase_node(node)
+        return True
+    node.args = (kept, *node.args[1:]) if node.args else node.args
+    if not node.args:
+        node.kwargs = {**node.kwargs, "tensors": kept}
+    return True
