@@ -250,6 +250,9 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     # 5. insert casts: one per (value, dtype), outputs restored (rules I1-I6)
     casts = insert_casts(gm, dataflow, plan)
     log.info("inserted %d casts", casts.count)
+    # the plan's reasons say what rule I9 did to a fill value that did not fit the low dtype
+    plan = plan.replace({n: plan[n].with_(reason=f"{plan[n].reason}; {note}")
+                         for n, note in casts.saturated.items()})
     # 6. inference: parameter casts folded into stored low-precision copies, once
     if fold:
         log.info("folded %d parameter casts", fold_weights(gm, casts.casts))

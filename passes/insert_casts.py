@@ -19,7 +19,17 @@ Rules:
         same values a cast would give, without a cast kernel or a second copy in memory (the
         residual adds of a transformer);
     I6  a leaf module (``nn.LSTM``) computing in a low dtype runs with its parameters cast per
-        call (``runtime.module_in_dtype``); fold_weights swaps in a stored low copy for inference.
+        call (``runtime.module_in_dtype``); fold_weights swaps in a stored low copy for inference;
+    I9  a ``masked_fill`` computing in a low dtype whose fill value is finite but beyond that
+        dtype's range (``torch.finfo(torch.float32).min`` baked in at capture, ``-1e9``) fills
+        with the dtype's finite extreme instead: the value cannot be represented (torch refuses
+        it), and as a mask sentinel the extreme does the same job, which is what transformers
+        itself writes in float16 (``torch.finfo(dtype).min``). The node's reason says so.
+    I8  I7's converse, as torch's type promotion has it: a 0-dim fp32 operand (a scale computed
+        as a tensor) of a low-precision elementwise op that also reads a dimensioned operand in
+        that precision is read as it is: it does not promote, the kernel computes in the low
+        dtype, exactly as after a cast. I7 applies only to dimensioned fp32 operands (or when
+        every operand is 0-dim), since a 0-dim one would not promote the others.
 
 Returns an ``InsertCastsResult`` listing the casts (``CastRecord``), for the report and tests.
 
@@ -30,6 +40,7 @@ Returns an ``InsertCastsResult`` listing the casts (``CastRecord``), for the rep
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +49,14 @@ import torch.fx as fx
 from .graph import DataflowGraph
 from .kinds import LEAF_PARAMS_FOLLOW
 
+from .plan import PrecisionPlan, dtype_name
+
 # Elementwise kinds whose kernels apply torch's type promotion (fp16 op fp32 -> fp32).
 PROMOTING = frozenset({"add", "sub", "mul", "div", "where", "maximum", "minimum"})
-from .plan import PrecisionPlan, dtype_name
+
+# Fill ops whose scalar is a "minus infinity" sentinel in practice (attention masks filled with
+# torch.finfo(float32).min or -1e9): kind -> (position, keyword) of the value. Source: ours.
+SATURATING_FILLS = {"masked_fill": (2, "value")}
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class CastRecord:
 @dataclass
 class InsertCastsResult:
     casts: list[CastRecord] = field(default_factory=list)
+    saturated: dict[str, str] = field(default_factory=dict)  # node -> what rule I9 did
 
     @property
     def count(self) -> int:
@@ -100,6 +117,7 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
     cache: dict[tuple, fx.Node] = {}
     users: dict[fx.Node, list[str]] = {}
     records: list[tuple[fx.Node, str, torch.dtype, bool]] = []
+    saturated: dict[str, str] = {}
 
     def source_key(n: fx.Node):
         if n.op == "get_attr":  # tied parameters: one tensor, two names (I2)
@@ -136,8 +154,8 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
             castable = set(graph.float_inputs(node.name))
             replaced: dict[fx.Node, fx.Node] = {}
             promotes = precision == torch.float32 and v.kind in PROMOTING and any(
-                runtime_dtype.get(n.name) == torch.float32 for n in node.all_input_nodes
-                if n.name in castable)
+                runtime_dtype.get(n.name) == torch.float32 and _promotes_others(n, node, graph)
+                for n in node.all_input_nodes if n.name in castable)
             for src in node.all_input_nodes:
                 if src.name not in castable or src.meta.get("amp_cast"):
                     continue
@@ -146,6 +164,11 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
                     continue
                 if promotes and have in (torch.float16, torch.bfloat16):
                     continue  # I7: the fp32 operand promotes it inside the kernel, exactly
+                if (v.kind in PROMOTING and precision in (torch.float16, torch.bfloat16)
+                        and have == torch.float32 and _zero_dim(src, graph)
+                        and any(runtime_dtype.get(o.name) == precision and not _zero_dim(o, graph)
+                                for o in node.all_input_nodes if o.name in castable and o is not src)):
+                    continue  # I8: a 0-dim fp32 operand does not promote: the kernel reads it as precision
                 if have is None and src.op == "placeholder" and precision in (torch.float32, torch.float64):
                     continue  # fx: an input of unknown dtype is taken as the model expects it
                 if have is None and graph.vertex(src.name).is_float is None and src.op != "placeholder" \
@@ -158,10 +181,52 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
                 _replace_castable_inputs(node, replaced, graph)
             if node.op == "call_module" and precision != torch.float32 and v.kind in LEAF_PARAMS_FOLLOW:
                 node = _run_leaf_in_dtype(fxg, node, precision)
+            if precision in (torch.float16, torch.bfloat16) and v.kind in SATURATING_FILLS:
+                note = _saturate_fill(node, precision, v.kind)
+                if note:
+                    saturated[node.name] = note
         runtime_dtype[node.name] = _output_dtype(v, d)
 
     gm.recompile()
-    return InsertCastsResult([CastRecord(c.name, s, dt, tuple(users[c]), p) for c, s, dt, p in records])
+    return InsertCastsResult([CastRecord(c.name, s, dt, tuple(users[c]), p) for c, s, dt, p in records],
+                             saturated)
+
+
+def _saturate_fill(node: fx.Node, dtype: torch.dtype, kind: str) -> str | None:
+    """I9 on one fill op: a finite fill value beyond ``dtype``'s range becomes its finite extreme."""
+    position, key = SATURATING_FILLS[kind]
+    if len(node.args) > position:
+        value, where = node.args[position], "args"
+    elif key in node.kwargs:
+        value, where = node.kwargs[key], "kwargs"
+    else:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    limit = torch.finfo(dtype).max
+    if abs(value) <= limit:
+        return None
+    new = math.copysign(limit, value)
+    if where == "args":
+        node.args = (*node.args[:position], new, *node.args[position + 1:])
+    else:
+        node.kwargs = {**node.kwargs, key: new}
+    return (f"its fill value {value:.4g} does not fit {dtype_name(dtype)}: saturated to {new:.6g}, "
+            f"the finite extreme, as transformers' torch.finfo(dtype).min is in {dtype_name(dtype)} (I9)")
+
+
+def _zero_dim(n: fx.Node, graph: DataflowGraph) -> bool:
+    return n.name in graph and graph.vertex(n.name).shape == ()
+
+
+def _promotes_others(n: fx.Node, node: fx.Node, graph: DataflowGraph) -> bool:
+    """Does fp32 operand ``n`` make ``node`` compute in fp32 under torch's type promotion? A
+    dimensioned tensor does; a 0-dim one only when every tensor operand is 0-dim. Unknown
+    shapes (fx graphs) count as dimensioned."""
+    if not _zero_dim(n, graph):
+        return True
+    return all(_zero_dim(o, graph) for o in node.all_input_nodes
+               if o.name in graph and graph.vertex(o.name).is_float is not False)
 
 
 def _run_leaf_in_dtype(fxg: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:

@@ -11,7 +11,9 @@ Every vertex ends with a precision and the number of the rule that set it:
     R3  ``infer``/``clear`` ops on a path between two low-precision ops (through infer, clear
         and fp32_acc ops) are low: casting them back up would only add casts -- unless one of
         their inputs is a real fp32 value (``R3:fp32-input``): then, as autocast's type
-        promotion does, they stay fp32, because rounding that input would add error. Measured
+        promotion does, they stay fp32, because rounding that input would add error. A 0-dim
+        fp32 input beside a dimensioned one does not block: torch's promotion ignores it (the
+        op computes in the dimensioned operand's dtype under autocast too). Measured
         on the gpt model: rounding the residual stream to fp16 raised the output error 1.4x
         over autocast's; values built only from integers, masks and factories are exact and
         do not block. An fp32 parameter or buffer with a dimension blocks too (ConvNeXt's layer
@@ -157,6 +159,13 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
                 if graph.vertex(p).role in ("param", "const") and p not in exact
                 and graph.vertex(p).dtype == FP32 and graph.vertex(p).shape]
 
+    def _zero_dim_beside_tensors(n: str, p: str) -> bool:
+        # torch's type promotion: a 0-dim tensor (a scale computed as a tensor) does not promote
+        # a dimensioned operand of the same category, so it cannot make the op fp32 (autocast
+        # runs it in the low dtype too); unknown shapes (fx graphs) are taken as dimensioned
+        return (type_promotion and graph.vertex(p).shape == ()
+                and any(graph.vertex(q).shape != () for q in graph.float_inputs(n) if q != p))
+
     changed = True
     while changed:
         changed = False
@@ -164,7 +173,7 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
             blocker = next((p for p in graph.data_inputs(n) + _promoting_state(n)
                             if p not in between and p not in exact
                             and not (p in paint and paint[p][0] == low)
-                            and not _acc_low(p)), None)
+                            and not _acc_low(p) and not _zero_dim_beside_tensors(n, p)), None)
             if blocker is not None:
                 between.discard(n)
                 changed = True
