@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from amp_compiler.errors import ConfigError
+from amp_compiler.errors import ConfigError, TraceError
 from amp_compiler.frontend import build_dataflow, capture
 from amp_compiler.module import AmpModule
 from amp_compiler.passes.attention import rewrite_attention as rewrite_attention_pass
@@ -113,21 +113,26 @@ def check_saved_plan(plan: PrecisionPlan, dataflow) -> PrecisionPlan:
     return plan
 
 
+def new_scaler(device_type: str, loss_scale):
+    """A LossScaler for ``loss_scale`` ("dynamic" or a positive number: static scaling)."""
+    from amp_compiler.scaler import LossScaler
+
+    if loss_scale == "dynamic":
+        return LossScaler(device_type)
+    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and loss_scale > 0:
+        # static scaling: the floor and ceiling pin the scale; overflowing steps are still skipped
+        return LossScaler(device_type, init_scale=float(loss_scale), min_scale=float(loss_scale),
+                          max_scale=float(loss_scale))
+    raise ConfigError(f"loss_scale={loss_scale!r}: use 'dynamic', a positive number, or None")
+
+
 def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: str, loss_scale):
     """LossScaler for fp16 training (None for bf16 or loss_scale=None), wired into the graph."""
     if low != torch.float16 or loss_scale is None:
         return None
     from amp_compiler.passes.loss_scaling import insert_loss_scaling
-    from amp_compiler.scaler import LossScaler
 
-    if loss_scale == "dynamic":
-        scaler = LossScaler(device_type)
-    elif isinstance(loss_scale, (int, float)) and loss_scale > 0:
-        # static scaling: the floor and ceiling pin the scale; overflowing steps are still skipped
-        scaler = LossScaler(device_type, init_scale=float(loss_scale), min_scale=float(loss_scale),
-                            max_scale=float(loss_scale))
-    else:
-        raise ConfigError(f"loss_scale={loss_scale!r}: use 'dynamic', a positive number, or None")
+    scaler = new_scaler(device_type, loss_scale)
     scaler.track(model.named_parameters())
     kinds = {v.name: v.kind for v in dataflow.vertices()}
     device = next((p.device for p in model.parameters()), torch.device(device_type))
@@ -142,7 +147,7 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
             calibration=None, tolerance: float | None = None, loss_scale="dynamic",
             example_kwargs: dict | None = None, dynamic_shapes: Any = "auto",
             dynamic_batch: bool = True, plan: PrecisionPlan | str | None = None,
-            rewrite_attention: bool | None = None) -> AmpModule:
+            rewrite_attention: bool | None = None, capture: str = "auto") -> AmpModule:
     """Convert ``model`` to mixed precision; the model itself is never modified.
 
     Args:
@@ -154,6 +159,9 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
         dynamic_shapes: "auto" (every dimension symbolic unless the model fixes it; a batch-1
             example does not fix the batch), None (all static), or torch.export's spec.
         dynamic_batch: False is the same as ``dynamic_shapes=None`` (kept for old callers).
+        capture: "auto" (torch.export with example inputs, fx tracing without; when torch.export
+            cannot capture the model, TorchDynamo), "export", "fx", or "dynamo" (graphs planned
+            at their first call, graph breaks eager: ``amp_compiler.dynamo``).
         dtype: ``"float16"`` | ``"bfloat16"`` (also torch dtypes and ``"mixed_*"`` spellings).
         training: None follows ``model.training``; False folds weight casts once (inference).
         keep_fp32 / force_low: op kinds, module-path globs, nn.Module classes or node names.
@@ -192,10 +200,41 @@ def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="flo
                           "example_inputs to use calibration (keyword inputs are not supported there yet)")
     if not dynamic_batch:
         dynamic_shapes = None
-    return _build(model, example_inputs, training=training, fold=not training, dtype=dtype,
-                  keep_fp32=keep_fp32, force_low=force_low, calibration=calibration,
-                  tolerance=tolerance, loss_scale=loss_scale, example_kwargs=example_kwargs,
-                  dynamic_shapes=dynamic_shapes, saved_plan=plan, rewrite_attention=rewrite_attention)
+    if capture not in CAPTURES:
+        raise ConfigError(f"capture={capture!r}: use one of {', '.join(CAPTURES)}")
+    if capture == "fx" and (example_inputs is not None or example_kwargs is not None):
+        raise ConfigError("capture='fx' traces symbolically: it takes no example inputs")
+    if capture == "export" and example_inputs is None and example_kwargs is None:
+        raise ConfigError("capture='export' needs example_inputs=(...) or example_kwargs={...}")
+    if capture == "dynamo":
+        return _dynamo(model, dtype, training, keep_fp32, force_low, loss_scale, calibration, plan)
+    try:
+        return _build(model, example_inputs, training=training, fold=not training, dtype=dtype,
+                      keep_fp32=keep_fp32, force_low=force_low, calibration=calibration,
+                      tolerance=tolerance, loss_scale=loss_scale, example_kwargs=example_kwargs,
+                      dynamic_shapes=dynamic_shapes, saved_plan=plan,
+                      rewrite_attention=rewrite_attention)
+    except TraceError as exc:
+        # torch.export refuses data-dependent control flow; dynamo runs it eagerly between graphs
+        if capture != "auto" or (example_inputs is None and example_kwargs is None) \
+                or calibration is not None or plan is not None:
+            raise
+        log.warning("%s -- capturing with TorchDynamo instead (capture='dynamo'): every graph "
+                    "it captures is planned at its first call", exc)
+        return _dynamo(model, dtype, training, keep_fp32, force_low, loss_scale, calibration, plan)
+
+
+CAPTURES = ("auto", "export", "fx", "dynamo")
+
+
+def _dynamo(model, dtype, training, keep_fp32, force_low, loss_scale, calibration, plan):
+    from amp_compiler.dynamo import convert_dynamo
+
+    if calibration is not None or plan is not None:
+        raise ConfigError("capture='dynamo' plans each graph when it first runs: calibration, "
+                          "tolerance and saved plans need the export or fx capture")
+    return convert_dynamo(model, dtype=dtype, training=training, keep_fp32=keep_fp32,
+                          force_low=force_low, loss_scale=loss_scale)
 
 
 def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtype, keep_fp32,

@@ -26,7 +26,9 @@ Function and, being in no policy table, stays fp32 unless the user overrides it.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
+import io
 import logging
 import os
 import sys
@@ -183,8 +185,14 @@ def export_capture(model: nn.Module, example_inputs: tuple, *, example_kwargs: d
     try:
         for i, (a, k, shapes) in enumerate(attempts):
             try:
-                with _function_apply_as(_export_apply):
-                    ep = export(model, a, kwargs=k or None, dynamic_shapes=shapes, strict=False)
+                # torch prints the partial graph of a failed export to stderr: hundreds of lines
+                # that our TraceError (or the dynamo fallback) replaces; kept at debug level
+                with _function_apply_as(_export_apply), contextlib.redirect_stderr(io.StringIO()) as err:
+                    try:
+                        ep = export(model, a, kwargs=k or None, dynamic_shapes=shapes, strict=False)
+                    finally:
+                        if err.getvalue():
+                            log.debug("torch.export said: %s", err.getvalue())
                 break
             except Exception:  # noqa: BLE001 -- the widened example failed: try the one given
                 _PENDING.clear()
@@ -401,8 +409,12 @@ def _uncast_slots(node: fx.Node, gm: fx.GraphModule) -> set[tuple[int | None, st
     return slots
 
 
-def build_dataflow(gm: fx.GraphModule) -> DataflowGraph:
-    """One vertex per FX node, one edge per use, with kinds, dtypes and module paths."""
+def build_dataflow(gm: fx.GraphModule, *, roles: dict[str, str] | None = None) -> DataflowGraph:
+    """One vertex per FX node, one edge per use, with kinds, dtypes and module paths.
+
+    ``roles``: placeholders that are really parameters ("param") or buffers ("const"), as in
+    dynamo graphs, which pass the module's tensors as inputs."""
+    roles = roles or {}
     graph = DataflowGraph()
     params = {id(p) for p in gm.parameters()}
     is_float: dict[str, bool | None] = {}
@@ -418,6 +430,8 @@ def build_dataflow(gm: fx.GraphModule) -> DataflowGraph:
                 kind = role
             else:
                 role, kind = "const", "const"
+        elif node.name in roles:
+            role = kind = roles[node.name]
         fl = dtype.is_floating_point if dtype is not None else None
         if kind in NON_FLOAT:  # shapes (SymInt), comparisons, indices: never a floating value
             fl = False
