@@ -55,8 +55,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["main", "build_parser", "run", "make_variant", "rel_error", "count_to_copy",
-           "BenchError"]
+__all__ = ["main", "build_parser", "run", "make_variant", "loss_scaler", "resolve_device",
+           "rel_error", "count_to_copy", "BenchError"]
 
 # ----------------------------------------------------------------------------- tables
 
@@ -104,6 +104,10 @@ def build_parser(prog: str = "amp-compiler bench") -> argparse.ArgumentParser:
     """The ``bench`` argument parser (exposed so the CLI can show its help)."""
     p = _Parser(prog=prog, description="Benchmark fp32, torch.autocast and amp_compiler side by "
                 "side: time, peak memory, error vs fp32 and casts per forward.")
+    p.add_argument("--suite", choices=("real",), default=None,
+                   help="real: the real-model suite instead of one reference model (HF GPT-2, "
+                   "Llama, BERT, T5, ViT, torchvision ResNet-50 and ConvNeXt-T; see "
+                   "`amp-compiler bench --suite real --help`)")
     p.add_argument("--model", choices=MODELS, default="gpt")
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--mode", choices=("train", "infer", "onnx"), default="train",
@@ -174,15 +178,20 @@ def check_counts(a: argparse.Namespace, positive: Sequence[str], non_negative: S
                          f"not {a.model}")
 
 
+def resolve_device(choice: str) -> torch.device:
+    """``--device auto|cuda|cpu`` as a device: auto is cuda when there is one."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda but CUDA is not available; use --device cpu")
+    return torch.device("cuda" if choice == "auto" and torch.cuda.is_available()
+                        else ("cpu" if choice == "auto" else choice))
+
+
 def _resolve(argv: list[str]) -> Config:
     a = build_parser().parse_args(argv)
     check_counts(a, ("batch", "seq_len", "steps", "loss_steps"), ("rounds", "warmup"))
     if a.lr is not None and not a.lr > 0:
         raise BenchError(f"--lr must be > 0, got {a.lr}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda but CUDA is not available; use --device cpu")
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if a.device == "auto" else a.device))
+    device = resolve_device(a.device)
     asked = [k.strip() for k in a.variants.split(",") if k.strip()]
     unknown = sorted(set(asked) - set(KINDS))
     if unknown or not asked:
@@ -353,11 +362,30 @@ def _make_module(kind: str, master: nn.Module, inputs: tuple, cfg: Config, *, tr
     return _MODULE_BUILDERS[kind](_copy(master, cfg, train=train), inputs, cfg, train)
 
 
+def loss_scaler(kind: str, amp, cfg: Config) -> tuple[Any, bool, str | None]:
+    """(scaler, whether the graph scales the loss gradient itself, note) for a training variant.
+
+    fp16 only: ``torch.amp.GradScaler`` for autocast; for amp its own ``amp.scaler`` (which the
+    graph drives when the loss_scaling pass found a scalar loss) or, where the conversion has
+    none, a ``LossScaler`` driven like GradScaler. The real-model suite uses it too.
+    """
+    import amp_compiler
+
+    if cfg.dtype != torch.float16 or kind not in ("autocast", "amp"):
+        return None, False, None
+    if kind == "autocast":
+        return torch.amp.GradScaler(cfg.device.type), False, "GradScaler"
+    if amp.scaler is not None:
+        in_graph = _scales_in_graph(amp)
+        return (amp.scaler, in_graph,
+                "amp.scaler, in graph" if in_graph else "amp.scaler, scale(loss)")
+    # no in-graph scaler yet: the same dynamic scaling, driven from outside
+    return amp_compiler.LossScaler(cfg.device.type), False, "LossScaler, scale(loss)"
+
+
 def make_variant(kind: str, master: nn.Module, inputs: tuple, cfg: Config, *,
                  compiled: bool = False) -> Variant:
     """Build one variant: its own copy of the weights, its optimizer and scaler, its step."""
-    import amp_compiler
-
     t0 = time.perf_counter()
     module, ctx, own_inputs, amp = _make_module(kind, master, inputs, cfg, train=cfg.train)
     if compiled:
@@ -366,15 +394,7 @@ def make_variant(kind: str, master: nn.Module, inputs: tuple, cfg: Config, *,
     opt = scaler = note = None
     if cfg.train:
         opt = _optimizer((module if amp is None else amp).parameters(), cfg)
-        in_graph = False
-        if cfg.dtype == torch.float16 and kind == "autocast":
-            scaler, note = torch.amp.GradScaler(cfg.device.type), "GradScaler"
-        elif cfg.dtype == torch.float16 and kind == "amp":
-            if amp.scaler is not None:
-                scaler, in_graph = amp.scaler, _scales_in_graph(amp)
-                note = "amp.scaler, in graph" if in_graph else "amp.scaler, scale(loss)"
-            else:  # no in-graph scaler yet: the same dynamic scaling, driven from outside
-                scaler, note = amp_compiler.LossScaler(cfg.device.type), "LossScaler, scale(loss)"
+        scaler, in_graph, note = loss_scaler(kind, amp, cfg)
         step = _train_step(module, ctx, opt, scaler, in_graph)
     else:
         step = _infer_step(module, ctx)
@@ -842,10 +862,11 @@ def write_json(result: dict[str, Any], path: str) -> None:
         f.write("\n")
 
 
-def _mode(argv: list[str]) -> str | None:
+def _peek(argv: list[str], option: str) -> str | None:
+    """The value of ``option`` in ``argv``, before the parser of the chosen bench reads it all."""
     probe = argparse.ArgumentParser(add_help=False)
-    probe.add_argument("--mode")
-    return probe.parse_known_args(argv)[0].mode
+    probe.add_argument(option, dest="value")
+    return probe.parse_known_args(argv)[0].value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -859,11 +880,15 @@ def main(argv: list[str] | None = None) -> int:
     from amp_compiler.errors import AmpCompilerError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if _mode(argv) == "onnx":
+    if _peek(argv, "--mode") == "onnx":
         from amp_compiler import bench_onnx
 
         return bench_onnx.main(argv)
     try:
+        if _peek(argv, "--suite") == "real":
+            from amp_compiler import bench_real
+
+            return bench_real.main(argv)  # its bad requests exit as ours do
         cfg = _resolve(argv)
         result = run(cfg)
     except SystemExit as e:  # --help: argparse printed it and asked to exit

@@ -1,7 +1,9 @@
 """Render committed benchmark JSON (``bench/results/*.json``) as the README's markdown tables:
-one for the torch runs (``--mode train|infer``), one for the ONNX Runtime runs (``--mode onnx``).
+one for the torch runs (``--mode train|infer``), one for the ONNX Runtime runs (``--mode onnx``)
+and one for the real-model suite (``--suite real``, files ``real-*.json``).
 
     $ python -m amp_compiler.bench_table bench/results/*.json
+    $ python -m amp_compiler.bench_table bench/results/real-*.json   # the real-model table only
 """
 
 from __future__ import annotations
@@ -11,17 +13,28 @@ import sys
 from pathlib import Path
 
 
-def _row(d: dict, name: str, variant: str) -> str:
-    v = d["variants"][variant]
-    r = d["ratios"][variant]
+def _num(x: float | None, spec: str, before: str = "", after: str = "") -> str:
+    return "-" if x is None else f"{before}{x:{spec}}{after}"
+
+
+def _cells(v: dict, r: dict) -> list[str]:
+    """ms/step, time vs autocast, peak memory, memory vs autocast, max rel err vs fp32 and
+    casts/forward of one variant; "-" for what was not measured (memory on a CPU)."""
+    t = v.get("time_ms")
     mem = v.get("peak_memory_bytes")
-    err = v.get("max_rel_error")
+    return ["-" if not t else f"{t['median']:.2f} (IQR {t['iqr']:.2f})",
+            _num(r.get("time_vs_autocast"), ".2f", "**", "x**"),
+            _num(None if mem is None else mem / 2**30, ".2f", after=" GiB"),
+            _num(r.get("peak_memory_vs_autocast"), ".2f", "**", "x**"),
+            _num(v.get("max_rel_error"), ".2e"),
+            "-" if v.get("casts") is None else str(v["casts"])]
+
+
+def _row(d: dict, name: str, variant: str) -> str:
     b = d["batch"]
     shape = f"{b['batch']}x{b['seq_len']}" if b.get("seq_len") else str(b["batch"])
-    return (f"| {name} | {d['mode']} | {shape} | {variant} | {v['time_ms']['median']:.2f} "
-            f"(IQR {v['time_ms']['iqr']:.2f}) | **{r['time_vs_autocast']:.2f}x** | "
-            f"{mem / 2**30:.2f} GiB | **{r['peak_memory_vs_autocast']:.2f}x** | "
-            f"{'-' if err is None else f'{err:.2e}'} | {v.get('casts') if v.get('casts') is not None else '-'} |")
+    cells = [name, d["mode"], shape, variant, *_cells(d["variants"][variant], d["ratios"][variant])]
+    return "| " + " | ".join(cells) + " |"
 
 
 def table(paths: list[str]) -> str:
@@ -32,7 +45,7 @@ def table(paths: list[str]) -> str:
     losses = []
     for p in sorted(paths):
         d = json.loads(Path(p).read_text())
-        if d.get("mode") == "onnx":
+        if d.get("mode") == "onnx" or d.get("suite") == "real":
             continue
         name = f"`{Path(p).stem}`"
         for variant in ("autocast", "amp", "autocast+compile", "amp+compile"):
@@ -67,12 +80,83 @@ def onnx_table(paths: list[str]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+REAL_HEADER = ["model", "mode", "batch", "dtype", "variant", "ms/step", "time vs autocast",
+               "peak memory", "memory vs autocast", "max rel err vs fp32", "error vs autocast",
+               "casts/forward"]
+
+
+def _real_key(d: dict) -> tuple:
+    """Models in the suite's order, train before infer."""
+    from amp_compiler.bench_real import SPECS
+
+    order = list(SPECS).index(d["model"]) if d["model"] in SPECS else len(SPECS)
+    return order, d["model"], d["mode"] != "train", d["dtype"], d["config"]
+
+
+def _failed(f: dict) -> str:
+    lines = f["message"].strip().splitlines()
+    text = f"{f['exception']}: {lines[0] if lines else ''}"
+    text = (text if len(text) <= 120 else text[:117] + "...").replace("|", "/").replace("`", "'")
+    return f"failed in {f['stage']}: `{text}`"
+
+
+def real_table(paths: list[str]) -> str:
+    """The ``--suite real`` files as one markdown table: a row per model, mode, batch shape and
+    variant, a failed variant with its stage and exception, a skipped model with its reason,
+    then one line saying where and how it was measured. Where a ``--compile`` file and an eager
+    file of the same model, mode and dtype are both given, the compile file adds its compiled
+    rows only (its eager rows are a second measurement of the eager file's)."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    files = sorted((d for d in files if d.get("suite") == "real"),
+                   key=lambda d: (*_real_key(d), d["settings"]["compile"]))
+    if not files:
+        return ""
+    eager = {_real_key(d) for d in files if not d["settings"]["compile"] and d["status"] == "ok"}
+    lines = ["| " + " | ".join(REAL_HEADER) + " |", "|" + "---|" * len(REAL_HEADER)]
+    for d in files:
+        head = [d["model"] + (" (tiny)" if d["config"] == "tiny" else ""), d["mode"]]
+        if d["status"] != "ok":
+            why = f"{d['status']}: {d['reason']}".replace("|", "/")
+            lines.append("| " + " | ".join([*head, "-", d["dtype"], why, *["-"] * 7]) + " |")
+            continue
+        only_compiled = d["settings"]["compile"] and _real_key(d) in eager
+        mode = d["settings"].get("compile_mode")
+        for run in d["runs"]:
+            for name, v in run["variants"].items():  # in the suite's order
+                if only_compiled and not name.endswith("+compile"):
+                    continue
+                r = run["ratios"][name]
+                cells = _cells(v, r)
+                cells.insert(5, _num(r.get("error_vs_autocast"), ".2f", after="x"))
+                if v.get("failure"):
+                    cells = [_failed(v["failure"]), *["-"] * 6]
+                if mode and name.endswith("+compile"):
+                    name += f" ({mode})"
+                lines.append("| " + " | ".join([*head, run["label"], d["dtype"], name, *cells])
+                             + " |")
+    return "\n".join(lines) + "\n\n" + _measured(files)
+
+
+def _measured(files: list[dict]) -> str:
+    """One line: when, on what, with which libraries and how many steps the files measured."""
+    setups = sorted({
+        f"{d['device_name']}, torch {d['torch']}, "
+        + "".join(f"{k} {v}, " for k, v in d["libraries"].items() if v)
+        + f"{d['settings']['steps']} steps x {d['settings']['rounds']} rounds after "
+          f"{d['settings']['warmup']} warm-up" for d in files})
+    dates = sorted({d["date"][:10] for d in files})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return (f"Measured {when} on {'; '.join(setups)}; the command of each file is in its JSON "
+            "(`command`).")
+
+
 def main(argv: list[str] | None = None) -> int:
     paths = (argv if argv is not None else sys.argv[1:]) or [str(p) for p in Path("bench/results").glob("*.json")]
-    print(table(paths))
-    onnx = onnx_table(paths)
-    if onnx:
-        print("\n" + onnx)
+    # the torch table always (even empty, as before), unless every file is a real-suite one
+    only_real = all(json.loads(Path(p).read_text()).get("suite") == "real" for p in paths)
+    tables = [] if only_real else [table(paths)]
+    tables += [t for t in (onnx_table(paths), real_table(paths)) if t]
+    print("\n\n".join(tables))
     return 0
 
 

@@ -241,8 +241,9 @@ def _export_hint(exc: BaseException) -> str:
     chain = _chain(exc)
     if any(isinstance(e, GuardOnDataDependentSymNode) or "data-dependent" in str(e).lower()
            or "data dependent" in str(e).lower() for e in chain):
-        return ("Data-dependent Python control flow cannot be captured: rewrite it with "
-                "torch.where / torch.cond, or convert the submodules that are traceable")
+        return ("Data-dependent Python control flow cannot be captured: convert with "
+                "capture='dynamo' (the branch runs eagerly between captured graphs), rewrite it "
+                "with torch.where / torch.cond, or convert the submodules that are traceable")
     # an output (or input) class torch.export cannot flatten: torch >= 2.12 names pytree,
     # torch 2.11 fails on hashing the unregistered dataclass instead
     if any("pytree" in str(e).lower() or "unhashable type" in str(e) for e in chain):

@@ -78,12 +78,14 @@ def test_untraceable_without_inputs_names_module_path_and_line(training):
 
 
 def test_data_dependent_control_flow_with_inputs_is_trace_error():
+    """capture='export' pins the front end; the default falls back to dynamo (test_dynamo.py)."""
     model = _Outer().eval()
-    err = _converts_or_fails_cleanly(model, lambda: ac.convert(model, (X,)))
+    err = _converts_or_fails_cleanly(model, lambda: ac.convert(model, (X,), capture="export"))
     assert isinstance(err, TraceError)
     msg = str(err)
     assert "torch.export" in msg and "x.sum() > 0" in msg
     assert "torch.where" in msg or "torch.cond" in msg  # what to do
+    assert "capture='dynamo'" in msg
 
 
 class _NumpyInForward(nn.Module):
@@ -99,7 +101,7 @@ class _NumpyInForward(nn.Module):
 
 def test_other_export_failure_gets_a_generic_hint_not_control_flow_advice():
     model = _NumpyInForward().eval()
-    err = _converts_or_fails_cleanly(model, lambda: ac.convert(model, (X,)))
+    err = _converts_or_fails_cleanly(model, lambda: ac.convert(model, (X,), capture="export"))
     assert isinstance(err, TraceError)
     msg = str(err)
     assert "torch.export" in msg and "x.numpy()" in msg  # the line that broke it
@@ -466,7 +468,7 @@ def test_unregistered_dataclass_output_under_export_is_trace_error():
             return Loose(self.fc(x))
 
     model = M().eval()
-    err = _converts_or_fails_cleanly(model, lambda: ac.convert(model, (X,)))
+    err = _converts_or_fails_cleanly(model, lambda: ac.convert(model, (X,), capture="export"))
     assert isinstance(err, TraceError) and "pytree" in str(err)
 
 
