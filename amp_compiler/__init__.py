@@ -16,15 +16,41 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "passes")) and _
         _os.path.join(_root, "passes", "__init__.py")):
     __path__.append(_root)
 
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+
+
+class _Package(_types.ModuleType):
+    """This package, with one rule for public functions named like the submodule defining them
+    (``compare`` in ``amp_compiler/compare.py``, ``convert`` in ``convert.py``).
+
+    Whenever a submodule finishes importing, the import system runs
+    ``setattr(amp_compiler, "compare", <module amp_compiler.compare>)``: the first import, by
+    anyone, at any time (our lazy ``__getattr__`` included), would replace the function
+    ``ac.compare`` with the module. Here that binding stores the module's function instead, so
+    ``ac.compare(...)`` works however often and in whatever order things are imported. (The
+    module's other names: ``from amp_compiler.compare import CompareReport``.)
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if (name in _SAME_NAME and isinstance(value, _types.ModuleType)
+                and value.__name__ == f"{self.__name__}.{name}" and hasattr(value, name)):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_SAME_NAME = ("convert", "compare")
+_sys.modules[__name__].__class__ = _Package
+
 from amp_compiler.convert import convert  # noqa: E402
 from amp_compiler.errors import (AmpCompilerError, ConfigError, LossScalerError, OnnxError,
-                                 ToleranceError, TraceError, UnsupportedModelError)
+                                 PlanError, ToleranceError, TraceError, UnsupportedModelError)
 from amp_compiler.module import AmpModule
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 
 __all__ = ["convert", "AmpModule", "PrecisionPlan", "Decision", "AmpCompilerError",
            "ConfigError", "TraceError", "UnsupportedModelError", "ToleranceError",
-           "LossScalerError", "OnnxError"]
+           "LossScalerError", "OnnxError", "PlanError"]
 __version__ = "0.1.0"
 
 
@@ -35,6 +61,7 @@ _LAZY = {
     "verify_onnx": "amp_compiler.onnx_export",
     "convert_onnx": "amp_compiler.onnx_frontend",
     "compare": "amp_compiler.compare",
+    "backend": "amp_compiler.dynamo",
 }
 
 

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import io
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from amp_compiler.errors import AmpCompilerError, ConfigError
+from amp_compiler.report import literal, visible
 
 PROG = "amp-compiler"
 log = logging.getLogger("amp_compiler")
@@ -227,6 +231,34 @@ def _make_inputs(specs: Sequence[InputSpec], device: str) -> tuple:
     return tuple(out)
 
 
+def _exec_file(path: Path, spec: str):
+    """Run ``path`` as a module, as ``python path`` would: its folder first on ``sys.path`` (it
+    imports its sibling modules) and the module in ``sys.modules`` while it runs (``@dataclass``
+    and pickling look their module up there by name). The folder stays on the path: a factory
+    or a forward may import siblings later."""
+    path = path.resolve()
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = path.stem
+    taken = sys.modules.get(name)
+    if not name.isidentifier() or (taken is not None and getattr(taken, "__file__", None) != str(path)):
+        # another module of that name (a user's "torch.py", "models.py"...): do not replace it
+        name = f"_amp_factory_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = module
+    try:
+        mod_spec.loader.exec_module(module)
+    except BaseException as e:
+        sys.modules.pop(name, None)
+        if not isinstance(e, Exception):
+            raise
+        raise ConfigError(f"bad factory {spec!r}: running {spec.rpartition(':')[0]} raised "
+                          f"{type(e).__name__}: {e}") from e
+    return module
+
+
 def _import_factory(spec: str):
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
@@ -235,13 +267,7 @@ def _import_factory(spec: str):
         path = Path(module_name)
         if not path.is_file():
             raise ConfigError(f"bad factory {spec!r}: file {module_name!r} does not exist")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(mod_spec)
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:
-            raise ConfigError(f"bad factory {spec!r}: running {module_name} raised "
-                              f"{type(e).__name__}: {e}") from e
+        module = _exec_file(path, spec)
     else:
         # the user's own package is usually in the current folder, not installed
         sys.path.insert(0, os.getcwd())
@@ -430,11 +456,124 @@ def _render_text(renderable, width: int = 160) -> str:
 
 
 def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
-    existing = [p for p in paths if p.exists()]
+    # lexists: a link counts even when it dangles (writing through it would create its target)
+    existing = [p for p in paths if os.path.lexists(p)]
     if existing and not overwrite:
         raise ConfigError(f"{existing[0]} already exists"
                           + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else "")
                           + "; pass --overwrite to replace")
+    folders = [p for p in existing if p.is_dir() and not p.is_symlink()]
+    if folders:
+        raise ConfigError(f"{folders[0]} is a folder; remove it or choose another --out")
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path) -> Iterator[None]:
+    """A file system refusal (read-only, /proc, a file where a folder should be) is bad input:
+    one line naming the path, exit 2."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"cannot write {path} ({e.strerror or e}); choose another --out") from e
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, deepest first (to undo on failure)."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    with _os_errors(missing[0] if missing else folder):
+        for f in reversed(missing):
+            f.mkdir()
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for f in folders:
+        with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
+            f.rmdir()
+
+
+def _file_destination(path: Path, overwrite: bool) -> list[Path]:
+    """Check ``--out FILE`` before the slow part: not a folder, not existing (without
+    --overwrite), its folder creatable and writable. Returns the folders it created."""
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; name a file in it")
+    _refuse_existing([path], overwrite)
+    created = _make_folders(path.parent)
+    try:
+        with _os_errors(path):
+            tempfile.TemporaryDirectory(dir=path.parent, prefix=".amp_probe_").cleanup()
+    except ConfigError:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _write_file(path: Path, text: str) -> None:
+    """Atomically (temporary file, fsync, os.replace): a link at ``path`` is replaced, not
+    followed, and a failure leaves the old file or none."""
+    from amp_compiler.onnx_export import replacing
+
+    with _os_errors(path), replacing(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+class _StagedFolder:
+    """An all-or-nothing output folder: files are written into a staging folder (``.path``) and
+    moved into ``out`` only when the block succeeds; on failure ``out`` is as it was.
+
+    A new ``out`` is the staging folder renamed (one step); into an existing folder each file is
+    ``os.replace``d (a link there is replaced, never followed). ``written`` lists the files moved.
+    """
+
+    def __init__(self, out: Path, names: Sequence[str], overwrite: bool) -> None:
+        if os.path.lexists(out) and not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a folder; give a folder path")
+        _refuse_existing([out / n for n in names], overwrite)
+        self.out, self.written = out, []
+        self._created = [] if out.is_dir() else _make_folders(out.parent)
+        # inside an existing folder (it may be a link to another file system), else beside it
+        where, prefix = (out, ".amp_staging_") if out.is_dir() else (out.parent, f".{out.name}.amp_staging_")
+        try:
+            with _os_errors(out):
+                self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+                mask = os.umask(0)
+                os.umask(mask)
+                os.chmod(self.path, 0o777 & ~mask)  # it may become ``out``: a normal folder's mode
+        except ConfigError:
+            _remove_empty(self._created)
+            raise
+
+    def __enter__(self) -> "_StagedFolder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        committed = False
+        try:
+            if exc_type is None:
+                with _os_errors(self.out):
+                    self._commit()
+                committed = True
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)  # gone already when renamed to ``out``
+            if not committed:
+                _remove_empty(self._created)
+
+    def _commit(self) -> None:
+        from amp_compiler.onnx_export import fsync_path
+
+        staged = sorted(p.name for p in self.path.iterdir())
+        for name in staged:
+            fsync_path(self.path / name)
+        if not os.path.lexists(self.out):
+            os.rename(self.path, self.out)
+        else:
+            for name in staged:
+                os.replace(self.path / name, self.out / name)
+        fsync_path(self.out)
+        self.written = [self.out / name for name in staged]
 
 
 def plan_with_casts(amp):
@@ -483,41 +622,33 @@ def _cmd_convert(args, console) -> int:
     out = Path(args.out or f"amp-{Path(loaded.name).stem}")
     if loaded.onnx_path is not None:
         return _convert_onnx_files(args, loaded, out, console)
-    files = {"plan": out / "plan.json", "report": out / "report.txt", "graph": out / "graph.py"}
-    if not args.no_onnx:
-        files["onnx"] = out / "model.onnx"
-    _refuse_existing(list(files.values()), args.overwrite)
-    amp = _convert(args, loaded)
-    out.mkdir(parents=True, exist_ok=True)
-
-    files["plan"].write_text(plan_with_casts(amp).to_json(indent=1) + "\n")
-    report = (_render_text(amp.report(print_=False))
-              + _render_text(amp.report(only="casts", print_=False)))
-    files["report"].write_text(report)
-    files["graph"].write_text(f"# {args.target}: graph rewritten by amp_compiler "
-                              f"({args.dtype}, {'training' if amp.training else 'inference'})\n"
-                              + amp.graph_module.code.lstrip("\n"))
-    notes = []
-    if "onnx" in files:
-        notes += _write_onnx(amp, loaded, files, args)
-    console.print(f"[bold]{args.target}[/] -> {out}/  ({args.dtype}, "
+    names = ["plan.json", "report.txt", "graph.py"] + ([] if args.no_onnx else ["model.onnx"])
+    # all or nothing: a failing step (the ONNX export, say) leaves no half-written folder
+    with _StagedFolder(out, names, args.overwrite) as staged:
+        amp = _convert(args, loaded)
+        (staged.path / "plan.json").write_text(plan_with_casts(amp).to_json(indent=1) + "\n")
+        report = (_render_text(amp.report(print_=False))
+                  + _render_text(amp.report(only="casts", print_=False)))
+        (staged.path / "report.txt").write_text(report)
+        (staged.path / "graph.py").write_text(
+            f"# {args.target}: graph rewritten by amp_compiler "
+            f"({args.dtype}, {'training' if amp.training else 'inference'})\n"
+            + amp.graph_module.code.lstrip("\n"))
+        notes = [] if args.no_onnx else _write_onnx(amp, loaded, staged.path / "model.onnx")
+    console.print(f"[bold]{literal(args.target)}[/] -> {literal(str(out))}/  ({args.dtype}, "
                   f"{'training' if amp.training else 'inference'})")
     console.print("  " + amp.report(print_=False).caption)
     line = _numbers_line(loaded, amp)
     if line:
-        from rich.markup import escape
-
-        console.print("  " + escape(line))
-    for key, path in files.items():
-        if path.exists():
-            console.print(f"  wrote {path}")
+        console.print("  " + literal(line))
+    for path in staged.written:
+        console.print(f"  wrote {literal(str(path))}")
     for note in notes:
-        console.print(f"  [yellow]{note}[/]")
+        console.print(f"  [yellow]{literal(note)}[/]")
     return 0
 
 
-def _write_onnx(amp, loaded: Loaded, files: dict, args) -> list[str]:
-    path = files.pop("onnx")
+def _write_onnx(amp, loaded: Loaded, path: Path) -> list[str]:
     try:
         export_onnx = _onnx_export_fn()
     except ImportError as e:
@@ -526,31 +657,29 @@ def _write_onnx(amp, loaded: Loaded, files: dict, args) -> list[str]:
         return ["model.onnx not written: ONNX export needs example inputs; pass --example-shape"]
     if amp.training:
         amp = amp.eval()  # ONNX is for inference: export the eval graph of the same plan
-    export_onnx(amp, loaded.example_inputs, str(path), overwrite=args.overwrite)
-    files["onnx"] = path
+    export_onnx(amp, loaded.example_inputs, str(path))  # into the fresh staging folder
     return []
 
 
 def _convert_onnx_files(args, loaded: Loaded, out: Path, console) -> int:
-    import onnx
-
     from amp_compiler.inspect_graph import plan_table
+    from amp_compiler.onnx_export import save_model
     from amp_compiler.passes.plan import PrecisionPlan
 
-    files = {"plan": out / "plan.json", "report": out / "report.txt", "onnx": out / "model.onnx"}
-    _refuse_existing(list(files.values()), args.overwrite)
-    conv = _convert(args, loaded)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = conv.plan
-    plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
-                         meta={**plan.meta, "casts": _onnx_cast_list(conv.model)})
-    files["plan"].write_text(plan.to_json(indent=1) + "\n")
-    files["report"].write_text(_render_text(plan_table(plan)) + _render_text(plan_table(plan, only="casts")))
-    onnx.save(conv.model, str(files["onnx"]))
-    console.print(f"[bold]{args.target}[/] -> {out}/  ({args.dtype})")
+    with _StagedFolder(out, ["plan.json", "report.txt", "model.onnx"], args.overwrite) as staged:
+        conv = _convert(args, loaded)
+        plan = conv.plan
+        plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype,
+                             device_type=plan.device_type,
+                             meta={**plan.meta, "casts": _onnx_cast_list(conv.model)})
+        (staged.path / "plan.json").write_text(plan.to_json(indent=1) + "\n")
+        (staged.path / "report.txt").write_text(_render_text(plan_table(plan))
+                                                + _render_text(plan_table(plan, only="casts")))
+        save_model(conv.model, staged.path / "model.onnx")
+    console.print(f"[bold]{literal(args.target)}[/] -> {literal(str(out))}/  ({args.dtype})")
     console.print("  " + plan_table(plan).caption)
-    for path in files.values():
-        console.print(f"  wrote {path}")
+    for path in staged.written:
+        console.print(f"  wrote {literal(str(path))}")
     return 0
 
 
@@ -565,10 +694,11 @@ def _cmd_report(args, console) -> int:
         if not path.is_file():
             raise ConfigError(f"plan file {args.target!r} does not exist")
         try:
-            plan = PrecisionPlan.from_json(path.read_text())
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(f"{args.target} is not a plan written by PrecisionPlan.to_json "
-                              f"({type(e).__name__}: {e})") from e
+            text = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read plan file {args.target!r} ({e.strerror})") from None
+        # a malformed plan is a PlanError (an AmpCompilerError) naming the place in the file
+        plan = PrecisionPlan.from_json(text, source=args.target)
         console.print(plan_table(plan, only=args.only, why=args.why))
         return 0
     loaded = load_target(args.target, size=args.size, example_shape=args.example_shape,
@@ -601,11 +731,13 @@ def _cmd_inspect(args, console) -> int:
         sys.stdout.write(text)
         return 0
     path = Path(out)
-    _refuse_existing([path], args.overwrite)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    console.print(f"wrote {path} ({args.format}, {len(text) // 1024} KB)")
+    created = _file_destination(path, args.overwrite)
+    try:
+        _write_file(path, text)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    console.print(f"wrote {literal(str(path))} ({args.format}, {len(text) // 1024} KB)")
     return 0
 
 
@@ -615,26 +747,30 @@ def _cmd_export(args, console) -> int:
     if loaded.onnx_path is not None:
         raise ConfigError(f"{args.target} is already ONNX; use `amp-compiler convert` on it")
     path = Path(args.out)
-    _refuse_existing([path], args.overwrite)
     if loaded.example_inputs is None:
         raise ConfigError("ONNX export needs example inputs: pass --example-shape (e.g. 8x784)")
     try:
         from amp_compiler.onnx_export import export_onnx
     except ImportError as e:
         raise ConfigError(f"ONNX export is not available in this install ({e})") from e
-    amp = _convert(args, loaded)
-    if amp.training:
-        amp = amp.eval()  # ONNX is for inference: the eval graph of the same plan
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(amp, loaded.example_inputs, str(path), overwrite=args.overwrite)
-    console.print(f"wrote {path} ({args.dtype}, {amp.cast_count()} casts in the torch graph)")
+    created = _file_destination(path, args.overwrite)
+    try:
+        amp = _convert(args, loaded)
+        if amp.training:
+            amp = amp.eval()  # ONNX is for inference: the eval graph of the same plan
+        with _os_errors(path):
+            export_onnx(amp, loaded.example_inputs, str(path), overwrite=args.overwrite)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    console.print(f"wrote {literal(str(path))} ({args.dtype}, {amp.cast_count()} casts in the "
+                  f"torch graph)")
     if args.verify:
         from amp_compiler.onnx_export import verify_onnx
 
         loaded.model.eval()
         result = verify_onnx(str(path), loaded.model, loaded.example_inputs)
-        console.print(f"  ONNX Runtime vs fp32: {result if result is not None else 'ok'}")
+        console.print(f"  ONNX Runtime vs fp32: {literal(result if result is not None else 'ok')}")
     return 0
 
 
@@ -685,7 +821,8 @@ def _logging(level: int) -> Iterator[None]:
 
 
 def _one_line(message: object) -> str:
-    return " ".join(str(message).split())
+    # messages quote the user's names and files: their control characters are shown, not run
+    return " ".join(visible(message).split())
 
 
 def main(argv: list[str] | None = None) -> int:

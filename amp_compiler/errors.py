@@ -32,3 +32,8 @@ class LossScalerError(AmpCompilerError):
 
 class OnnxError(AmpCompilerError):
     """ONNX export or conversion failed; the message names the node and what to do."""
+
+
+class PlanError(AmpCompilerError, ValueError):
+    """A saved plan (``PrecisionPlan.from_json``) is malformed; the message names the file, the
+    place in it (``nodes['linear'].precision``) and what is wrong there."""

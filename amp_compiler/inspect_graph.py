@@ -38,6 +38,7 @@ from rich.table import Table
 from amp_compiler.errors import ConfigError
 from amp_compiler.passes.kinds import NON_TENSOR_KINDS
 from amp_compiler.passes.plan import PrecisionPlan, dtype_name
+from amp_compiler.report import literal
 
 __all__ = ["GraphView", "ViewNode", "ViewEdge", "graph_view", "to_dot", "to_svg", "to_html",
            "to_mermaid", "render", "plan_table", "derive_casts", "FORMATS", "AUTO_COLLAPSE_NODES"]
@@ -864,13 +865,14 @@ def plan_table(plan: PrecisionPlan, *, only: str | None = None, why: str | None 
                               + (f" (did you mean {', '.join(close)}?)" if close else
                                  "; `amp-compiler report PLAN.json` lists the names"))
         d = plan[why]
-        table = Table(title=f"why {why}", box=box.SIMPLE, show_header=False)
+        table = Table(title=f"why {literal(why)}", box=box.SIMPLE, show_header=False)
         for name in ("kind", "category", "precision", "rule", "reason"):
             value = getattr(d, name)
-            table.add_row(name, dtype_name(value) if name == "precision" else str(value))
+            table.add_row(name, dtype_name(value) if name == "precision" else literal(value))
         for c in casts:
             if c.get("source") == why:
-                table.add_row("cast", f"{c['node']} -> {c['dtype']} for {', '.join(c['consumers'])}")
+                table.add_row("cast", literal(f"{c['node']} -> {c['dtype']} for "
+                                              f"{', '.join(c['consumers'])}"))
     elif only == "casts":
         if "casts" not in plan.meta:
             raise ConfigError("this plan file lists no casts (it was not written by "
@@ -880,7 +882,8 @@ def plan_table(plan: PrecisionPlan, *, only: str | None = None, why: str | None 
         for col in ("cast node", "value", "to", "consumers"):
             table.add_column(col)
         for c in casts:
-            table.add_row(c["node"], c["source"], c["dtype"], ", ".join(c["consumers"]))
+            table.add_row(literal(c["node"]), literal(c["source"]), literal(c["dtype"]),
+                          literal(", ".join(c["consumers"])))
     else:
         table = Table(title=f"precision plan ({low})", box=box.SIMPLE_HEAD)
         for col in ("node", "kind", "precision", "rule", "reason"):
@@ -895,7 +898,8 @@ def plan_table(plan: PrecisionPlan, *, only: str | None = None, why: str | None 
                 continue
             if only == "unknown" and d.category != "unknown":
                 continue
-            table.add_row(name, d.kind, f"[{_PRECISION_STYLE.get(p, 'white')}]{p}[/]", d.rule, d.reason)
+            table.add_row(literal(name), literal(d.kind), f"[{_PRECISION_STYLE.get(p, 'white')}]{p}[/]",
+                          literal(d.rule), literal(d.reason))
     c = plan.counts()
     caption = f"{c['low']} nodes {low}, {c['fp32']} fp32, {c['unknown']} unknown ops"
     if "casts" in plan.meta:

@@ -152,6 +152,23 @@ def load_model(model_or_path) -> onnx.ModelProto:
                       f"{type(model_or_path).__name__}")
 
 
+def check_source(model_or_path, model: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """Blame the file, not the conversion: a model that fails ``onnx.checker`` as given (IR
+    version, initializers, node order, unknown ops; with ``full_check`` also strict shape
+    inference) raises an OnnxError saying so, with the checker's message."""
+    is_path = isinstance(model_or_path, (str, os.PathLike))
+    try:
+        # a path is checked as a path: the checker then reads external data and > 2 GB models
+        onnx.checker.check_model(os.fspath(model_or_path) if is_path else model,
+                                 full_check=full_check)
+    except Exception as exc:  # noqa: BLE001 -- ValidationError, or shape inference's errors
+        what = f"'{os.fspath(model_or_path)}'" if is_path else "the model given"
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise OnnxError(f"{what} is not a valid ONNX model: onnx.checker says "
+                        f"{' '.join(lines)[:500]!r}. The file itself is invalid (nothing was "
+                        f"converted): fix or re-export it, then convert again") from exc
+
+
 def opset_of(model: onnx.ModelProto, domain: str = "") -> int | None:
     for o in model.opset_import:
         if o.domain == domain or (domain == "" and o.domain == "ai.onnx"):
@@ -508,7 +525,9 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     low = resolve_dtype(dtype)
     if out is not None:
         check_destination(out, overwrite)  # fail before the work, not after
-    model = prepare(load_model(model_or_path))
+    source = load_model(model_or_path)
+    check_source(model_or_path, source)
+    model = prepare(source)
     if opset_of(model) is None:
         raise OnnxError("the model imports no default-domain opset; it is not a standard ONNX model")
     # 1. describe it IR-neutrally: the same DataflowGraph the FX front end builds
@@ -535,6 +554,8 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     try:
         onnx.checker.check_model(converted, full_check=True)
     except Exception as exc:  # noqa: BLE001
+        # the same full check on the file as given: if it fails there too, the file is at fault
+        check_source(model_or_path, source, full_check=True)
         raise OnnxError(f"the converted model fails onnx.checker: {exc}. Keep the op named there "
                         f"in fp32 (keep_fp32=['node:<name>']) and report the model") from exc
     if out is not None:

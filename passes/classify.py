@@ -68,10 +68,21 @@ def classify(graph: DataflowGraph, policy: Policy, *, keep_fp32: Iterable = (),
                           _resolve(graph, force_low, "force_low"), no_kernel)
 
 
-def override_entries(entries) -> tuple:
+def override_entries(entries, arg: str = "keep_fp32 or force_low") -> tuple:
     """``keep_fp32`` / ``force_low`` as a tuple: one string or class alone counts as one entry
-    (``keep_fp32="softmax"`` is not five letters)."""
-    return (entries,) if isinstance(entries, (str, type)) else tuple(entries)
+    (``keep_fp32="softmax"`` is not five letters); None or a non-iterable is a ConfigError."""
+    if isinstance(entries, (str, type)):
+        return (entries,)
+    # None is refused rather than read as "none": () says that, and a None often stands for a
+    # config value that was never filled in
+    try:
+        if entries is None or isinstance(entries, (bytes, bytearray)):
+            raise TypeError
+        return tuple(entries)
+    except TypeError:
+        raise ConfigError(f"{arg} got {entries!r}: pass a list of op kinds ('softmax'), "
+                          f"module-path globs ('blocks.*.ln1'), node names or nn.Module classes, "
+                          f"or () for none") from None
 
 
 def _entry_text(entry) -> str:

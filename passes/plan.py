@@ -12,11 +12,14 @@ dtype it computes in, the numbered rule that decided it, and one human sentence.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from types import MappingProxyType
 from typing import Iterator, Mapping
 
 import torch
+
+from .policy import CATEGORIES
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
@@ -94,14 +97,213 @@ class PrecisionPlan(Mapping[str, Decision]):
                            "nodes": nodes}, **dump_kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "PrecisionPlan":
-        data = json.loads(text)
-        to_dtype = lambda s: None if s == "-" else getattr(torch, s)  # noqa: E731
-        decisions = {n: Decision(**{**d, "precision": to_dtype(d["precision"])})
-                     for n, d in data["nodes"].items()}
-        return cls(decisions, low_dtype=to_dtype(data["low_dtype"]),
-                   device_type=data["device_type"], meta=data.get("meta"))
+    def from_json(cls, text: str | bytes, *, source: str = "plan") -> "PrecisionPlan":
+        """Read back what ``to_json`` wrote; anything else raises ``PlanError`` naming the place
+        (``source`` is the file name used in messages, e.g. ``"out/plan.json"``).
+
+        A plan is trusted to drive casts, so only what the project itself writes is accepted:
+        the format tag, the five decision fields as strings, a low dtype of float16/bfloat16,
+        and per node a precision its rule can produce (see ``_check_precision``).
+        """
+        data = _load_bounded(text, source)
+        return _plan_from_data(cls, data, source)
 
 
 def _restore_plan(decisions, low_dtype, device_type, meta) -> PrecisionPlan:
     return PrecisionPlan(decisions, low_dtype=low_dtype, device_type=device_type, meta=meta)
+
+
+# -- reading saved plans: bounded and validated --------------------------------------------------
+
+PLAN_FORMAT = "amp_compiler.plan/1"
+# A GPT-2-sized plan with its cast list is well under 1 MB; these bounds only stop files that
+# would take minutes or gigabytes to read (and json's recursive parser from overflowing).
+MAX_PLAN_CHARS = 64 * 2**20
+MAX_PLAN_NODES = 1_000_000
+MAX_PLAN_DEPTH = 16   # what to_json writes nests 5 deep (meta -> casts -> cast -> consumers)
+
+_TOP_KEYS = ("format", "low_dtype", "device_type", "meta", "nodes")
+_DECISION_FIELDS = ("kind", "category", "precision", "rule", "reason")
+_LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# the policy categories plus the bookkeeping ones classify gives sources and non-float values
+_BOOKKEEPING = ("input", "param", "const", "output", "non_float", "factory", "cast")
+_CATEGORIES = frozenset(CATEGORIES) | frozenset(_BOOKKEEPING)
+# every torch dtype by its printed name ("float16", "int8", "float8_e4m3fn", ...): a parameter or
+# buffer may be stored in any of them, and the plan records what it is stored as (rule R0)
+_TORCH_DTYPES = {dtype_name(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_RULE = re.compile(r"[A-Z][0-9]+:[A-Za-z0-9_-]+\Z")
+# known meta entries and their JSON types (others are kept as the user stored them)
+_META_TYPES = {"casts": list, "rewrite_attention": bool, "capture": str, "tolerance": dict,
+               "range_findings": list, "rewrites": list, "graph": int, "graphs": int,
+               "source": str, "opset": int, "keep_io_types": bool}
+_CAST_FIELDS = {"node": str, "source": str, "dtype": str, "consumers": list, "is_param": bool}
+
+
+def _fail(source: str, where: str, problem: str) -> "PlanError":
+    from amp_compiler.errors import PlanError
+
+    return PlanError(f"{source}: {where}: {problem}" if where else f"{source}: {problem}")
+
+
+def _nesting_depth(text: str) -> tuple[int, int]:
+    """Deepest bracket nesting outside strings and where it is, in one linear pass with no
+    recursion (json.loads recurses once per level and would hit RecursionError first)."""
+    depth = deepest = where = 0
+    in_string = False
+    # escape pairs are consumed whole, so an escaped quote never toggles the string state
+    for m in re.finditer(r'\\.|["\[\]{}]', text, re.S):
+        tok = m.group()
+        if tok == '"':
+            in_string = not in_string
+        elif in_string or len(tok) == 2:
+            continue
+        elif tok in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, where = depth, m.start()
+                if deepest > MAX_PLAN_DEPTH:
+                    break
+        else:
+            depth -= 1
+    return deepest, where
+
+
+def _load_bounded(text, source: str):
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _fail(source, "", f"not UTF-8 text ({e}); a plan is the JSON "
+                                    f"PrecisionPlan.to_json writes") from None
+    if not isinstance(text, str):
+        raise _fail(source, "", f"expected the JSON text of a plan, got {type(text).__name__}")
+    if len(text) > MAX_PLAN_CHARS:
+        raise _fail(source, "", f"{len(text)} characters is over the {MAX_PLAN_CHARS} a plan may "
+                                f"have; this is not a plan written by PrecisionPlan.to_json")
+    depth, where = _nesting_depth(text)
+    if depth > MAX_PLAN_DEPTH:
+        raise _fail(source, "", f"nested more than {MAX_PLAN_DEPTH} levels deep (at character "
+                                f"{where}); this is not a plan written by PrecisionPlan.to_json")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, stray surrogates
+        raise _fail(source, "", f"not valid JSON ({e})") from None
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _want(source: str, where: str, value, kind: type, what: str):
+    # bool is an int subclass in Python, but not a JSON number
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _fail(source, where, f"expected {what}, got {type(value).__name__} {_show(value)}")
+    return value
+
+
+def _plan_from_data(cls, data, source: str) -> PrecisionPlan:
+    _want(source, "", data, dict, "a JSON object (not a plan written by PrecisionPlan.to_json)")
+    missing = [k for k in _TOP_KEYS if k not in data]
+    extra = [k for k in data if k not in _TOP_KEYS]
+    if data.get("format") != PLAN_FORMAT or missing or extra:
+        problem = (f"'format' is {_show(data['format'])}, not {PLAN_FORMAT!r}" if "format" in data
+                   and data["format"] != PLAN_FORMAT else
+                   f"missing {', '.join(map(repr, missing))}" if missing else
+                   f"unknown key{'s' * (len(extra) > 1)} {', '.join(map(_show, extra))}")
+        raise _fail(source, "", f"not a plan written by PrecisionPlan.to_json ({problem}; it "
+                                f"writes exactly {', '.join(_TOP_KEYS)})")
+    low_name = data["low_dtype"]
+    if not isinstance(low_name, str) or low_name not in _LOW_DTYPES:
+        raise _fail(source, "low_dtype", f"{_show(low_name)} is not float16 or bfloat16")
+    low = _LOW_DTYPES[low_name]
+    device_type = _want(source, "device_type", data["device_type"], str, "a device type string")
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", device_type):
+        raise _fail(source, "device_type", f"{_show(device_type)} is not a device type "
+                                           f"(cpu, cuda, ...)")
+    meta = _check_meta(source, _want(source, "meta", data["meta"], dict, "a JSON object"))
+    nodes = _want(source, "nodes", data["nodes"], dict, "a JSON object of node name -> decision")
+    if len(nodes) > MAX_PLAN_NODES:
+        raise _fail(source, "nodes", f"{len(nodes)} nodes is over the {MAX_PLAN_NODES} a plan "
+                                     f"may have")
+    decisions = {name: _decision(source, f"nodes[{_show(name)}]", d, low)
+                 for name, d in nodes.items()}
+    return cls(decisions, low_dtype=low, device_type=device_type, meta=meta)
+
+
+def _decision(source: str, where: str, d, low: torch.dtype) -> Decision:
+    _want(source, where, d, dict, f"an object with {', '.join(_DECISION_FIELDS)}")
+    missing = [k for k in _DECISION_FIELDS if k not in d]
+    extra = [k for k in d if k not in _DECISION_FIELDS]
+    if missing or extra:
+        problem = (f"missing {', '.join(map(repr, missing))}" if missing
+                   else f"unknown key{'s' * (len(extra) > 1)} {', '.join(map(_show, extra))}")
+        raise _fail(source, where, f"{problem} (a decision has exactly "
+                                   f"{', '.join(_DECISION_FIELDS)})")
+    for k in _DECISION_FIELDS:
+        _want(source, f"{where}.{k}", d[k], str, "a string")
+    if d["category"] not in _CATEGORIES:
+        raise _fail(source, f"{where}.category", f"{_show(d['category'])} is not one of "
+                                                 f"{', '.join(sorted(_CATEGORIES))}")
+    if not _RULE.match(d["rule"]):
+        raise _fail(source, f"{where}.rule", f"{_show(d['rule'])} is not a rule id like "
+                                             f"'R1:allow'")
+    precision = _check_precision(source, where, d, low)
+    return Decision(d["kind"], d["category"], precision, d["rule"], d["reason"])
+
+
+def _check_precision(source: str, where: str, d: dict, low: torch.dtype) -> torch.dtype | None:
+    """The precisions each rule writes (propagate's R0 keeps a value's own dtype; every other
+    rule chooses between the low dtype and fp32):
+
+    - ``R0:source`` (inputs, parameters, buffers): any torch dtype they are stored in, or none;
+    - ``R0:factory`` / ``R0:passthrough``: the floating dtype they produce or forward, or none;
+    - ``R0:float64``: float64 (float64 models stay float64, as under autocast);
+    - ``R0:output`` / ``R0:non-float`` / ``R0:user-cast``: none;
+    - any other rule: the plan's low dtype, float32, or none.
+    """
+    text, rule, category = d["precision"], d["rule"], d["category"]
+    place = f"{where}.precision"
+    got = None if text == "-" else _TORCH_DTYPES.get(text)
+    if got is None and text != "-":
+        raise _fail(source, place, f"{_show(text)} is not a torch dtype name (float16, float32, "
+                                   f"...) or '-'")
+    if rule == "R0:source":
+        if category not in ("input", "param", "const"):
+            raise _fail(source, f"{where}.rule", f"R0:source is for inputs, parameters and "
+                                                 f"buffers, not category {category!r}")
+        return got
+    if rule in ("R0:factory", "R0:passthrough"):
+        if got is not None and not got.is_floating_point:
+            raise _fail(source, place, f"{text!r} under {rule} is not a floating dtype or '-'")
+        return got
+    if rule == "R0:float64":
+        allowed = (torch.float64,)
+    elif rule in ("R0:output", "R0:non-float", "R0:user-cast"):
+        allowed = ()
+    elif rule.startswith("R0:"):
+        raise _fail(source, f"{where}.rule", f"{rule!r} is not a rule this version writes")
+    else:
+        allowed = (low, torch.float32)
+    if got is not None and got not in allowed:
+        names = [dtype_name(a) for a in allowed] + ["'-'"]
+        choice = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise _fail(source, place, f"{text!r} is not {choice}"
+                                   + (f" (rule {rule})" if rule.startswith("R0:") else ""))
+    return got
+
+
+def _check_meta(source: str, meta: dict) -> dict:
+    for key, kind in _META_TYPES.items():
+        if key in meta:
+            _want(source, f"meta[{key!r}]", meta[key], kind, f"a JSON {kind.__name__}")
+    for i, cast in enumerate(meta.get("casts", ())):
+        where = f"meta['casts'][{i}]"
+        _want(source, where, cast, dict, f"an object with {', '.join(_CAST_FIELDS)}")
+        for key, kind in _CAST_FIELDS.items():
+            if key not in cast:
+                raise _fail(source, where, f"missing {key!r}")
+            _want(source, f"{where}.{key}", cast[key], kind, f"a JSON {kind.__name__}")
+        for j, c in enumerate(cast["consumers"]):
+            _want(source, f"{where}.consumers[{j}]", c, str, "a node name")
+    return meta

@@ -363,9 +363,53 @@ def collect_ranges(gm: fx.GraphModule, calibration: Iterable[tuple], *,
     graph = graph if graph is not None else build_dataflow(gm)
     recorder = _RangeRecorder(gm, graph, low_dtypes)
     with torch.no_grad():
-        for batch in batches:
-            recorder.run(*batch)
+        for i, batch in enumerate(batches):
+            _check_batch_shapes(gm, i, batch)
+            try:
+                recorder.run(*batch)
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- the graph ran on the example inputs
+                raise ConfigError(f"calibration batch {i} does not run through the model "
+                                  f"({_first_line(exc)}); each batch must be an input tuple the "
+                                  f"model accepts, like example_inputs "
+                                  f"({_shapes(batch)} given)") from exc
     return recorder.ranges()
+
+
+def _first_line(exc: BaseException) -> str:
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {line}"[:300]
+
+
+def _shapes(batch: tuple) -> str:
+    return ", ".join(f"{tuple(x.shape)} {dtype_name(x.dtype)}" if isinstance(x, torch.Tensor)
+                     else type(x).__name__ for x in batch) or "no inputs"
+
+
+def _check_batch_shapes(gm: fx.GraphModule, i: int, batch: tuple) -> None:
+    """Against the shapes torch.export recorded for each input: fixed sizes must match (symbolic
+    ones, such as the batch dimension, may differ). fx graphs record none; running them says."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(batch) > len(placeholders):  # the graph would silently ignore the rest
+        raise ConfigError(f"calibration batch {i} has {len(batch)} inputs; the captured model "
+                          f"takes {len(placeholders)} "
+                          f"({', '.join(n.name for n in placeholders) or 'none'}), like "
+                          f"example_inputs")
+    for j, (node, x) in enumerate(zip(placeholders, batch)):
+        want = node.meta.get("val")
+        if not isinstance(want, torch.Tensor):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"calibration batch {i}, input {j} ({node.name}) is a "
+                              f"{type(x).__name__}; the model takes a tensor there, like "
+                              f"example_inputs")
+        fixed = [d if isinstance(d, int) else None for d in want.shape]
+        if x.dim() != len(fixed) or any(f is not None and f != n for f, n in zip(fixed, x.shape)):
+            spec = "(" + ", ".join("*" if f is None else str(f) for f in fixed) + ")"
+            raise ConfigError(f"calibration batch {i}, input {j} ({node.name}) has shape "
+                              f"{tuple(x.shape)}; the captured model takes {spec} (* may vary): "
+                              f"give batches shaped like example_inputs")
 
 
 # -- rules D1-D4 --------------------------------------------------------------------------------
