@@ -189,7 +189,9 @@ class DynamoAmpModule(nn.Module):
         self.folded = False
         self.source = "dynamo"
         self._scaler = scaler
-        self._compiled = torch.compile(model, backend=be, dynamic=dynamic)
+        # not a registered submodule: its parameters are the model's, listed once, under the
+        # model's own names
+        object.__setattr__(self, "_compiled", torch.compile(model, backend=be, dynamic=dynamic))
         self.training = training
 
     @property
@@ -220,6 +222,13 @@ class DynamoAmpModule(nn.Module):
         from amp_compiler.report import render_report
 
         return render_report(self, only=only, why=why, print_=print_)
+
+    def state_dict(self, *args, **kwargs):
+        """The user model's own state dict (its keys load into the model, and back)."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def train(self, mode: bool = True) -> "DynamoAmpModule":
         # only this module's flag: the user's model is switched for the duration of a call

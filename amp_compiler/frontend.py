@@ -331,6 +331,17 @@ def _meta_dtype(node: fx.Node):
     return None, None, val is not None
 
 
+def _holds_sizes(node: fx.Node) -> bool:
+    """The recorded value is integers only: a SymInt, an int, or a tuple/Size of them (dynamo
+    and export record size arithmetic such as ``b * (h // 4)`` as nodes)."""
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(val, (torch.SymInt, int, torch.SymBool, bool)) and not isinstance(val, torch.Tensor):
+        return True
+    if isinstance(val, (tuple, list, torch.Size)) and val:
+        return all(isinstance(v, (torch.SymInt, int)) and not isinstance(v, bool) for v in val)
+    return False
+
+
 # Submodule names torch.export invents (guard checks, metadata hooks): no module of the user's,
 # so their nodes belong to the root in reports and overrides.
 _EXPORT_INTERNAL_PATHS = frozenset({"_guards_fn", "_empty_nn_module_stack_from_metadata_hook"})
@@ -434,7 +445,9 @@ def build_dataflow(gm: fx.GraphModule, *, roles: dict[str, str] | None = None) -
         elif node.name in roles:
             role = kind = roles[node.name]
         fl = dtype.is_floating_point if dtype is not None else None
-        if kind in NON_FLOAT:  # shapes (SymInt), comparisons, indices: never a floating value
+        if kind in NON_FLOAT or _holds_sizes(node):
+            # shapes (SymInt, torch.Size: a window size computed from x.shape), comparisons,
+            # indices: never a floating value, never cast
             fl = False
         if fl is None and not has_meta:
             fl = _guess_float(node, kind, is_float)

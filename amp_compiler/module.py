@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from amp_compiler.errors import AmpCompilerError
-from amp_compiler.shapes import explain_shape_error
+from amp_compiler.shapes import explain_inputs_error, explain_shape_error
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.insert_casts import CastRecord
 from amp_compiler.passes.plan import PrecisionPlan
@@ -70,12 +70,12 @@ class AmpModule(nn.Module):
             m.training = self.training
         try:
             return self.graph_module(*args, **kwargs)
-        except (AssertionError, RuntimeError) as exc:
-            # torch.export's input checks: name the input and dimension, and the option
-            shape_error = explain_shape_error(exc)
-            if shape_error is None:
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            # torch.export's input checks: name the input, dimension or keyword, and the option
+            ours = explain_shape_error(exc) or explain_inputs_error(exc)
+            if ours is None:
                 raise
-            raise shape_error from exc
+            raise ours from exc
         finally:
             for m, mode in zip(self._mode_leaves, modes):
                 m.training = mode

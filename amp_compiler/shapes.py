@@ -104,7 +104,9 @@ def static_dims(gm: fx.GraphModule) -> dict[str, dict[int, int]]:
             continue
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            dims = {i: int(s) for i, s in enumerate(val.shape) if not isinstance(s, torch.SymInt)}
+            # export records fixed dimensions as SymInts whose expression is a number
+            dims = {i: int(s) for i, s in enumerate(val.shape)
+                    if not isinstance(s, torch.SymInt) or s.node.expr.is_number}
             if dims:
                 fixed[node.name] = dims
     return fixed
@@ -114,6 +116,32 @@ def static_dims(gm: fx.GraphModule) -> dict[str, dict[int, int]]:
 # "Expected input at *args[0].shape[1] to be equal to 16, but got 24" (earlier releases)
 _GUARD = re.compile(r"Guard failed: (?P<name>[\w\[\]'\".]+)\.size\(\)\[(?P<dim>\d+)\]\s*(?P<rel>==|<=|>=|<|>|!=)\s*(?P<size>\d+)")
 _EXPECTED = re.compile(r"Expected input at (?P<name>\S+)\.shape\[(?P<dim>\d+)\] to be equal to (?P<size>\d+), but got (?P<got>\d+)")
+
+
+class InputsError(AmpCompilerError, TypeError):
+    """The converted model was called with other inputs (keywords) than it was captured with."""
+
+
+_KWARGS = re.compile(r"Got the following keywords \[(?P<got>[^\]]*)\] but expected \[(?P<want>[^\]]*)\]")
+
+
+def explain_inputs_error(exc: BaseException) -> InputsError | None:
+    """An InputsError naming the keywords a call lacks or adds, for torch.export's pytree check."""
+    m = _KWARGS.search(str(exc))
+    if m is None:
+        return None
+    got = {k.strip(" '\"") for k in m.group("got").split(",") if k.strip()}
+    want = {k.strip(" '\"") for k in m.group("want").split(",") if k.strip()}
+    parts = []
+    if want - got:
+        parts.append(f"missing {sorted(want - got)}")
+    if got - want:
+        parts.append(f"not captured {sorted(got - want)}")
+    return InputsError(
+        f"the converted model takes the inputs it was captured with: keywords {sorted(want)} "
+        f"({'; '.join(parts)}). torch.export captures one signature: convert with the inputs "
+        f"you will call it with (example_kwargs=batch, as amp(**batch) will be called), convert "
+        f"once per signature, or capture='dynamo', which recompiles per signature")
 
 
 def explain_shape_error(exc: BaseException) -> ShapeError | None:

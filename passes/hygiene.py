@@ -17,8 +17,10 @@ still cost a kernel launch and a node on every call. Rules:
         size computations whose result was specialised), side-effecting nodes and submodule
         calls kept;
     H5  a ``cat`` drops operands with a static size of 0 (transformers' empty key/value cache
-        concatenated with the new keys: a copy of K and V per layer, and an fp32 empty tensor
-        would promote fp16 keys to fp32); one operand left is the result itself.
+        concatenated with the new keys: a copy of K and V per layer) when the result's dtype,
+        as captured, is the promotion of the operands that remain; one operand left is the
+        result itself. (At capture the empty cache has the keys' fp32 dtype; the low keys of
+        the converted graph then stay low instead of being promoted back by it.)
 
 Each removal is a ``Remark``; ``convert`` keeps them in ``plan.meta["rewrites"]``.
 
@@ -28,6 +30,8 @@ Each removal is a ``Remark``; ``convert`` keeps them in ``plan.meta["rewrites"]`
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.fx as fx
@@ -131,7 +135,9 @@ def _drop_empty_operands(node: fx.Node) -> bool:
             not isinstance(t, fx.Node) or not isinstance(t.meta.get("val"), torch.Tensor)
             or t.meta["val"].dim() != out.dim() for t in kept):
         return False
-    if len(kept) == 1 and kept[0].meta["val"].dtype == out.dtype:
+    if functools.reduce(torch.promote_types, [t.meta["val"].dtype for t in kept]) != out.dtype:
+        return False  # the empty operand decides the result's dtype (cat promotes): keep it
+    if len(kept) == 1:
         node.replace_all_uses_with(kept[0])
         node.graph.erase_node(node)
         return True

@@ -112,7 +112,6 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
     if model_dtype is None:
         model_dtype = model_float_dtype(gm)
     fxg = gm.graph
-    nodes = {n.name: n for n in fxg.nodes}
     runtime_dtype: dict[str, torch.dtype | None] = {}
     cache: dict[tuple, fx.Node] = {}
     users: dict[fx.Node, list[str]] = {}

@@ -7,7 +7,10 @@ Every vertex ends with a precision and the number of the rule that set it:
         (``getitem``) keep their producer's dtype.
     R1  ``allow`` ops are low precision.
     R2  ``deny`` ops are fp32, and fp32 spreads forward from them through ``infer``/``clear``
-        ops (an elementwise op fed by ``exp`` would otherwise undo its protection).
+        ops (an elementwise op fed by ``exp`` would otherwise undo its protection) -- but not
+        from a 0-dim value into an op that also reads a dimensioned one (``k / sqrt(d)`` with
+        the square root computed as a tensor): torch's type promotion would not make that op
+        fp32 either (autocast runs it in the low dtype).
     R3  ``infer``/``clear`` ops on a path between two low-precision ops (through infer, clear
         and fp32_acc ops) are low: casting them back up would only add casts -- unless one of
         their inputs is a real fp32 value (``R3:fp32-input``): then, as autocast's type
@@ -132,15 +135,21 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
         for c in graph.consumers(n):
             if c in decided or c in paint or cat.get(c) not in ("infer", "clear"):
                 continue
+            if type_promotion and graph.vertex(n).shape == () and any(
+                    graph.vertex(q).shape != () for q in graph.float_inputs(c) if q != n):
+                continue  # a 0-dim fp32 scale does not promote its dimensioned partner
             paint[c] = (FP32, "R2:deny-spread", f"fed (through elementwise/movement ops) by fp32-required node '{origin}'")
             queue.append((c, origin))
 
     allow_nodes = [n for n, p in paint.items() if p[0] == low]
     free = {n for n in open_ if n not in paint and cat[n] in _TRAVERSABLE}
+    # the pieces of a split/chunk (getitem, R0:passthrough) are transparent to the reach: a
+    # gated MLP's ``gate, up = linear(x).chunk(2)`` then ``silu(gate) * up`` is between low ops
+    through = {n for n, d in decided.items() if d.rule == "R0:passthrough"}
 
     # R3 -- infer/clear between two low ops, unless an input is a real fp32 value
-    down = _reach(graph, allow_nodes, free, forward=True)
-    up = _reach(graph, allow_nodes, free, forward=False)
+    down = _reach(graph, allow_nodes, free, forward=True, through=through)
+    up = _reach(graph, allow_nodes, free, forward=False, through=through)
     between = {n for n in down & up if cat[n] in ("infer", "clear")}
     exact = _exact_values(graph, cat)
 
@@ -166,6 +175,11 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
         return (type_promotion and graph.vertex(p).shape == ()
                 and any(graph.vertex(q).shape != () for q in graph.float_inputs(n) if q != p))
 
+    def _unpacks_low(p: str) -> bool:
+        # a piece of a split whose source is low (or between low ops) is low itself
+        return p in through and all(q in between or (q in paint and paint[q][0] == low)
+                                    for q in graph.producers(p))
+
     changed = True
     while changed:
         changed = False
@@ -173,7 +187,8 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
             blocker = next((p for p in graph.data_inputs(n) + _promoting_state(n)
                             if p not in between and p not in exact
                             and not (p in paint and paint[p][0] == low)
-                            and not _acc_low(p) and not _zero_dim_beside_tensors(n, p)), None)
+                            and not _acc_low(p) and not _zero_dim_beside_tensors(n, p)
+                            and not _unpacks_low(p)), None)
             if blocker is not None:
                 between.discard(n)
                 changed = True
@@ -250,18 +265,23 @@ def _exact_values(graph: DataflowGraph, cat: dict[str, str]) -> set[str]:
     return exact
 
 
-def _reach(graph: DataflowGraph, seeds, allowed: set[str], *, forward: bool) -> set[str]:
-    """Vertices in ``allowed`` reachable from ``seeds`` through ``allowed`` vertices only."""
+def _reach(graph: DataflowGraph, seeds, allowed: set[str], *, forward: bool,
+           through: set[str] = frozenset()) -> set[str]:
+    """Vertices in ``allowed`` reachable from ``seeds`` through ``allowed`` vertices only;
+    ``through`` vertices (unpacking ``getitem``s) are crossed but not returned."""
     seen: set[str] = set()
     queue = deque(seeds)
     while queue:
         n = queue.popleft()
-        nxt = graph.float_consumers(n) if forward else list(graph.float_inputs(n))
+        if forward:
+            nxt = graph.float_consumers(n) + [c for c in graph.consumers(n) if c in through]
+        else:
+            nxt = list(graph.float_inputs(n)) + (graph.producers(n) if n in through else [])
         for m in nxt:
-            if m in allowed and m not in seen:
+            if (m in allowed or m in through) and m not in seen:
                 seen.add(m)
                 queue.append(m)
-    return seen
+    return seen - set(through)
 
 
 def _neighbours_low(graph, n, paint, tentative, decided, low) -> bool:

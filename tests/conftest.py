@@ -72,6 +72,18 @@ def autocast_error_or_skip(ours: float, fn: Callable[[], torch.Tensor], dtype: t
                     f"{FP32_BOUND_EPS} eps = {bound:.2e}")
 
 
+def assert_within_autocast(model: nn.Module, amp, *inputs, dtype: torch.dtype,
+                           floor_eps: float = 2) -> float:
+    """amp's error against fp32 on ``inputs`` is at most 1.1x torch.autocast's (the design's
+    target), or ``floor_eps`` machine epsilons where both are at rounding level. Returns it."""
+    with torch.no_grad():
+        ref, out = model(*inputs), amp(*inputs)
+    ours = rel_err(out, ref)
+    theirs = autocast_error_or_skip(ours, lambda: model(*inputs), dtype, ref)
+    assert ours <= max(1.1 * theirs, floor_eps * EPS[dtype]), (ours, theirs)
+    return ours
+
+
 def convert_via(frontend: str, model: nn.Module, inputs: tuple, **kw):
     """``convert()`` through one front end: torch.export with ``inputs``, fx tracing without."""
     return ac.convert(model, inputs if frontend == "export" else None, **kw)
