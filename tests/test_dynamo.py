@@ -311,3 +311,55 @@ def test_deberta_v2_with_labels_trains_in_fp16_through_the_fallback(caplog):
     assert {n.split(".", 1)[0] for n in plan} == {f"g{i}" for i in range(len(amp.graphs))}
     assert any(d.kind == "linear" and d.precision == torch.float16 for d in plan.values())
     model.zero_grad(set_to_none=True)
+
+
+def _wav2vec2():
+    transformers = pytest.importorskip("transformers", reason="needs `pip install transformers`")
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    return transformers.Wav2Vec2ForCTC(cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_wav2vec2_ctc_with_labels_through_the_fallback(dtype):
+    """CTC's `labels.max() >= vocab_size` check stops torch.export; dynamo captures around it.
+    Eval mode (the CTC loss and the logits, against fp32 and autocast), then a training step
+    whose loss is finite (train mode masks time steps at random: SpecAugment, the default)."""
+    model = _wav2vec2().eval()
+    g = torch.Generator().manual_seed(3)
+    batch = {"input_values": torch.randn(2, 4000, generator=g),
+             "labels": torch.randint(1, 32, (2, 10), generator=g)}
+    amp = ac.convert(model, example_kwargs=batch, dtype=dtype)
+    assert isinstance(amp, DynamoAmpModule)
+    other = {"input_values": torch.randn(3, 5000, generator=g),
+             "labels": torch.randint(1, 32, (3, 12), generator=g)}  # another batch and length
+    with torch.no_grad():
+        ref, out = model(**other), amp(**other)
+    ours = rel_err(out.logits, ref.logits)
+    theirs = autocast_error_or_skip(ours, lambda: model(**other).logits, dtype, ref.logits)
+    assert ours <= max(1.1 * theirs, 2 * EPS[dtype]), (ours, theirs)
+    assert rel_err(out.loss, ref.loss) <= max(1.1 * theirs, 2 * EPS[dtype])
+    assert any(d.kind == "conv" and d.precision == dtype for d in amp.plan.values())
+
+    tamp = ac.convert(model, example_kwargs=batch, dtype=dtype, training=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model stays as it was
+    # CTC sums over time: fp16's first scale (2**16) overflows, GradScaler-style skips halve it
+    for _ in range(24):
+        opt.zero_grad(set_to_none=True)
+        loss = tamp(**batch).loss
+        assert torch.isfinite(loss)
+        if tamp.scaler is None:
+            loss.backward()
+            break
+        tamp.scaler.scale(loss).backward()
+        tamp.scaler.unscale_(opt)
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        tamp.scaler.step(opt)
+        tamp.scaler.update()
+        if finite:
+            break
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert not model.training
