@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Iterable
 
@@ -311,4 +312,17 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
                      training=training, folded=fold, scaler=scaler, source=source,
                      # a folded module never switches mode: holding no rebuild closure lets the
                      # user's fp32 weights be freed once they drop the original model
-                     rebuild=None if fold else rebuild, mode_leaves=mode_leaves)
+                     rebuild=None if fold else rebuild, mode_leaves=mode_leaves,
+                     call_spec=call_spec(model, example_inputs, example_kwargs))
+
+
+def call_spec(model: nn.Module, example_inputs, example_kwargs):
+    """How the capture was called (forward's signature, how many positional inputs, which
+    keywords): a call spelling the same inputs another way is re-bound to it."""
+    if example_inputs is None and example_kwargs is None:
+        return None
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    return signature, len(example_inputs or ()), tuple(example_kwargs or ())

@@ -32,8 +32,9 @@ class AmpModule(nn.Module):
                  dataflow: DataflowGraph, casts: list[CastRecord], low_dtype: torch.dtype,
                  training: bool, folded: bool, scaler=None, source: str = "fx",
                  rebuild: Callable[[bool], "AmpModule"] | None = None,
-                 mode_leaves: list[nn.Module] = ()) -> None:
+                 mode_leaves: list[nn.Module] = (), call_spec=None) -> None:
         super().__init__()
+        self._call_spec = call_spec
         self._mode_leaves = list(mode_leaves)
         self.graph_module = graph_module
         self._plan = plan
@@ -75,10 +76,29 @@ class AmpModule(nn.Module):
             ours = explain_shape_error(exc) or explain_inputs_error(exc)
             if ours is None:
                 raise
-            raise ours from exc
+            rebound = self._rebind(args, kwargs) if explain_inputs_error(exc) else None
+            if rebound is None:
+                raise ours from exc
+            return self.graph_module(*rebound[0], **rebound[1])
         finally:
             for m, mode in zip(self._mode_leaves, modes):
                 m.training = mode
+
+    def _rebind(self, args: tuple, kwargs: dict):
+        """The call's inputs spelled as the capture was called (``amp(x=...)`` for a model
+        captured with ``example_inputs=(x,)``, as Trainer-style ``amp(**batch)`` calls do), or
+        None when they are not the same inputs."""
+        if self._call_spec is None:
+            return None
+        signature, n_args, keywords = self._call_spec
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        names = list(signature.parameters)[:n_args]
+        if set(bound.arguments) != set(names) | set(keywords):
+            return None
+        return tuple(bound.arguments[n] for n in names), {k: bound.arguments[k] for k in keywords}
 
     def report(self, *, only: str | None = None, why: str | None = None, print_: bool = True):
         """Print (and return) a table of every node's precision and reason, plus totals.

@@ -23,7 +23,7 @@ from torch import nn
 from torch.export import Dim
 
 import amp_compiler as ac
-from amp_compiler.shapes import (ShapeError, default_dynamic_shapes, explain_shape_error,
+from amp_compiler.shapes import (InputsError, ShapeError, default_dynamic_shapes, explain_shape_error,
                                  static_dims, widen_batch)
 from conftest import EPS, rel_err
 
@@ -276,6 +276,31 @@ def test_missing_keyword_error_names_it():
     # as clear as the model's own error: a TypeError (or one of ours) that names the keyword
     assert isinstance(info.value, (TypeError, ac.AmpCompilerError)), \
         f"{type(info.value).__name__}: {info.value}"
+
+
+class OptionalMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(C, C)
+
+    def forward(self, x, mask=None):
+        y = self.fc(x)
+        return y if mask is None else y * mask
+
+
+def test_the_same_inputs_spelled_another_way_are_rebound():
+    """Captured positionally, called with keywords (Trainer's ``amp(**batch)``), and the other
+    way round: the same inputs, so the call is re-bound to the captured spelling."""
+    torch.manual_seed(0)
+    model, x = OptionalMask().eval(), _x(2, 8, C)
+    with torch.no_grad():
+        ref = model(x)
+        for amp in (ac.convert(model, (x,), dtype=torch.bfloat16),
+                    ac.convert(model, example_kwargs={"x": x}, dtype=torch.bfloat16)):
+            assert rel_err(amp(x=x), ref) <= 4 * EPS[torch.bfloat16]
+            assert rel_err(amp(x), ref) <= 4 * EPS[torch.bfloat16]
+            with pytest.raises(InputsError, match="mask"):  # another input: not the captured call
+                amp(x, mask=torch.ones(C))
 
 
 @pytest.fixture(scope="module")
