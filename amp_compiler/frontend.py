@@ -14,6 +14,12 @@ Both graphs are then functionalized (``amp_compiler.functionalize``): in-place a
 their out-of-place forms, because a cast inserted in front of an in-place op would hand it a
 copy to write into; writes into model inputs and buffers are written back with ``copy_``.
 
+Complex values (``view_as_complex``, ``torch.fft``) are marked ``is_complex`` and never
+``is_float``: export records their dtype; on the fx path the op's kind says it
+(``passes.kinds.MAKES_COMPLEX`` / ``COMPLEX_TO_REAL``, otherwise an op with a complex input is
+complex), and tensor attributes fx records as ``getattr`` (``z.real``, ``w.T``) get their kind
+(``TENSOR_ATTRIBUTES``) instead of being read as metadata.
+
 Both paths keep a custom ``torch.autograd.Function`` as ONE node that calls ``Fn.apply``
 (``amp_compiler.functions.FunctionCall``), so training runs the Function's own backward; the op is named after the
 Function and, being in no policy table, stays fp32 unless the user overrides it.
@@ -46,7 +52,8 @@ from amp_compiler.functions import (_PENDING, _export_apply, _function_apply_as,
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.hygiene import clean_graph
 from amp_compiler.passes.sdpa_masks import fold_sdpa_masks
-from amp_compiler.passes.kinds import LEAF_MODULE_KINDS, torch_kind
+from amp_compiler.passes.kinds import (COMPLEX_TO_REAL, LEAF_MODULE_KINDS, MAKES_COMPLEX,
+                                       TENSOR_ATTRIBUTES, torch_kind)
 from amp_compiler.passes.policy import CAST_ONLY_ARGS, NON_FLOAT
 
 log = logging.getLogger("amp_compiler")
@@ -314,7 +321,9 @@ def node_kind(node: fx.Node, gm: fx.GraphModule) -> str:
             return "guards"
         return leaf_kind(mod) or f"module:{type(mod).__name__}"
     if node.op == "call_function" and node.target is builtins.getattr:
-        return "shape"
+        # ``z.real``, ``x.mT`` are tensors; ``x.shape``, ``x.dtype`` metadata
+        attr = node.args[1] if len(node.args) > 1 else None
+        return TENSOR_ATTRIBUTES.get(attr, "shape") if isinstance(attr, str) else "shape"
     if node.op == "call_function" and node.target is operator.getitem:
         return "getitem"
     return torch_kind(target_name(node))
@@ -430,6 +439,7 @@ def build_dataflow(gm: fx.GraphModule, *, roles: dict[str, str] | None = None) -
     graph = DataflowGraph()
     params = {id(p) for p in gm.parameters()}
     is_float: dict[str, bool | None] = {}
+    is_complex: dict[str, bool] = {}
     for node in gm.graph.nodes:
         kind = node_kind(node, gm)
         dtype, shape, has_meta = _meta_dtype(node)
@@ -445,16 +455,19 @@ def build_dataflow(gm: fx.GraphModule, *, roles: dict[str, str] | None = None) -
         elif node.name in roles:
             role = kind = roles[node.name]
         fl = dtype.is_floating_point if dtype is not None else None
-        if kind in NON_FLOAT or _holds_sizes(node):
+        cx = dtype.is_complex if dtype is not None else (
+            not has_meta and _guess_complex(node, kind, is_complex))
+        if kind in NON_FLOAT or _holds_sizes(node) or cx:
             # shapes (SymInt, torch.Size: a window size computed from x.shape), comparisons,
-            # indices: never a floating value, never cast
+            # indices: never a floating value, never cast; nor are complex values
             fl = False
         if fl is None and not has_meta:
-            fl = _guess_float(node, kind, is_float)
-        is_float[node.name] = fl
+            fl = _guess_float(node, kind, is_float, is_complex)
+        is_float[node.name], is_complex[node.name] = fl, cx
         path, mtype = _module_info(node, gm)
         graph.add_vertex(node.name, role=role, kind=kind, dtype=dtype, is_float=fl, shape=shape,
-                         module_path=path, module_type=mtype, target=target_name(node))
+                         module_path=path, module_type=mtype, target=target_name(node),
+                         is_complex=cx)
         uncast = _uncast_slots(node, gm)
         for src, position, key in _input_slots(node):
             cast = (kind not in _NO_CAST_KINDS and role != "output" and (position, key) not in uncast
@@ -474,20 +487,38 @@ _DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": tor
                   "double": torch.float64, "long": torch.int64, "int": torch.int32, "bool": torch.bool}
 
 
-def _guess_float(node: fx.Node, kind: str, known: dict[str, bool | None]) -> bool | None:
+def _cast_target(node: fx.Node) -> torch.dtype | None:
+    """The dtype a cast node names (``x.half()``, ``x.to(torch.float16)``), if written literally."""
+    name = target_name(node)
+    if name in _DTYPE_METHODS:
+        return _DTYPE_METHODS[name]
+    return next((a for a in list(node.args[1:]) + list(node.kwargs.values())
+                 if isinstance(a, torch.dtype)), None)
+
+
+def _guess_complex(node: fx.Node, kind: str, known: dict[str, bool]) -> bool:
+    """Complex-ness without recorded dtypes (fx path): from the op's kind (``passes.kinds``),
+    a literal dtype, or a complex input."""
+    if node.op not in ("call_function", "call_method") or kind in NON_FLOAT or kind in COMPLEX_TO_REAL:
+        return False
+    if kind in MAKES_COMPLEX:
+        return True
+    if kind in ("cast", "factory"):
+        dt = _cast_target(node) if kind == "cast" else node.kwargs.get("dtype")
+        return isinstance(dt, torch.dtype) and dt.is_complex
+    return any(known.get(a.name, False) for a in node.all_input_nodes)
+
+
+def _guess_float(node: fx.Node, kind: str, known: dict[str, bool | None],
+                 known_complex: dict[str, bool]) -> bool | None:
     """Float-ness without recorded dtypes (fx path): from the op's semantics and its inputs."""
     if node.op == "placeholder":
         return None
     if kind in NON_FLOAT or kind in ("guards", "shape"):
         return False
     if kind == "cast":
-        name = target_name(node)
-        if name in _DTYPE_METHODS:
-            return _DTYPE_METHODS[name].is_floating_point
-        for a in list(node.args[1:]) + list(node.kwargs.values()):
-            if isinstance(a, torch.dtype):
-                return a.is_floating_point
-        return None
+        dt = _cast_target(node)
+        return None if dt is None else dt.is_floating_point
     if kind == "factory":
         dt = node.kwargs.get("dtype")
         if isinstance(dt, torch.dtype):
@@ -500,6 +531,8 @@ def _guess_float(node: fx.Node, kind: str, known: dict[str, bool | None]) -> boo
         if target_name(node) == "arange":
             return any(isinstance(a, float) for a in node.args)
         return True
+    if kind in COMPLEX_TO_REAL and any(known_complex.get(a.name) for a in node.all_input_nodes):
+        return True  # |z|, z.real, irfft(z): real values computed from complex ones
     inputs = [known.get(a.name) for a in node.all_input_nodes]
     if kind == "getitem":
         return known.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None

@@ -12,6 +12,10 @@ Rules (numbered as they appear in Decisions):
     C5  with ``probe_kernels``, a kind whose low-precision kernel this device lacks
         (``passes.kernels``: probed once per kind, device type and dtype) is listed in
         ``no_kernel`` with the probe's error; ``propagate`` keeps it fp32 (rule R8).
+    C6  a compute vertex whose value is complex or that reads a complex value
+        (``view_as_complex``, ``torch.fft.*``, ``z.abs()``, ``z * w``) is ``complex``, whatever
+        its kind: ``propagate`` keeps it fp32 with complex64 values (rule R9). Casts and
+        factories stay ``cast`` / ``factory``; metadata reads and comparisons ``non_float``.
 
     >>> cls = classify(graph, policy_for("cpu", torch.bfloat16), keep_fp32=("softmax",))
     >>> cls.categories["fc1"], sorted(cls.keep_fp32)
@@ -46,15 +50,19 @@ class Classification:
 
 def classify(graph: DataflowGraph, policy: Policy, *, keep_fp32: Iterable = (),
              force_low: Iterable = (), probe_kernels: bool = False) -> Classification:
-    """Run rules C1-C5 over ``graph``; ``probe_kernels`` for graphs torch will run (not ONNX)."""
+    """Run rules C1-C6 over ``graph``; ``probe_kernels`` for graphs torch will run (not ONNX)."""
     categories: dict[str, str] = {}
     for v in graph.vertices():
+        touches_complex = v.is_complex or bool(graph.complex_inputs(v.name))
         if v.role in SOURCE_ROLES:
             categories[v.name] = v.role
-        elif v.kind in NON_FLOAT or (v.is_float is False and not list(graph.float_inputs(v.name))):
+        elif v.kind in NON_FLOAT or (v.is_float is False and not touches_complex
+                                     and not list(graph.float_inputs(v.name))):
             categories[v.name] = "non_float"
         elif v.kind in ("factory", "cast"):
             categories[v.name] = v.kind
+        elif touches_complex:
+            categories[v.name] = "complex"  # C6
         else:
             categories[v.name] = policy.category(v.kind)
     no_kernel: dict[str, str] = {}

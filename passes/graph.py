@@ -9,7 +9,9 @@ Vertex attributes (all set by the front end; ``Vertex`` documents them):
     role         "input" | "param" | "const" | "compute" | "output"
     kind         canonical op kind (``passes.kinds``)
     dtype        output dtype when known (``torch.dtype``), else None
-    is_float     True / False / None (unknown) for the node's output
+    is_float     True / False / None (unknown) for the node's output; False for complex values,
+                 which are never cast (a cast to a real dtype would drop the imaginary part)
+    is_complex   the output holds complex numbers (recorded dtype, or the op's kind on fx)
     shape        output shape when known, else None
     module_path  dotted path of the innermost nn.Module that produced it ("" for the root)
     module_type  qualified class name of that module, or None
@@ -48,6 +50,7 @@ class Vertex:
     module_path: str = ""
     module_type: str | None = None
     target: str = ""
+    is_complex: bool = False
 
 
 class DataflowGraph:
@@ -61,11 +64,12 @@ class DataflowGraph:
     def add_vertex(self, name: str, *, role: str, kind: str, dtype: torch.dtype | None = None,
                    is_float: bool | None = None, shape: tuple | None = None,
                    module_path: str = "", module_type: str | None = None,
-                   target: str = "") -> None:
+                   target: str = "", is_complex: bool = False) -> None:
         if is_float is None and dtype is not None:
             is_float = dtype.is_floating_point
+        is_complex = is_complex or (dtype is not None and dtype.is_complex)
         self.nx.add_node(name, vertex=Vertex(name, role, kind, dtype, is_float, shape,
-                                             module_path, module_type, target))
+                                             module_path, module_type, target, is_complex))
         self._order.append(name)
 
     def add_use(self, producer: str, consumer: str, *, cast: bool = True) -> None:
@@ -103,6 +107,10 @@ class DataflowGraph:
         for p in self.nx.predecessors(name):
             if self.nx.edges[p, name]["cast"] and self.vertex(p).is_float is not False:
                 yield p
+
+    def complex_inputs(self, name: str) -> list[str]:
+        """Producers whose value holds complex numbers (never cast, never in ``float_inputs``)."""
+        return [p for p in self.nx.predecessors(name) if self.vertex(p).is_complex]
 
     def data_inputs(self, name: str) -> list[str]:
         """Floating inputs that are activations: not parameters or constants."""

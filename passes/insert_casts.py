@@ -14,6 +14,7 @@ Rules:
         no dtype (fx), a value we computed in another float dtype goes back to the model's own
         floating dtype (``model_float_dtype``: that of most of its parameter elements, else its
         buffers', float32 when it has neither), so a float16 model still returns float16;
+        complex values are never cast (their plan, rule R9, keeps them complex64);
     I7  an fp32 elementwise op with an fp32 tensor operand (``add``, ``mul``...) reads its
         low-precision operands as they are: type promotion upcasts them inside the kernel to the
         same values a cast would give, without a cast kernel or a second copy in memory (the
@@ -242,6 +243,8 @@ def _run_leaf_in_dtype(fxg: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.N
 
 
 def _output_dtype(v, d) -> torch.dtype | None:
+    if v.is_complex:
+        return v.dtype  # complex64 from an fp32 plan (R9); None where fx recorded nothing
     if v.role == "compute" and d is not None and d.precision is not None:
         if v.dtype is not None and not v.dtype.is_floating_point:
             return v.dtype
@@ -280,6 +283,8 @@ def _restore_outputs(fxg, out_node, graph, plan, runtime_dtype, cast_of, users,
     for src in out_node.all_input_nodes:
         have = runtime_dtype.get(src.name)
         v = graph.vertex(src.name)
+        if v.is_complex:
+            continue  # complex values are never cast: their plan keeps them complex64 (R9)
         if v.dtype is not None:
             want = v.dtype
         else:

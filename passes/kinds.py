@@ -82,7 +82,32 @@ TORCH_ALIASES: dict[str, str] = {
     "silu": "silu", "swish": "silu", "mish": "silu", "hardswish": "silu",
     "hardsigmoid": "sigmoid", "logsigmoid": "log_sigmoid",
     "softplus": "softplus", "erf": "erf", "erfinv": "erfinv",
+    # complex numbers (aten's spellings of what torch.fft and Tensor.conj call)
+    "_fft_r2c": "fft_rfft", "_fft_c2r": "fft_irfft", "_fft_c2c": "fft_fft", "_conj": "conj",
+    "conj_physical": "conj", "resolve_conj": "identity", "resolve_neg": "identity",
+    "view_as_complex_copy": "view_as_complex", "view_as_real_copy": "view_as_real",
 }
+
+# Tensor attributes that are tensors (``z.real``, ``x.mT``): fx records them as ``getattr``
+# nodes, which are otherwise metadata reads (``x.shape``, ``x.dtype``).
+TENSOR_ATTRIBUTES: dict[str, str] = {
+    "real": "real", "imag": "imag", "T": "transpose", "mT": "transpose", "H": "transpose",
+    "mH": "transpose",
+}
+
+# Complex numbers, for front ends that record no dtypes (fx): kinds whose output is complex
+# whatever their real inputs, and kinds that read complex values and return real ones. Any other
+# op is complex when one of its inputs is (``z * 2``, ``z[0]``, ``z.conj()``).
+# Source: the torch.fft and torch complex-number API.
+MAKES_COMPLEX: frozenset[str] = frozenset({
+    "view_as_complex", "polar", "complex", "stft",
+    "fft_fft", "fft_ifft", "fft_fft2", "fft_ifft2", "fft_fftn", "fft_ifftn",
+    "fft_rfft", "fft_rfft2", "fft_rfftn", "fft_ihfft", "fft_ihfft2", "fft_ihfftn",
+})
+COMPLEX_TO_REAL: frozenset[str] = frozenset({
+    "view_as_real", "real", "imag", "angle", "abs", "istft",
+    "fft_irfft", "fft_irfft2", "fft_irfftn", "fft_hfft", "fft_hfft2", "fft_hfftn",
+})
 
 # Names that are pure bookkeeping: they produce no tensor and are never painted.
 NON_TENSOR_KINDS = frozenset({"shape", "assert", "guards"})

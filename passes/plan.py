@@ -259,7 +259,9 @@ def _check_precision(source: str, where: str, d: dict, low: torch.dtype) -> torc
     - ``R0:source`` (inputs, parameters, buffers): any torch dtype they are stored in, or none;
     - ``R0:factory`` / ``R0:passthrough``: the floating dtype they produce or forward, or none;
     - ``R0:float64``: float64 (float64 models stay float64, as under autocast);
+    - ``R0:module-dtype``: the dtype the user stored a submodule in (float16, bfloat16, float32);
     - ``R0:output`` / ``R0:non-float`` / ``R0:user-cast``: none;
+    - ``R9:complex``: float32 (complex values are complex64);
     - any other rule: the plan's low dtype, float32, or none.
     """
     text, rule, category = d["precision"], d["rule"], d["category"]
@@ -279,6 +281,10 @@ def _check_precision(source: str, where: str, d: dict, low: torch.dtype) -> torc
         return got
     if rule == "R0:float64":
         allowed = (torch.float64,)
+    elif rule == "R0:module-dtype":
+        allowed = (torch.float16, torch.bfloat16, torch.float32)
+    elif rule == "R9:complex":
+        allowed = (torch.float32,)
     elif rule in ("R0:output", "R0:non-float", "R0:user-cast"):
         allowed = ()
     elif rule.startswith("R0:"):
@@ -289,7 +295,7 @@ def _check_precision(source: str, where: str, d: dict, low: torch.dtype) -> torc
         names = [dtype_name(a) for a in allowed] + ["'-'"]
         choice = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
         raise _fail(source, place, f"{text!r} is not {choice}"
-                                   + (f" (rule {rule})" if rule.startswith("R0:") else ""))
+                                   + (f" (rule {rule})" if rule.startswith(("R0:", "R9:")) else ""))
     return got
 
 

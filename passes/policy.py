@@ -1,6 +1,6 @@
 """Policy tables: which category each canonical op kind belongs to, per (device type, low dtype).
 
-Categories (TensorFlow's AMP taxonomy plus ``fp32_acc``):
+Categories (TensorFlow's AMP taxonomy plus ``fp32_acc`` and ``complex``):
 
 - ``allow``    tensor-core ops, always low precision.
 - ``deny``     numerically dangerous in low precision; fp32, and fp32 spreads forward through
@@ -9,6 +9,11 @@ Categories (TensorFlow's AMP taxonomy plus ``fp32_acc``):
                when producer and every consumer are low, fp32 otherwise.
 - ``infer``    elementwise arithmetic: follows its neighbours.
 - ``clear``    movement / selection / exact ops: never changes values, follows its neighbours.
+- ``complex``  ops that make or read complex numbers (``view_as_complex``, ``torch.fft``, ``|z|``):
+               fp32, their complex values complex64 (rule R9). Not a kind table: classify's
+               rule C6 gives it by the values an op touches, since ``abs`` or ``mul`` are only
+               complex on complex inputs. Source: torch has no complex bfloat16, and complex32
+               has few kernels (``view_as_complex`` refuses bfloat16, CPU ``torch.fft`` both).
 - ``unknown``  anything not in the tables: fp32, stops propagation, listed in the report.
 
 Every table notes its source once. Never scatter op names through pass code: add them here.
@@ -25,7 +30,7 @@ from typing import Mapping
 
 import torch
 
-CATEGORIES = ("allow", "deny", "fp32_acc", "infer", "clear", "unknown")
+CATEGORIES = ("allow", "deny", "fp32_acc", "infer", "clear", "complex", "unknown")
 
 # Source: torch.autocast's CUDA "lower_precision_fp" list (aten/src/ATen/autocast_mode.cpp)
 # and TensorFlow's AllowList (grappler/optimizers/auto_mixed_precision_lists.h): matrix units.

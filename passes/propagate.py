@@ -4,7 +4,19 @@ Every vertex ends with a precision and the number of the rule that set it:
 
     R0  sources and bookkeeping: inputs, parameters, constants and factories keep their dtype;
         user casts keep theirs; non-float values have none; ops that only unpack or index
-        (``getitem``) keep their producer's dtype.
+        (``getitem``) keep their producer's dtype; float64 (and complex128) values stay float64.
+        ``R0:module-dtype``: a submodule whose parameters the user stored in a floating dtype
+        of their own (``nn.Linear(...).half()`` in a float32 model converted to bfloat16, a
+        ``.bfloat16()`` one converted to float16, a float32 one in a float16 model) computes in
+        that dtype, as the model does: its parameters are never cast to the conversion's low
+        dtype, its inputs are cast to its dtype at its border, its outputs to whatever their
+        consumers need. The model's own dtype (that of most parameter elements) is the one
+        being converted, so this is only for submodules; the innermost enclosing module that
+        holds parameters decides, and only when they all share that one dtype. A submodule
+        stored in the conversion's low dtype needs no rule (its parameters are already low),
+        nor does a float64 one (the float64 rule). An op outside the submodule that reads one
+        of its parameters computes in its dtype too. Like every R0 decision it comes before
+        the overrides (R6).
     R1  ``allow`` ops are low precision.
     R2  ``deny`` ops are fp32, and fp32 spreads forward from them through ``infer``/``clear``
         ops (an elementwise op fed by ``exp`` would otherwise undo its protection) -- but not
@@ -38,6 +50,14 @@ Every vertex ends with a precision and the number of the rule that set it:
     R8  an op whose low-precision kernel this device lacks (classify's rule C5 probed it) is
         fp32, whatever the other rules say, ``force_low`` included: a plan never puts an op in a
         dtype the device cannot run. Pinned before R1, like R6.
+    R9  ops that make or read complex numbers (classify's category ``complex``, rule C6:
+        ``view_as_complex``, ``polar``, ``torch.fft.*``, ``z.abs()``, ``z * w``) are fp32, with
+        their complex values in complex64 and their real results in fp32, ``force_low``
+        included: torch has no complex bfloat16, and complex32 has few kernels
+        (``view_as_complex`` refuses bfloat16, CPU ``torch.fft`` refuses both low dtypes), so a
+        low-precision real input is cast up at their border. Complex values themselves are
+        never cast. Pinned before R1, like R6 and R8; float64 inputs (complex128) stay float64
+        (R0).
 
     >>> plan = propagate(graph, classify(graph, policy), policy)
     >>> plan["fc1"].rule
@@ -46,6 +66,7 @@ Every vertex ends with a precision and the number of the rule that set it:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
@@ -56,12 +77,13 @@ from .plan import Decision, PrecisionPlan, dtype_name
 from .policy import Policy
 
 FP32 = torch.float32
+_WIDE = (torch.float64, torch.complex128)
 _TRAVERSABLE = ("infer", "clear", "fp32_acc")
 
 
 def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
               type_promotion: bool = True) -> PrecisionPlan:
-    """Paint every vertex of ``graph`` (rules R0-R7) and return the PrecisionPlan.
+    """Paint every vertex of ``graph`` (rules R0-R9) and return the PrecisionPlan.
 
     ``type_promotion``: the graph runs with torch's type promotion (FX graphs), so an fp32
     parameter read by an elementwise op makes it fp32 under autocast, and R3 follows; ONNX
@@ -74,6 +96,8 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
 
     def decide(name: str, precision, rule: str, reason: str) -> None:
         decided[name] = Decision(graph.vertex(name).kind, cat[name], precision, rule, reason)
+
+    own_dtype = _own_dtype_modules(graph, low)
 
     # R0 -- sources, bookkeeping and pass-through
     for v in graph.vertices():
@@ -91,15 +115,23 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
             decide(v.name, v.dtype if v.is_float else None, "R0:factory", "creates a tensor of its declared dtype")
         elif c == "cast":
             decide(v.name, None, "R0:user-cast", "explicit cast in the model: honoured as written")
-        elif v.dtype is not None and not v.dtype.is_floating_point:
+        elif v.dtype is not None and not v.dtype.is_floating_point and not v.is_complex:
             decide(v.name, None, "R0:non-float", f"produces {dtype_name(v.dtype)}: never cast")
-        elif v.dtype == torch.float64 or any(
-                graph.vertex(p).dtype == torch.float64
+        elif v.dtype in _WIDE or any(
+                graph.vertex(p).dtype in _WIDE
                 or (p in decided and decided[p].precision == torch.float64)  # fx: no recorded dtypes
-                for p in graph.float_inputs(v.name)):
+                for p in [*graph.float_inputs(v.name), *graph.complex_inputs(v.name)]):
             decide(v.name, torch.float64, "R0:float64", "float64 values are left in float64, as torch.autocast does")
+        elif c == "complex":
+            continue  # R9, pinned below
         elif not list(graph.float_inputs(v.name)):
             decide(v.name, None, "R0:passthrough", "only unpacks or indexes its input: keeps its producer's dtype")
+        elif (owner := own_dtype(v.name)) is not None:
+            path, dtype = owner
+            decide(v.name, dtype, "R0:module-dtype",
+                   f"parameters of '{path}' are stored as {dtype_name(dtype)} by the user: computes in "
+                   f"{dtype_name(dtype)}, as the model does (values from the converted model are cast "
+                   f"to {dtype_name(dtype)} where they enter)")
 
     paint: dict[str, tuple] = {}  # name -> (precision, rule, reason) for compute vertices
     open_ = [n for n in graph if n not in decided]
@@ -109,6 +141,12 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
     for n, entry in cls.keep_fp32.items():
         if n in open_:
             paint[n] = (FP32, "R6:keep_fp32", f"keep_fp32={entry!r}")
+    for n in open_:
+        if cat[n] == "complex" and n not in paint:
+            what = "makes complex values" if graph.vertex(n).is_complex else "reads complex values"
+            paint[n] = (FP32, "R9:complex", f"{graph.vertex(n).kind} {what}: torch has no complex "
+                        f"{lowname} (and few complex32 kernels), so it computes in float32, complex "
+                        f"values in complex64")
     for n, why in cls.no_kernel.items():
         if n in open_ and n not in paint:
             paint[n] = (FP32, "R8:no-kernel", f"{graph.vertex(n).kind} has no {lowname} kernel on "
@@ -192,7 +230,9 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
             if blocker is not None:
                 between.discard(n)
                 changed = True
-                paint[n] = (FP32, "R3:fp32-input", f"input '{blocker}' is an fp32 value: rounding it would add error, so like autocast's type promotion this stays fp32")
+                own = decided[blocker].precision if blocker in decided else None
+                what = f"a {dtype_name(own)} value of the user's" if own not in (None, FP32) else "an fp32 value"
+                paint[n] = (FP32, "R3:fp32-input", f"input '{blocker}' is {what}: rounding it would add error, so like autocast's type promotion this stays fp32")
     for n in between:
         paint[n] = (low, "R3:between-low", f"on a path between {lowname} ops: keeping it {lowname} avoids two casts")
 
@@ -247,6 +287,41 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
     return PrecisionPlan(ordered, low_dtype=low, device_type=policy.device_type)
 
 
+def _own_dtype_modules(graph: DataflowGraph, low: torch.dtype):
+    """R0:module-dtype: a function vertex name -> (submodule path, dtype) for an op inside (or
+    reading a parameter of) a submodule the user stored in a dtype of its own, else None."""
+    elements: dict[torch.dtype, int] = {}
+    under: dict[str, set] = {}  # module path -> dtypes of the parameters at or below it
+    for v in graph.vertices():
+        if v.role != "param" or v.dtype is None or not v.dtype.is_floating_point:
+            continue
+        elements[v.dtype] = elements.get(v.dtype, 0) + math.prod(v.shape or ())
+        parts = v.module_path.split(".") if v.module_path else []
+        for i in range(1, len(parts) + 1):
+            under.setdefault(".".join(parts[:i]), set()).add(v.dtype)
+    if not elements:
+        return lambda name: None
+    model = max(elements, key=elements.__getitem__)
+
+    def owner(path: str):
+        # the innermost enclosing module holding parameters decides; mixed dtypes: none
+        parts = path.split(".") if path else []
+        for i in range(len(parts), 0, -1):
+            dtypes = under.get(".".join(parts[:i]))
+            if dtypes is not None:
+                dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+                keep = dtype is not None and dtype not in (model, low, torch.float64)
+                return (".".join(parts[:i]), dtype) if keep else None
+        return None
+
+    def own_dtype(name: str):
+        params = [graph.vertex(p).module_path for p in graph.float_inputs(name)
+                  if graph.vertex(p).role == "param"]
+        return next(filter(None, map(owner, [graph.vertex(name).module_path, *params])), None)
+
+    return own_dtype
+
+
 def _exact_values(graph: DataflowGraph, cat: dict[str, str]) -> set[str]:
     """Floating values computed only from factories, scalars and casts of integers/booleans
     (masks such as ``(1 - attention_mask.float()) * -1e4``): rounding them loses nothing."""
@@ -257,12 +332,18 @@ def _exact_values(graph: DataflowGraph, cat: dict[str, str]) -> set[str]:
         ins = list(graph.producers(n))
         if c == "factory":
             exact.add(n)
-        elif c == "cast" and all(graph.vertex(p).is_float is False for p in ins):
+        elif c == "cast" and all(_integral(graph, p) for p in ins):
             exact.add(n)
         elif c in ("infer", "clear", "cast") and v.role == "compute" and ins and all(
-                p in exact or graph.vertex(p).is_float is False for p in ins):
+                p in exact or _integral(graph, p) for p in ins):
             exact.add(n)
     return exact
+
+
+def _integral(graph: DataflowGraph, name: str) -> bool:
+    """Integers, booleans, shapes: no floating or complex value to round."""
+    v = graph.vertex(name)
+    return v.is_float is False and not v.is_complex
 
 
 def _reach(graph: DataflowGraph, seeds, allowed: set[str], *, forward: bool,
