@@ -24,7 +24,6 @@ first call, and its node names carry the graph's number (``g0.linear``).
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -92,7 +91,6 @@ class AmpBackend:
         self.force_low = override_entries(force_low)
         self.inductor = bool(inductor)
         self.graphs: list[CompiledGraph] = []
-        self._lock = threading.Lock()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         from amp_compiler.frontend import build_dataflow
@@ -115,13 +113,12 @@ class AmpBackend:
         result = insert_casts(gm, dataflow, plan)
         plan = plan.replace({n: plan[n].with_(reason=f"{plan[n].reason}; {note}")
                              for n, note in result.saturated.items()})
-        with self._lock:
-            index = len(self.graphs)
-            plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype,
-                                 device_type=plan.device_type,
-                                 meta={"capture": "dynamo", "graph": index,
-                                       "rewrites": [r.as_row() for r in rewrites]})
-            self.graphs.append(CompiledGraph(index, gm, plan, dataflow, result.casts))
+        index = len(self.graphs)  # dynamo compiles one frame at a time, under its own lock
+        plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype,
+                             device_type=plan.device_type,
+                             meta={"capture": "dynamo", "graph": index,
+                                   "rewrites": [r.as_row() for r in rewrites]})
+        self.graphs.append(CompiledGraph(index, gm, plan, dataflow, result.casts))
         log.info("dynamo graph %d: %d nodes, %d casts, %s", index, len(gm.graph.nodes),
                  result.count, plan)
         if self.inductor:

@@ -52,7 +52,7 @@ from amp_compiler.functions import (_PENDING, _export_apply, _function_apply_as,
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.hygiene import clean_graph
 from amp_compiler.passes.sdpa_masks import fold_sdpa_masks
-from amp_compiler.passes.kinds import (COMPLEX_TO_REAL, LEAF_MODULE_KINDS, MAKES_COMPLEX,
+from amp_compiler.passes.kinds import (COMPLEX_TO_REAL, LEAF_MODULE_KINDS, MAKES_COMPLEX, target_name,
                                        TENSOR_ATTRIBUTES, torch_kind)
 from amp_compiler.passes.policy import CAST_ONLY_ARGS, NON_FLOAT
 
@@ -292,20 +292,6 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *,
 
 
 # -- FX -> DataflowGraph ------------------------------------------------------------------------
-
-def target_name(node: fx.Node) -> str:
-    """The op's own name: aten packet name, function __name__, method name, or module class."""
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if node.op == "call_module":
-        return str(t)
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t.__name__
-    return getattr(t, "__name__", str(t))
-
 
 def node_kind(node: fx.Node, gm: fx.GraphModule) -> str:
     """Canonical kind of an FX node."""

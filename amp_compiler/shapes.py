@@ -26,7 +26,6 @@ import re
 from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from amp_compiler.errors import AmpCompilerError
@@ -94,22 +93,6 @@ def widen_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     widened = [torch.cat([x, x], 0) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
                for x in leaves]
     return pytree.tree_unflatten(widened, spec)
-
-
-def static_dims(gm: fx.GraphModule) -> dict[str, dict[int, int]]:
-    """Input name -> {dimension: size} for the dimensions the capture fixed to a constant."""
-    fixed: dict[str, dict[int, int]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            # export records fixed dimensions as SymInts whose expression is a number
-            dims = {i: int(s) for i, s in enumerate(val.shape)
-                    if not isinstance(s, torch.SymInt) or s.node.expr.is_number}
-            if dims:
-                fixed[node.name] = dims
-    return fixed
 
 
 # torch.export's messages: "Guard failed: ids.size()[1] == 16" (torch >= 2.9),

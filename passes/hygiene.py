@@ -36,30 +36,15 @@ import functools
 import torch
 import torch.fx as fx
 
+from .kinds import target_name
 from .remarks import Remark, keep_when_dead
 
 _ASSERT_METADATA = frozenset({"_assert_tensor_metadata"})
-# dropout spellings and the position / keyword of their "train" flag and probability
-_DROPOUTS = {
-    "dropout": (2, ("train", "training"), 1),
-    "feature_dropout": (2, ("train", "training"), 1),
-    "alpha_dropout": (2, ("train", "training"), 1),
-    "feature_alpha_dropout": (2, ("train", "training"), 1),
-    "dropout1d": (2, ("train", "training"), 1),
-    "dropout2d": (2, ("train", "training"), 1),
-    "dropout3d": (2, ("train", "training"), 1),
-}
+# dropout spellings: ``(input, p, train)`` by position, or ``p=`` / ``train=`` / ``training=``
+_DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
+                       "dropout1d", "dropout2d", "dropout3d"})
 _ALIASES = frozenset({"alias"})
 _CATS = frozenset({"cat", "concat", "concatenate"})
-
-
-def _op_name(node: fx.Node) -> str:
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    return getattr(t, "__name__", str(t))
 
 
 def _arg(node: fx.Node, position: int, names: tuple[str, ...], default):
@@ -72,12 +57,10 @@ def _arg(node: fx.Node, position: int, names: tuple[str, ...], default):
 
 
 def _inert_dropout(node: fx.Node) -> bool:
-    spec = _DROPOUTS.get(_op_name(node))
-    if spec is None or node.op not in ("call_function", "call_method"):
+    if node.op not in ("call_function", "call_method") or target_name(node) not in _DROPOUTS:
         return False
-    train_pos, train_names, p_pos = spec
-    train = _arg(node, train_pos, train_names, True)
-    p = _arg(node, p_pos, ("p",), 0.5)
+    train = _arg(node, 2, ("train", "training"), True)
+    p = _arg(node, 1, ("p",), 0.5)
     return train is False or (isinstance(p, (int, float)) and p == 0)
 
 
@@ -92,7 +75,7 @@ def clean_graph(gm: fx.GraphModule) -> list[Remark]:
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
-        name = _op_name(node)
+        name = target_name(node)
         if name in _ASSERT_METADATA and not node.users:
             removed(node, "H1:metadata-assert",
                     "restated a capture-time dtype that mixed precision changes on purpose")

@@ -11,6 +11,9 @@ tables that map names to kinds. They are data: add a name here, never an ``if`` 
 
 from __future__ import annotations
 
+import torch
+import torch.fx as fx
+
 # Aliases from torch-level names (function ``__name__``, method names, aten overload packet
 # names) to canonical kinds. Names not listed map to themselves (``"gelu"`` -> ``"gelu"``),
 # after stripping the dunder / in-place spellings (``__add__``, ``add_``, ``iadd``).
@@ -111,6 +114,19 @@ COMPLEX_TO_REAL: frozenset[str] = frozenset({
 
 # Names that are pure bookkeeping: they produce no tensor and are never painted.
 NON_TENSOR_KINDS = frozenset({"shape", "assert", "guards"})
+
+
+def target_name(node: fx.Node) -> str:
+    """An FX node's op name as the tables spell it: aten packet name, function ``__name__``,
+    method name, or submodule target."""
+    t = node.target
+    if node.op in ("call_method", "call_module"):
+        return str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t.__name__
+    return getattr(t, "__name__", str(t))
 
 
 def torch_kind(name: str) -> str:

@@ -173,8 +173,7 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
         for c in graph.consumers(n):
             if c in decided or c in paint or cat.get(c) not in ("infer", "clear"):
                 continue
-            if type_promotion and graph.vertex(n).shape == () and any(
-                    graph.vertex(q).shape != () for q in graph.float_inputs(c) if q != n):
+            if type_promotion and _zero_dim_beside_tensors(graph, c, n):
                 continue  # a 0-dim fp32 scale does not promote its dimensioned partner
             paint[c] = (FP32, "R2:deny-spread", f"fed (through elementwise/movement ops) by fp32-required node '{origin}'")
             queue.append((c, origin))
@@ -206,13 +205,6 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
                 if graph.vertex(p).role in ("param", "const") and p not in exact
                 and graph.vertex(p).dtype == FP32 and graph.vertex(p).shape]
 
-    def _zero_dim_beside_tensors(n: str, p: str) -> bool:
-        # torch's type promotion: a 0-dim tensor (a scale computed as a tensor) does not promote
-        # a dimensioned operand of the same category, so it cannot make the op fp32 (autocast
-        # runs it in the low dtype too); unknown shapes (fx graphs) are taken as dimensioned
-        return (type_promotion and graph.vertex(p).shape == ()
-                and any(graph.vertex(q).shape != () for q in graph.float_inputs(n) if q != p))
-
     def _unpacks_low(p: str) -> bool:
         # a piece of a split whose source is low (or between low ops) is low itself
         return p in through and all(q in between or (q in paint and paint[q][0] == low)
@@ -225,7 +217,7 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
             blocker = next((p for p in graph.data_inputs(n) + _promoting_state(n)
                             if p not in between and p not in exact
                             and not (p in paint and paint[p][0] == low)
-                            and not _acc_low(p) and not _zero_dim_beside_tensors(n, p)
+                            and not _acc_low(p) and not (type_promotion and _zero_dim_beside_tensors(graph, n, p))
                             and not _unpacks_low(p)), None)
             if blocker is not None:
                 between.discard(n)
@@ -320,6 +312,14 @@ def _own_dtype_modules(graph: DataflowGraph, low: torch.dtype):
         return next(filter(None, map(owner, [graph.vertex(name).module_path, *params])), None)
 
     return own_dtype
+
+
+def _zero_dim_beside_tensors(graph: DataflowGraph, n: str, p: str) -> bool:
+    """Input ``p`` of ``n`` is 0-dim and ``n`` reads a dimensioned float too: under torch's type
+    promotion ``p`` (a scale computed as a tensor) cannot make ``n`` fp32 (autocast runs it in
+    the low dtype too); unknown shapes (fx graphs) count as dimensioned."""
+    return graph.vertex(p).shape == () and any(
+        graph.vertex(q).shape != () for q in graph.float_inputs(n) if q != p)
 
 
 def _exact_values(graph: DataflowGraph, cat: dict[str, str]) -> set[str]:

@@ -261,7 +261,7 @@ def _reduce_len(node: fx.Node, kind: str, tensors: list[torch.Tensor], out: torc
     if kind == "conv" and len(tensors) > 1:
         w = tensors[1]
         return int(w.shape[1] * math.prod(w.shape[2:]))
-    from amp_compiler.frontend import target_name
+    from .kinds import target_name
     left = tensors[1] if target_name(node) in _BIAS_FIRST and len(tensors) > 1 else tensors[0]
     return int(left.shape[-1]) if left.dim() else None
 

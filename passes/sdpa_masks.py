@@ -38,32 +38,21 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .kinds import target_name, torch_kind
 from .remarks import Remark, keep_when_dead
 
 _SDPA_NAMES = frozenset({"scaled_dot_product_attention"})
 # SDPA's signature after (query, key, value): names and positions
 _SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SHAPE_OPS = frozenset({"sym_size", "size", "dim", "sym_numel", "numel", "sym_stride", "stride"})
 # size symbols are given these values, one assignment per probe (offset per symbol so that two
 # symbols never coincide by accident, small enough for position tables of any model)
 _PROBES = ((3, 1), (5, 2), (8, 1))
 _ADDITIVE_MASKED = -1e4
 
 
-def _name(node: fx.Node) -> str:
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t.__name__
-    return getattr(t, "__name__", str(t))
-
-
 def _sdpa_call(node: fx.Node) -> dict[str, Any] | None:
     """(q, k, v) and the optional parameters of an SDPA node, by name; None for other nodes."""
-    if node.op != "call_function" or _name(node) not in _SDPA_NAMES or len(node.args) < 3:
+    if node.op != "call_function" or target_name(node) not in _SDPA_NAMES or len(node.args) < 3:
         return None
     params = dict(zip(_SDPA_PARAMS, node.args[3:]))
     params.update({k: v for k, v in node.kwargs.items() if k in _SDPA_PARAMS})
@@ -84,7 +73,7 @@ def _size_only_slice(mask: fx.Node) -> list[fx.Node] | None:
         if n.op != "call_function" or n.is_impure():
             return None  # parameters, buffers, submodules, asserts, random ops
         for a in n.all_input_nodes:
-            if a.op == "placeholder" and _name(n) not in _SHAPE_OPS:
+            if a.op == "placeholder" and torch_kind(target_name(n)) != "shape":
                 return None  # reads an input's values, not only its sizes
             stack.append(a)
     order = {n: i for i, n in enumerate(mask.graph.nodes)}

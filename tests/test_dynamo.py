@@ -277,7 +277,9 @@ def _classifier_batch(b: int, t: int, seed: int) -> dict:
             "labels": torch.randint(0, 2, (b,), generator=_g(seed + 1))}
 
 
-def test_deberta_v2_with_labels_trains_in_fp16_through_the_fallback(caplog):
+def test_deberta_v2_with_labels_trains_in_fp16_through_the_fallback_dropout_off(caplog):
+    """Dropout off (``_deberta``): gradients compared element-wise with fp32's need one function;
+    tests/test_hf_models.py trains DeBERTa-v2 through the same fallback with its default dropout."""
     model = _deberta().eval()          # converted for training: the flags must come back to eval
     snap = snapshot(model)
     batch = _classifier_batch(2, 8, 0)

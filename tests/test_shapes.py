@@ -24,7 +24,7 @@ from torch.export import Dim
 
 import amp_compiler as ac
 from amp_compiler.shapes import (InputsError, ShapeError, default_dynamic_shapes, explain_shape_error,
-                                 static_dims, widen_batch)
+                                 widen_batch)
 from conftest import EPS, rel_err
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -231,12 +231,6 @@ def test_unrelated_call_errors_are_not_turned_into_shape_errors():
     with pytest.raises(type(own.value)) as info:
         amp(bad)
     assert not isinstance(info.value, ShapeError)
-
-
-def test_static_dims_lists_the_dimensions_a_capture_fixed():
-    torch.manual_seed(0)
-    amp = ac.convert(PositionTable().eval(), (_x(2, 8, C),), dtype=torch.bfloat16)
-    assert static_dims(amp.graph_module) == {"x": {1: 8, 2: C}}
 
 
 # -- keyword inputs --------------------------------------------------------------------------------
