@@ -38,6 +38,15 @@ Every vertex ends with a precision and the number of the rule that set it:
         block. Parameters read by allow ops (weights) never block,
         nor do any in ONNX graphs (``type_promotion=False``: no promotion at run time, and
         their parameter-fed Adds are the biases of exported nn.Linear layers).
+        ``R3:fp32-consumer``: a movement (``clear``) op that carries the value of an
+        ``fp32_acc`` op (through other movement ops) to an op that stays fp32 is fp32 itself,
+        and the fp32_acc op then emits fp32 (R5): otherwise the value would be rounded on its
+        way only to be cast back up, and what the fp32 op keeps would be lost. ConvNeXt's stem
+        ``layer_norm -> permute`` feeds the first block's convolution (low) and its residual
+        add (fp32 by the layer scale): rounded there, the whole fp32 residual stream starts
+        from a low-precision value. CUDA autocast computes layer_norm in fp32 and so keeps it;
+        torchvision's convnext_tiny in fp16 on the H200 had 2.4x autocast's eval error at batch
+        1 without this rule. It costs one cast where the fp32_acc op's input is low.
     R4  low precision spreads through chains of ``clear`` ops: forwards always (a view of a
         low-precision value is free to stay low), backwards only into clear ops whose every
         consumer is low (metadata readers such as Shape do not count).
@@ -225,6 +234,20 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
                 own = decided[blocker].precision if blocker in decided else None
                 what = f"a {dtype_name(own)} value of the user's" if own not in (None, FP32) else "an fp32 value"
                 paint[n] = (FP32, "R3:fp32-input", f"input '{blocker}' is {what}: rounding it would add error, so like autocast's type promotion this stays fp32")
+    # R3:fp32-consumer -- a movement op that carries an fp32_acc op's value to an fp32 op
+    changed = True
+    while changed:
+        changed = False
+        for n in sorted(between):
+            sink = next((c for c in graph.float_consumers(n) if c in paint and paint[c][0] == FP32), None)
+            origin = _acc_origin(graph, n, between, cat) if sink is not None else None
+            if origin is not None:
+                between.discard(n)
+                changed = True
+                paint[n] = (FP32, "R3:fp32-consumer",
+                            f"carries the value of '{origin}' ({graph.vertex(origin).kind}, which accumulates in "
+                            f"fp32) to fp32 op '{sink}': rounding it to {lowname} on the way would lose what "
+                            f"'{sink}' keeps, so it stays fp32 and '{origin}' emits fp32 (R5)")
     for n in between:
         paint[n] = (low, "R3:between-low", f"on a path between {lowname} ops: keeping it {lowname} avoids two casts")
 
@@ -363,6 +386,21 @@ def _reach(graph: DataflowGraph, seeds, allowed: set[str], *, forward: bool,
                 seen.add(m)
                 queue.append(m)
     return seen - set(through)
+
+
+def _acc_origin(graph: DataflowGraph, n: str, between: set[str], cat: dict[str, str]) -> str | None:
+    """The fp32_acc op whose value the movement (``clear``) op ``n`` carries, through other
+    movement ops still between low ops; None when ``n`` is not such a carrier."""
+    while cat.get(n) == "clear":
+        inputs = graph.data_inputs(n)
+        if len(inputs) != 1:
+            return None
+        n = inputs[0]
+        if cat.get(n) == "fp32_acc":
+            return n
+        if n not in between:
+            return None
+    return None
 
 
 def _neighbours_low(graph, n, paint, tentative, decided, low) -> bool:

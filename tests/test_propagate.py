@@ -231,6 +231,52 @@ def test_r3_parameters_do_not_block_without_type_promotion():
     assert {typed[n].precision for n in muls} == {torch.bfloat16}
 
 
+class NormedStem(nn.Module):
+    """ConvNeXt's stem and first block in miniature: conv -> permute -> layer_norm -> permute
+    starts the residual stream, which feeds the block's conv (low) and the layer-scaled
+    residual add (fp32 by the layer scale's type promotion)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 4, stride=4)
+        self.ln = nn.LayerNorm(width)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.fc = nn.Linear(width, width)
+        self.gamma = nn.Parameter(torch.full((width, 1, 1), 1e-2))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = self.ln(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = self.fc(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + self.gamma * y
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_r3_a_normalised_value_carried_to_an_fp32_op_stays_fp32(dtype):
+    torch.manual_seed(0)
+    model, x = NormedStem().eval(), torch.randn(4, 3, 32, 32)
+    amp = _convert(model, x, dtype=dtype)
+    ln = _only(amp.plan, "layer_norm")
+    carriers = [n for n, d in amp.plan.items() if d.rule == "R3:fp32-consumer"]
+    assert len(carriers) == 1 and amp.plan[carriers[0]].kind == "permute"
+    reason = amp.plan[carriers[0]].reason
+    assert f"'{ln}'" in reason and "add" in reason
+    assert (amp.plan[ln].precision, amp.plan[ln].rule) == (FP32, "R5:fp32-acc-fp32")
+    # the stream reaches the add uncast; the block's conv reads it through one cast down
+    casts = {c.meta["amp_cast"]["source"]: c for c in cast_nodes(amp.graph_module)}
+    assert carriers[0] in casts and casts[carriers[0]].meta["amp_cast"]["dtype"] == dtype
+    # the permute before the norm stays low (it is not carried to an fp32 op)
+    first = min((n for n, d in amp.plan.items() if d.kind == "permute"), key=list(amp.plan).index)
+    assert amp.plan[first].rule == "R3:between-low"
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=dtype):
+            auto = model(x)
+        # CPU autocast rounds the normalised stream (its layer_norm runs in the low dtype)
+        assert rel_err(amp(x), ref) <= rel_err(auto, ref) + 1e-7
+
+
 class CopyResidual(nn.Module):
     """An fp32 value (layer_norm of the input) goes through a movement op (a copy: an inert
     dropout would be removed by the hygiene pass, rule H2), then feeds a linear (low) and a
