@@ -151,7 +151,16 @@ def _measured(files: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:]) or [str(p) for p in Path("bench/results").glob("*.json")]
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m amp_compiler.bench_table",
+        description="Markdown tables (the README's) from `amp-compiler bench` JSON files.")
+    parser.add_argument("paths", nargs="*", help="JSON files (default: bench/results/*.json)")
+    paths = parser.parse_args(argv).paths or [str(p) for p in Path("bench/results").glob("*.json")]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
     # the torch table always (even empty, as before), unless every file is a real-suite one
     only_real = all(json.loads(Path(p).read_text()).get("suite") == "real" for p in paths)
     tables = [] if only_real else [table(paths)]
