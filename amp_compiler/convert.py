@@ -138,6 +138,8 @@ def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: s
     kinds = {v.name: v.kind for v in dataflow.vertices()}
     device = next((p.device for p in model.parameters()), torch.device(device_type))
     loss = insert_loss_scaling(gm, scaler.scale_tensor(device), kinds)
+    # L4: the graph divides the gradients by the scale where they leave it, so .grad is true
+    scaler.unscaled_in_backward = loss is not None
     log.info("loss scaling: %s", f"in-graph on '{loss}'" if loss else "outputs are not a scalar "
              "loss; use amp.scaler.scale(loss).backward()")
     return scaler
@@ -296,8 +298,9 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     # 6. inference: parameter casts folded into stored low-precision copies, once
     if fold:
         log.info("folded %d parameter casts", fold_weights(gm, casts.casts))
-    # 7. fp16 training: a loss scaler, and the loss gradient scaled inside the graph so that
-    #    loss.backward() just works (bf16 has fp32's range and needs none)
+    # 7. fp16 training: a loss scaler, the loss gradient scaled inside the graph and divided
+    #    again where it leaves it, so that loss.backward() leaves true gradients in .grad
+    #    (rules L1-L4; bf16 has fp32's range and needs none)
     scaler = make_scaler(model, gm, dataflow, low, device_type, loss_scale) if training else None
 
     def rebuild(mode: bool) -> AmpModule:

@@ -27,7 +27,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from amp_compiler.errors import LossScalerError
 
-__all__ = ["LossScaler", "scale_loss_grad"]
+_READY = torch.amp.grad_scaler.OptState.READY
+
+__all__ = ["LossScaler", "scale_loss_grad", "unscale_grad"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -65,6 +67,41 @@ def scale_loss_grad(loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
             scale_loss_grad, (loss, scale), loss, scale
         )
     return _ScaleLossGrad.apply(loss, scale)
+
+
+class _UnscaleGrad(torch.autograd.Function):
+    """Identity in forward; divides the incoming gradient by ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.scale = scale  # read at backward time, as in _ScaleLossGrad
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # out of place: the incoming gradient may be shared with another input's (add's
+        # backward hands the same tensor to both operands). Scales are powers of two, so the
+        # division is exact and equals GradScaler's multiplication by the reciprocal.
+        return grad / ctx.scale.to(device=grad.device, non_blocking=True), None
+
+
+def unscale_grad(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` unchanged, but divide the gradient that flows back into it by ``scale``.
+
+    The graph places it where each trainable parameter (and each input that requires grad)
+    enters, so the loss gradient that :func:`scale_loss_grad` multiplied by the scale arrives
+    in ``.grad`` as the true gradient: after ``loss.backward()``, clipping, a plain
+    ``optimizer.step()`` and ``torch.autograd.grad`` all see true values, and several
+    backwards accumulate true gradients. Anything that is not a floating tensor requiring grad
+    is returned as is.
+
+        >>> w = unscale_grad(linear.weight, scaler.scale_tensor())
+    """
+    if torch.overrides.has_torch_function_variadic(x, scale):
+        return torch.overrides.handle_torch_function(unscale_grad, (x, scale), x, scale)
+    if not (isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point()):
+        return x
+    return _UnscaleGrad.apply(x, scale)
 
 
 class LossScaler(torch.amp.GradScaler):
@@ -132,6 +169,9 @@ class LossScaler(torch.amp.GradScaler):
             enabled=enabled,
         )
         self.process_group: Any = None
+        # True once a graph divides its gradients by the scale in backward (unscale_grad):
+        # .grad then holds true values, and unscale_/step only look for infs and NaNs
+        self.unscaled_in_backward = False
         self._param_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._unit_scale: torch.Tensor | None = None
         self._reset_overflow_state()
@@ -225,6 +265,10 @@ class LossScaler(torch.amp.GradScaler):
             self._overflow_pending = []
             self._iteration_open = True
 
+        if self.unscaled_in_backward and self._per_optimizer_states[id(optimizer)]["stage"] is _READY:
+            # the gradients are true already: look for infs now, so that a fused optimizer is
+            # handed no grad_scale to divide by (GradScaler passes one while READY)
+            self.unscale_(optimizer)
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             # Fused optimizers skip on the device from the found_inf tensor GradScaler hands them;
             # asking whether they skipped would cost a host sync, so defer it to last_overflow.
@@ -307,6 +351,10 @@ class LossScaler(torch.amp.GradScaler):
         # through here exactly once per optimizer and iteration, which makes it the place for the
         # master-weight check and the one cross-rank flag reduction.
         self._check_master_weights(optimizer)
+        if self.unscaled_in_backward:
+            # the graph divided the gradients by the scale in backward (unscale_grad): only
+            # look for non-finite values (multiplying by one leaves them exact)
+            inv_scale = torch.ones_like(inv_scale)
         found = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
         self._all_reduce_found_inf(found, inv_scale.device)
         self._found_by_optimizer[id(optimizer)] = found

@@ -9,6 +9,18 @@ Rules:
         scaler's current scale, read at backward time from a tensor the scaler updates in place;
     L3  graphs whose output is not a scalar loss (logits) are left alone: the caller scales the
         loss as with ``torch.amp.GradScaler`` (``amp.scaler.scale(loss).backward()``).
+    L4  with L2, the gradient is divided by the same scale where it leaves the graph: every
+        trainable parameter read by ``get_attr`` and every input is read through
+        ``unscale_grad(x, scale)`` (identity forward), and a leaf module holding trainable
+        parameters (``nn.BatchNorm`` under fx, ``nn.LSTM``) runs through ``module_unscaled`` /
+        ``module_in_dtype(..., unscale=scale)``, which do the same for its parameters. So every
+        path from the loss to a leaf tensor crosses one division: ``.grad`` holds the true
+        gradient after ``loss.backward()`` (fp16 as bf16), several backwards accumulate true
+        gradients, ``clip_grad_norm_``, a plain ``optimizer.step()`` and ``torch.autograd.grad``
+        see true values, and DDP/FSDP reduce true values. The scale stays on the device (no host
+        sync); the scaler only looks for infs and NaNs at ``step`` (``unscaled_in_backward``),
+        and an overflow in any micro-batch of an accumulation leaves an inf in ``.grad`` that
+        skips the step.
 
     >>> found = insert_loss_scaling(gm, scaler.scale_tensor("cpu"))
     >>> found  # the name of the wrapped loss node, or None
@@ -88,5 +100,66 @@ def insert_loss_scaling(gm: fx.GraphModule, scale: torch.Tensor, kinds: dict[str
     if "val" in src.meta:
         wrapped.meta["val"] = src.meta["val"]
     out.args = fx.node.map_arg(out.args, lambda n: wrapped if n is src else n)
+    unscale_leaves(gm, s)
     gm.recompile()
     return loss.name
+
+
+def unscale_leaves(gm: fx.GraphModule, scale_node: fx.Node) -> int:
+    """Rule L4: route every trainable parameter, every input and every leaf module with
+    trainable parameters through the division by the scale; returns how many were routed."""
+    from amp_compiler.runtime import module_in_dtype, module_unscaled
+    from amp_compiler.scaler import unscale_grad
+
+    routed = 0
+    graph = gm.graph
+
+    def wrap(node: fx.Node) -> None:
+        nonlocal routed
+        with graph.inserting_after(node):
+            new = graph.call_function(unscale_grad, (node, scale_node))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        new._rename(f"{node.name}_unscaled")
+        if "val" in node.meta:
+            new.meta["val"] = node.meta["val"]
+        routed += 1
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    # the scale is read once, before anything reads a parameter or an input (torch.export's
+    # graphs read their parameters before their placeholders)
+    next(iter(graph.nodes)).prepend(scale_node)
+    after = placeholders[-1].next if placeholders else None
+    for node in placeholders:
+        with graph.inserting_before(after):
+            new = graph.call_function(unscale_grad, (node, scale_node))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        new._rename(f"{node.name}_unscaled")
+        if "val" in node.meta:
+            new.meta["val"] = node.meta["val"]
+        routed += 1
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and node is not scale_node:
+            value = _attr(gm, str(node.target))
+            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+                wrap(node)
+        elif node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if any(p.requires_grad for p in module.parameters()):
+                with graph.inserting_before(node):
+                    mod = graph.get_attr(str(node.target))
+                    call = graph.call_function(module_unscaled, (mod, scale_node, *node.args), dict(node.kwargs))
+                node.replace_all_uses_with(call)
+                call.meta.update(node.meta)
+                graph.erase_node(node)
+                routed += 1
+        elif node.op == "call_function" and node.target is module_in_dtype:
+            node.kwargs = {**node.kwargs, "_amp_unscale": scale_node}
+            routed += 1
+    return routed
+
+
+def _attr(root, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
