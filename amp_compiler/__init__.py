@@ -62,6 +62,8 @@ _LAZY = {
     "convert_onnx": "amp_compiler.onnx_frontend",
     "compare": "amp_compiler.compare",
     "backend": "amp_compiler.dynamo",
+    "save": "amp_compiler.saving",
+    "load": "amp_compiler.saving",
 }
 
 

@@ -304,7 +304,10 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     scaler = make_scaler(model, gm, dataflow, low, device_type, loss_scale) if training else None
 
     def rebuild(mode: bool) -> AmpModule:
-        return _build(model, example_inputs, training=mode, fold=False, saved_plan=saved_plan,
+        # a saved plan names the nodes of one mode's graph (dropout, batch norm differ):
+        # the other mode is analysed afresh
+        return _build(model, example_inputs, training=mode, fold=False,
+                      saved_plan=saved_plan if mode == training else None,
                       rewrite_attention=attention, **options)
 
     # leaf modules whose forward depends on their mode (batch norm): run in the graph's mode
@@ -316,7 +319,7 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
                      # a folded module never switches mode: holding no rebuild closure lets the
                      # user's fp32 weights be freed once they drop the original model
                      rebuild=None if fold else rebuild, mode_leaves=mode_leaves,
-                     call_spec=call_spec(model, example_inputs, example_kwargs))
+                     call_spec=call_spec(model, example_inputs, example_kwargs), model=model)
 
 
 def call_spec(model: nn.Module, example_inputs, example_kwargs):

@@ -37,3 +37,15 @@ class OnnxError(AmpCompilerError):
 class PlanError(AmpCompilerError, ValueError):
     """A saved plan (``PrecisionPlan.from_json``) is malformed; the message names the file, the
     place in it (``nodes['linear'].precision``) and what is wrong there."""
+
+
+class SavedFileError(AmpCompilerError, ValueError):
+    """A file ``amp_compiler.save`` writes or ``load`` reads is unusable: missing, not one of
+    ours, from a newer format, or holding weights that do not fit the model given; the message
+    names the file and what to do."""
+
+
+class UnsupportedOperationError(AmpCompilerError, TypeError):
+    """An ``nn.Module`` operation an ``AmpModule`` refuses, raised before anything changes: a
+    whole-module dtype change (``.half()``, ``.to(torch.bfloat16)``: precision is the plan's,
+    convert again with ``dtype=``) or pickling the module (``amp_compiler.save`` saves it)."""

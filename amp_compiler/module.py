@@ -5,24 +5,48 @@
     >>> print(amp.graph_module.code) # the casts, explicit
     >>> amp.plan["fc1"].reason
     'linear: matrix-unit op, computes in bfloat16'
+
+Checkpoints and weights (the user model's view of the module):
+
+- ``amp.state_dict()`` has the user model's keys (``model.state_dict()``'s, not the graph
+  module's ``graph_module.*`` ones), nested modules (``nn.Sequential(amp)``, DDP) prefix them
+  as usual, and ``load_state_dict`` takes the same keys, so checkpoints move freely between
+  ``model`` and ``amp``. A training module's values are the user's own tensors (the fp32
+  master weights). An inference module keeps only low-precision copies of the weights it
+  folded (rule F2): its state dict gives the user's fp32 tensor while the user's model keeps
+  it alive, the low-precision copy once it is gone; loading writes the fp32 value into the
+  live original and refolds the copy from it (or casts it straight into the copy).
+- An inference module notices when the user's weights changed in place since folding (version
+  counters: ``optimizer.step()``, ``w.mul_(2)``) and refolds those copies at the next call;
+  ``amp.refresh()`` refolds everything (needed after ``w.data = ...``, which moves no counter).
+- Precision is the plan's: ``.half()``, ``.to(torch.bfloat16)`` and the like raise
+  ``UnsupportedOperationError`` and leave every weight alone; device moves work.
+- Pickling the module (``torch.save`` of it, ``pickle.dumps``) raises at once: its graph cannot
+  be pickled faithfully. ``amp_compiler.save(amp, path)`` saves a converted model;
+  ``amp.state_dict()`` saves its weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import warnings
-from typing import Callable
+from collections import OrderedDict
+from typing import Any, Callable, NoReturn
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from amp_compiler.errors import AmpCompilerError
+from amp_compiler.errors import AmpCompilerError, UnsupportedOperationError
 from amp_compiler.shapes import explain_inputs_error, explain_shape_error
 from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.fold_weights import FoldedWeight, folded_weights, refold
 from amp_compiler.passes.insert_casts import CastRecord
 from amp_compiler.passes.plan import PrecisionPlan
+
+log = logging.getLogger("amp_compiler")
 
 
 class AmpModule(nn.Module):
@@ -32,7 +56,13 @@ class AmpModule(nn.Module):
                  dataflow: DataflowGraph, casts: list[CastRecord], low_dtype: torch.dtype,
                  training: bool, folded: bool, scaler=None, source: str = "fx",
                  rebuild: Callable[[bool], "AmpModule"] | None = None,
-                 mode_leaves: list[nn.Module] = (), call_spec=None) -> None:
+                 mode_leaves: list[nn.Module] = (), call_spec=None,
+                 model: nn.Module | None = None) -> None:
+        """``model``: the user's model, read here and not kept: it gives ``state_dict()`` its
+        exact keys and order, tied names, and the tensors the graph never reads (fx captures
+        leave out unused parameters and all but one name of a tied weight). Without it, the
+        keys are those of the tensors the graph module holds, which for a torch.export
+        capture are all of the model's."""
         super().__init__()
         self._call_spec = call_spec
         self._mode_leaves = list(mode_leaves)
@@ -47,6 +77,10 @@ class AmpModule(nn.Module):
         self._rebuild = rebuild
         self._other_modes: dict[bool, AmpModule] = {}
         self.training = training  # a traced graph's mode is baked in; see train()
+        self._told_refold = False
+        self._user_keys, self._aliases, self._held = _user_layout(model, graph_module)
+        # after the graph module loads its part of a checkpoint: folded copies follow
+        self.register_load_state_dict_post_hook(_refold_after_load)
 
     # -- public surface ------------------------------------------------------------------
     @property
@@ -66,6 +100,8 @@ class AmpModule(nn.Module):
         return self._scaler
 
     def forward(self, *args, **kwargs):
+        if self.folded and not torch.compiler.is_compiling():
+            self._refold_stale()
         modes = [m.training for m in self._mode_leaves]
         for m in self._mode_leaves:
             m.training = self.training
@@ -112,6 +148,250 @@ class AmpModule(nn.Module):
     def cast_count(self) -> int:
         """Cast nodes executed per forward."""
         return sum(1 for n in self.graph_module.graph.nodes if n.meta.get("amp_cast"))
+
+    # -- weights: the user model's keys, folded copies kept current ------------------------
+    def state_dict(self, *args, destination: dict | None = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, Any]:
+        """The state under the user model's keys (``model.state_dict()``'s), not the graph
+        module's; ``destination`` / ``prefix`` / ``keep_vars`` as ``nn.Module.state_dict``, so a
+        parent module (``nn.Sequential(amp)``, DDP) gets ``prefix + key``.
+
+        Training module: the user's own tensors (fp32 master weights, shared). Inference
+        module: for a folded weight, the user's fp32 tensor while their model keeps it alive,
+        else the low-precision copy the module computes with (``model.load_state_dict``
+        upcasts it).
+
+        Example:
+            >>> amp = ac.convert(model, dtype="bfloat16", training=True)
+            >>> list(amp.state_dict()) == list(model.state_dict())
+            True
+            >>> model.load_state_dict(amp.state_dict())   # strict: same keys
+            <All keys matched successfully>
+        """
+        if args:  # nn.Module's deprecated positional form: (destination, prefix, keep_vars)
+            destination = args[0]
+            prefix = args[1] if len(args) > 1 and prefix == "" else prefix
+            keep_vars = args[2] if len(args) > 2 and keep_vars is False else keep_vars
+        if destination is None:
+            destination = OrderedDict()
+            destination._metadata = OrderedDict()  # type: ignore[attr-defined]
+        for hook in getattr(self, "_state_dict_pre_hooks", {}).values():
+            hook(self, prefix, keep_vars)
+        inner = self.graph_module.state_dict(keep_vars=True)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata[prefix[:-1]] = {"version": self._version}
+            for path, meta in getattr(inner, "_metadata", {}).items():
+                if path and not path.startswith("_amp_"):
+                    metadata[prefix + path] = meta
+        for key, kind, where in self._entries(inner):
+            if kind == "graph":
+                value = inner[where]
+            elif kind == "folded":
+                value = where[0].original()
+                if value is None:
+                    value = _get(self.graph_module, where[0].copy)
+            else:
+                value = where
+            destination[prefix + key] = value if keep_vars else value.detach()
+        local_metadata = metadata.get(prefix[:-1], {}) if metadata is not None else {}
+        for hook in getattr(self, "_state_dict_hooks", {}).values():  # hooks on amp itself
+            result = hook(self, destination, prefix, local_metadata)
+            if result is not None and not getattr(hook, "_from_public_api", False):
+                destination = result
+        return destination
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """``load_state_dict`` calls this before the graph module's own: the user model's keys
+        become the graph module's (``prefix + "graph_module." + key``); a folded weight's value
+        goes into its live original (refolded by the post-hook) or, the original gone, straight
+        into its low-precision copy. Keys of neither kind are left for nn.Module to report."""
+        inner_prefix = prefix + "graph_module."
+        gm = self.graph_module
+        inner = gm.state_dict(keep_vars=True)
+        entries = self._entries(inner)
+        ours = [k for k in state_dict if k.startswith(prefix)]
+        if not any(prefix + key in state_dict for key, _, _ in entries) and any(
+                k.startswith(inner_prefix) for k in ours):
+            # a checkpoint of the graph module's keys, as state_dict() wrote them before
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                 missing_keys, unexpected_keys, error_msgs)
+        for key, kind, where in entries:
+            full = prefix + key
+            if full not in state_dict:
+                missing_keys.append(full)
+                continue
+            value = state_dict.pop(full)
+            if kind == "graph":
+                targets = [inner[where]]
+            elif kind == "folded":
+                live = [r.original() for r in where if r.original() is not None]
+                targets = live[:1] or [_get(gm, r.copy) for r in where]
+            else:
+                targets = [where]
+            if not isinstance(value, torch.Tensor):
+                error_msgs.append(f'While copying the parameter named "{full}", expected '
+                                  f'torch.Tensor or Tensor-like object from checkpoint but '
+                                  f'received {type(value)}')
+            elif value.shape != targets[0].shape:
+                error_msgs.append(f"size mismatch for {full}: copying a param with shape "
+                                  f"{value.shape} from checkpoint, the shape in current model "
+                                  f"is {targets[0].shape}.")
+            elif kind == "graph":  # the graph module loads it (assign=True honoured there)
+                state_dict[inner_prefix + where] = value
+            else:
+                with torch.no_grad():
+                    for target in targets:
+                        target.copy_(value)
+        # the graph module's own entries that no key fed (the low copies, reported missing
+        # user keys) load as themselves: a no-op rather than a second, internal "missing" key
+        for key, value in inner.items():
+            state_dict.setdefault(inner_prefix + key, value)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def refresh(self) -> int:
+        """Refold every low-precision weight copy from its fp32 original; returns how many
+        copies were refreshed (0 for a training module, which folds nothing, or once the
+        originals are gone).
+
+        An inference module refolds on its own, at the next call, the copies of weights
+        changed in place (their version counter moves: ``optimizer.step()``, ``w.mul_(2)``,
+        ``load_state_dict``). Replacing a tensor's data (``w.data = new``) moves no counter:
+        call ``refresh()`` then. A weight replaced by a new Parameter object
+        (``model.fc.weight = nn.Parameter(...)``) is a tensor this module never saw: load it,
+        ``amp.load_state_dict(model.state_dict())``.
+
+        Example:
+            >>> amp = ac.convert(model, dtype="float16", training=False)
+            >>> model.fc.weight.data = torch.randn_like(model.fc.weight)
+            >>> amp.refresh()
+            4
+        """
+        return len(refold(self.graph_module, stale_only=False))
+
+    def _refold_stale(self) -> None:
+        done = refold(self.graph_module)
+        if done and not self._told_refold:
+            self._told_refold = True
+            log.info("refolded %d low-precision weight copies whose fp32 originals changed since "
+                     "folding (first: '%s'); this module checks at every call (amp.refresh() "
+                     "refolds everything, e.g. after `w.data = ...`)", len(done), done[0].source)
+
+    def _entries(self, inner: dict) -> list[tuple[str, str, Any]]:
+        """The user's state-dict keys in order, each with where its value lives now:
+        ``("graph", key)`` a tensor of the graph module (the user's own, shared);
+        ``("folded", [FoldedWeight])`` low-precision copies only, the original maybe alive;
+        ``("held", tensor)`` a tensor the graph does not read (see ``__init__``'s ``model``)."""
+        folded: dict[str, list[FoldedWeight]] = {}
+        for rec in folded_weights(self.graph_module):
+            if rec.persistent:
+                folded.setdefault(rec.source, []).append(rec)
+        if self._user_keys is not None:
+            keys = self._user_keys
+        else:  # the graph module's keys, in the order they had before folding
+            keys = list(self.graph_module.meta.get("amp_state_keys", ()))
+            seen = set(keys)
+            keys += [k for k in inner if k not in seen]
+        out = []
+        for key in keys:
+            name = self._aliases.get(key, key)
+            if name.startswith("_amp_"):
+                continue
+            if name in inner:
+                out.append((key, "graph", name))
+            elif name in folded:
+                out.append((key, "folded", folded[name]))
+            elif key in self._held:
+                out.append((key, "held", self._held[key]))
+        return out
+
+    # -- precision is the plan's; pickling is amp_compiler.save's ---------------------------
+    def _refuse_dtype(self, call: str) -> NoReturn:
+        low = str(self.low_dtype).removeprefix("torch.")
+        raise UnsupportedOperationError(
+            f"amp.{call}: an AmpModule's precision is set by its plan (each op in {low} or "
+            f"float32, the weights stored as the plan needs them); a whole-module cast would undo "
+            f"it, so no weight was touched. For another precision convert the model again, "
+            f"amp_compiler.convert(model, dtype='bfloat16') (or 'float16'); for float32 use the "
+            f"original model. Device moves work: amp.to('cuda'), amp.cuda(), amp.cpu()")
+
+    def half(self) -> NoReturn:
+        """Refused (``UnsupportedOperationError``): precision is the plan's; see ``to``."""
+        self._refuse_dtype("half()")
+
+    def bfloat16(self) -> NoReturn:
+        """Refused (``UnsupportedOperationError``): precision is the plan's; see ``to``."""
+        self._refuse_dtype("bfloat16()")
+
+    def float(self) -> NoReturn:
+        """Refused (``UnsupportedOperationError``): precision is the plan's; see ``to``."""
+        self._refuse_dtype("float()")
+
+    def double(self) -> NoReturn:
+        """Refused (``UnsupportedOperationError``): precision is the plan's; see ``to``."""
+        self._refuse_dtype("double()")
+
+    def type(self, dst_type) -> NoReturn:
+        """Refused (``UnsupportedOperationError``): precision is the plan's; see ``to``."""
+        self._refuse_dtype(f"type({dst_type!r})")
+
+    def to(self, *args, **kwargs) -> "AmpModule":
+        """Move the module to a device (``amp.to("cuda")``, ``amp.to(device=x.device)``);
+        a float32 tensor as argument moves to its device (the plan keeps its dtypes).
+
+        Any dtype (``amp.to(torch.float16)``, ``amp.to("cuda", torch.bfloat16)``, a tensor of
+        another dtype) raises ``UnsupportedOperationError`` before anything moves: precision
+        is the plan's; convert the model again with ``dtype=`` instead.
+
+        Example:
+            >>> amp = amp.to("cuda")
+            >>> amp.to(torch.float16)
+            Traceback (most recent call last):
+            amp_compiler.errors.UnsupportedOperationError: amp.to(torch.float16): ...
+        """
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("tensor")
+        if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+            dtype = None  # `amp.to(x)`, x a float32 input: the device move users mean
+        if dtype is not None:
+            shown = ", ".join([repr(a) if not isinstance(a, torch.Tensor) else f"<{a.dtype} tensor>"
+                               for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
+            self._refuse_dtype(f"to({shown})")
+        move: dict[str, Any] = {"non_blocking": non_blocking}
+        if device is not None:
+            move["device"] = device
+        if memory_format is not None:
+            move["memory_format"] = memory_format
+        return super().to(**move)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves reach the other mode's graph and the tensors the graph does not read."""
+        super()._apply(fn, recurse)
+        if recurse:
+            seen = {id(self.graph_module)}
+            for state in self._other_modes.values():
+                if id(state.graph_module) not in seen:
+                    seen.add(id(state.graph_module))
+                    state.graph_module._apply(fn)
+            with torch.no_grad():
+                for t in self._held.values():
+                    t.data = fn(t)
+        return self
+
+    def __reduce_ex__(self, protocol):
+        raise UnsupportedOperationError(
+            "an AmpModule cannot be pickled (torch.save of the module, pickle.dumps): its graph "
+            "is generated code whose node names, casts and plan do not survive pickling. Save "
+            "the converted model with amp_compiler.save(amp, path) (read it back with "
+            "amp_compiler.load(path, model)), or save its weights alone: amp.state_dict() has "
+            "the user model's keys and loads into the model or a new conversion")
+
+    def __copy__(self) -> "AmpModule":
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
 
     # -- modes ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "AmpModule":
@@ -163,6 +443,43 @@ class AmpModule(nn.Module):
             fold_weights(self.graph_module, self._casts)
             self.folded = True
         return self
+
+
+def _get(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _user_layout(model: nn.Module | None, gm: fx.GraphModule):
+    """(keys, aliases, held) for ``AmpModule._entries``: the model's state-dict keys in order
+    (None without a model: the graph's keys are used), each key the graph module knows under
+    another name (a tied weight) mapped to that name, and the tensors it does not hold."""
+    if model is None:
+        return None, {}, {}
+    inner = gm.state_dict(keep_vars=True)
+    known = {id(t): k for k, t in inner.items() if not k.startswith("_amp_")}
+    folded = {}
+    for rec in folded_weights(gm):
+        folded.setdefault(rec.source, rec)
+        if rec.original() is not None:
+            known.setdefault(id(rec.original()), rec.source)
+    keys, aliases, held = [], {}, {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        keys.append(key)
+        if key in inner or key in folded:
+            continue
+        if id(t) in known:
+            aliases[key] = known[id(t)]
+        else:
+            held[key] = t
+    return keys, aliases, held
+
+
+def _refold_after_load(module: AmpModule, incompatible_keys) -> None:
+    """load_state_dict post-hook: refold the copies whose originals the load just wrote."""
+    refold(module.graph_module)
 
 
 class _Snapshot:

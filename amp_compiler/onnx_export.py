@@ -106,8 +106,10 @@ def fsync_path(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some file systems do not fsync folders
-        pass
+    except OSError:
+        if not os.path.isdir(path):  # a file that cannot reach the disk is an error
+            raise
+        # some file systems do not fsync folders
     finally:
         os.close(fd)
 

@@ -29,7 +29,7 @@ from amp_compiler.errors import LossScalerError
 
 _READY = torch.amp.grad_scaler.OptState.READY
 
-__all__ = ["LossScaler", "scale_loss_grad", "unscale_grad"]
+__all__ = ["LossScaler", "scale_loss_grad", "unscale_grad", "unscale_grads"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -102,6 +102,42 @@ def unscale_grad(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if not (isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point()):
         return x
     return _UnscaleGrad.apply(x, scale)
+
+
+class _UnscaleGrads(torch.autograd.Function):
+    """``_UnscaleGrad`` for several tensors at once: one autograd node and one foreach
+    division per group (a layer's parameters), not one of each per parameter."""
+
+    @staticmethod
+    def forward(ctx: Any, scale: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.scale = scale
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return (None, *grads)
+        anchor = grads[present[0]]
+        scale = ctx.scale.to(device=anchor.device, non_blocking=True)
+        divided = torch._foreach_div([grads[i] for i in present], scale)  # out of place
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        for i, g in zip(present, divided):
+            out[i] = g
+        return (None, *out)
+
+
+def unscale_grads(scale: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`unscale_grad` for a group of tensors (a layer's parameters): returns them
+    unchanged, their gradients divided by ``scale`` with one foreach call in backward.
+
+        >>> w, b = unscale_grads(scaler.scale_tensor(), linear.weight, linear.bias)
+    """
+    if torch.overrides.has_torch_function((scale, *xs)):
+        return torch.overrides.handle_torch_function(unscale_grads, (scale, *xs), scale, *xs)
+    if not any(isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point() for x in xs):
+        return tuple(xs)
+    return _UnscaleGrads.apply(scale, *xs)
 
 
 class LossScaler(torch.amp.GradScaler):

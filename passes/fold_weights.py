@@ -10,15 +10,28 @@ Rules:
     F4  a buffer the graph writes is not folded (capture turns every write into a buffer, such
         as a running average updated in forward, into a ``copy_`` into it): a stored copy would
         go stale after the first call; its cast stays in the graph and reads the current value.
+    F5  every stored copy is recorded (``gm.meta["amp_folded"]``, a list of ``FoldedWeight``):
+        its name, the state-dict key of the original it was cast from, and a *weak* reference
+        to that original with its version counter at folding time. A weak reference, so F2
+        still holds: once the caller drops the model, the fp32 original is freed. While it is
+        alive, ``refold`` brings the copies of originals changed in place since folding
+        (``optimizer.step()``, ``w.mul_(2)``, ``load_state_dict``) back in line, and
+        ``AmpModule`` maps the user's state-dict keys onto the copies.
+        ``gm.meta["amp_state_keys"]`` keeps the graph module's state-dict keys before folding
+        (the user model's, in its order).
 
     >>> n = fold_weights(gm, casts)
     >>> "to(" in gm.code
     False
+    >>> [(f.copy, f.source) for f in folded_weights(gm)][:1]
+    [('_amp_fc1_weight_f16', 'fc1.weight')]
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -44,6 +57,84 @@ def _delete(root, target: str) -> None:
         delattr(owner, leaf)
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """``t._version``; None for tensors that keep no version counter (inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+@dataclass(eq=False)
+class FoldedWeight:
+    """One stored low-precision copy (F1, or one tensor of an F3 module copy) and its origin.
+
+    ``copy``: its state-dict key in the graph module (``_amp_linear_weight_f16``,
+    ``_amp_lstm_float16.weight_ih_l0``); ``source``: the original's key (``fc1.weight``, the
+    user model's state-dict key); ``persistent``: whether the original is part of the state
+    dict; ``ref``: a weak reference to the original (None once pickled or copied without it);
+    ``version``: the original's version counter when the copy was last made.
+    """
+
+    copy: str
+    source: str
+    dtype: torch.dtype
+    persistent: bool
+    ref: weakref.ref | None
+    version: int | None
+
+    def original(self) -> torch.Tensor | None:
+        """The fp32 original, while something (the user's model) keeps it alive."""
+        return self.ref() if self.ref is not None else None
+
+    def stale(self) -> bool:
+        """True when the live original was changed in place since the copy was made."""
+        t = self.original()
+        return t is not None and self.version is not None and _version_of(t) != self.version
+
+    def __getstate__(self) -> dict:
+        # pickled or deep-copied (``copy.deepcopy(amp)``: an independent copy, an EMA model),
+        # the copy owns its weights and follows no original: a weak reference is not kept
+        return {**self.__dict__, "ref": None}
+
+
+def folded_weights(gm: fx.GraphModule) -> list[FoldedWeight]:
+    """The copies ``fold_weights`` stored in ``gm`` (rule F5); empty when nothing was folded."""
+    return gm.meta.get("amp_folded", [])
+
+
+def refold(gm: fx.GraphModule, *, stale_only: bool = True) -> list[FoldedWeight]:
+    """Copy each live original into its stored copy again (cast to the copy's dtype), in place;
+    with ``stale_only`` only those whose version counter moved since (one pass over a list).
+    Returns the records refolded. Originals that are gone are skipped: nothing to compare with.
+
+    >>> with torch.no_grad():
+    ...     model.fc1.weight.mul_(2)
+    >>> [f.source for f in refold(gm)]
+    ['fc1.weight']
+    """
+    done = []
+    for rec in folded_weights(gm):
+        src = rec.original()
+        if src is None or (stale_only and not rec.stale()):
+            continue
+        with torch.no_grad():
+            _get(gm, rec.copy).copy_(src)
+        rec.version = _version_of(src)
+        done.append(rec)
+    return done
+
+
+def _record(records: list, state_keys: set[str], copy_key: str, source_key: str,
+            original: torch.Tensor, dtype: torch.dtype) -> None:
+    try:
+        ref = weakref.ref(original)
+    except TypeError:
+        ref = None
+    records.append(FoldedWeight(copy_key, source_key, dtype, source_key in state_keys, ref,
+                                _version_of(original)))
+
+
 def _written_attrs(gm: fx.GraphModule) -> set[str]:
     """Targets of ``get_attr`` nodes written into: after capture's functionalize every write
     into a buffer is a ``copy_`` whose destination is argument 0."""
@@ -54,9 +145,13 @@ def _written_attrs(gm: fx.GraphModule) -> set[str]:
 
 
 def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
-    """Apply F1-F3 to ``gm`` in place; returns the number of casts folded."""
+    """Apply F1-F5 to ``gm`` in place; returns the number of casts folded."""
     nodes = {n.name: n for n in gm.graph.nodes}
     written = _written_attrs(gm)
+    state_keys = list(gm.state_dict(keep_vars=True))
+    gm.meta.setdefault("amp_state_keys", state_keys)
+    records = gm.meta.setdefault("amp_folded", [])
+    state_keys = set(state_keys)
     folded = 0
     for rec in casts:
         if not rec.is_param or rec.node not in nodes:
@@ -65,10 +160,12 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
             continue
         cast_node = nodes[rec.node]
         src = nodes[rec.source]
+        original = _get(gm, str(src.target))
         with torch.no_grad():
-            value = _get(gm, str(src.target)).detach().to(rec.dtype)
+            value = original.detach().to(rec.dtype)
         attr = f"_amp_{rec.node}"
         gm.register_buffer(attr, value)
+        _record(records, state_keys, attr, str(src.target), original, rec.dtype)  # F5
         with gm.graph.inserting_before(cast_node):
             new = gm.graph.get_attr(attr)
         cast_node.replace_all_uses_with(new)
@@ -81,6 +178,11 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
             low = copy.deepcopy(module).to(dtype)
             name = f"_amp_{str(mod_node.target).replace('.', '_')}_{str(dtype).split('.')[-1]}"
             gm.add_submodule(name, low)
+            originals = dict(module.state_dict(keep_vars=True))
+            for key, t in low.state_dict(keep_vars=True).items():  # F5, tensor by tensor
+                if key in originals:
+                    _record(records, state_keys, f"{name}.{key}", f"{mod_node.target}.{key}",
+                            originals[key], t.dtype)
             with gm.graph.inserting_before(node):
                 call = gm.graph.call_module(name, tuple(node.args[2:]), dict(node.kwargs))
             node.replace_all_uses_with(call)

@@ -92,6 +92,21 @@ def test_every_reference_plan_round_trips(name):
         assert any(d.rule == "R0:float64" and d.precision == torch.float64 for d in back.values())
 
 
+def test_a_training_conversion_from_a_saved_plan_switches_to_eval():
+    """A saved plan names one mode's nodes (the training graph has dropout): ``eval()`` on a
+    conversion made from it analyses the eval graph afresh instead of refusing the plan."""
+    model, inputs = build("gpt", "tiny", with_targets=True, dropout=0.1)
+    model.train()
+    saved = ac.convert(model, inputs, dtype="float16").plan.to_json()
+    again = ac.convert(model, inputs, dtype="float16", plan=saved)
+    assert again.plan.to_json() == saved
+    fresh = ac.convert(model, inputs, dtype="float16", training=False)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(*inputs), fresh(*inputs))
+    assert "dropout" in PrecisionPlan.from_json(saved).keys()  # the nodes eval's graph lacks
+    assert "dropout" not in again.plan.keys()
+
+
 def test_calibration_and_tolerance_metadata_round_trip():
     model, inputs = build("mlp", "tiny")
     batches = [(torch.randn_like(inputs[0]),) for _ in range(2)]

@@ -86,11 +86,18 @@ def test_graph_divides_once_on_every_path_to_a_parameter():
     amp = ac.convert(model.train(), ex, dtype=FP16)
     gm = amp.graph_module
     trainable = {id(p) for p in gm.parameters() if p.requires_grad}
-    reads = [n for n in gm.graph.nodes if n.op == "placeholder" or (
-        n.op == "get_attr" and id(_attr(gm, str(n.target))) in trainable)]
-    assert len(reads) >= len(trainable) + 2  # every parameter, idx and targets
-    for node in reads:
+    params = [n for n in gm.graph.nodes
+              if n.op == "get_attr" and id(_attr(gm, str(n.target))) in trainable]
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert {id(_attr(gm, str(n.target))) for n in params} == trainable and len(inputs) == 2
+    for node in inputs:
         assert [getattr(u.target, "__name__", "") for u in node.users] == ["unscale_grad"], node
+    groups = set()
+    for node in params:  # one division per layer: all of a block's parameters in one node
+        assert [getattr(u.target, "__name__", "") for u in node.users] == ["unscale_grads"], node
+        groups.add(next(iter(node.users)))
+    layers = {str(n.target).split(".")[:3][-1] for n in params if ".h." in str(n.target)}
+    assert len(groups) < len(params) and len(layers) == model.config.n_layer
 
 
 def _attr(root, target: str):
