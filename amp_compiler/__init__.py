@@ -44,13 +44,15 @@ _sys.modules[__name__].__class__ = _Package
 
 from amp_compiler.convert import convert  # noqa: E402
 from amp_compiler.errors import (AmpCompilerError, ConfigError, LossScalerError, OnnxError,
-                                 PlanError, ToleranceError, TraceError, UnsupportedModelError)
+                                 PlanError, SavedFileError, ToleranceError, TraceError,
+                                 UnsupportedModelError, UnsupportedOperationError)
 from amp_compiler.module import AmpModule
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 
 __all__ = ["convert", "AmpModule", "PrecisionPlan", "Decision", "AmpCompilerError",
            "ConfigError", "TraceError", "UnsupportedModelError", "ToleranceError",
-           "LossScalerError", "OnnxError", "PlanError"]
+           "LossScalerError", "OnnxError", "PlanError", "SavedFileError",
+           "UnsupportedOperationError"]
 __version__ = "0.1.0"
 
 

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     step_ms = 1000.0 * elapsed / timed
     tokens = args.global_batch * args.seq_len
     result = {
-        "command": "torchrun --nproc_per_node %d bench/distributed_gpt2.py %s" % (world, " ".join(argv if argv is not None else sys.argv[1:])),
+        "command": ("python" if "LOCAL_RANK" not in os.environ else f"torchrun --nproc_per_node {world}")
+                   + " bench/distributed_gpt2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device_name": torch.cuda.get_device_name(device), "torch": torch.__version__,
         "wrap": args.wrap, "world": world, "global_batch": args.global_batch, "per_rank_batch": per_rank,
