@@ -20,6 +20,7 @@ from amp_compiler.module import AmpModule
 from amp_compiler.passes.attention import rewrite_attention as rewrite_attention_pass
 from amp_compiler.passes.classify import classify, override_entries
 from amp_compiler.passes.fold_weights import fold_weights
+from amp_compiler.passes.fused_cross_entropy import fuse_linear_cross_entropy
 from amp_compiler.passes.insert_casts import insert_casts
 from amp_compiler.passes.plan import PrecisionPlan
 from amp_compiler.passes.policy import policy_for
@@ -295,6 +296,12 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     # the plan's reasons say what rule I9 did to a fill value that did not fit the low dtype
     plan = plan.replace({n: plan[n].with_(reason=f"{plan[n].reason}; {note}")
                          for n, note in casts.saturated.items()})
+    # 5b. a cross-entropy over a vocabulary-sized linear layer computed in chunks: the fp32
+    #     logits, log-softmax and gradient are never held for all rows (rules X1-X4)
+    fused = fuse_linear_cross_entropy(gm)
+    if fused:
+        plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
+                             meta={**plan.meta, "rewrites": plan.meta["rewrites"] + [r.as_row() for r in fused]})
     # 6. inference: parameter casts folded into stored low-precision copies, once
     if fold:
         log.info("folded %d parameter casts", fold_weights(gm, casts.casts))

@@ -23,6 +23,10 @@ Rules:
         sync); the scaler only looks for infs and NaNs at ``step`` (``unscaled_in_backward``),
         and an overflow in any micro-batch of an accumulation leaves an inf in ``.grad`` that
         skips the step.
+    L5  a fused cross-entropy (fused_cross_entropy's X3/X5), which computes its gradients
+        during the forward, is handed the same scale, so those gradients are the scaled ones
+        the unfused backward would compute (no fp16 underflow), and backward divides by the
+        scale it was handed only to apply the incoming gradient.
 
     >>> found = insert_loss_scaling(gm, scaler.scale_tensor("cpu"))
     >>> found  # the name of the wrapped loss node, or None
@@ -103,6 +107,9 @@ def insert_loss_scaling(gm: fx.GraphModule, scale: torch.Tensor, kinds: dict[str
     if "val" in src.meta:
         wrapped.meta["val"] = src.meta["val"]
     out.args = fx.node.map_arg(out.args, lambda n: wrapped if n is src else n)
+    for node in gm.graph.nodes:  # L5: fused cross-entropy computes its gradients scaled
+        if node.meta.get("amp_fused_cross_entropy") is not None:
+            node.kwargs = {**node.kwargs, "scale": s}
     unscale_leaves(gm, s)
     gm.recompile()
     return loss.name
