@@ -49,3 +49,8 @@ class UnsupportedOperationError(AmpCompilerError, TypeError):
     """An ``nn.Module`` operation an ``AmpModule`` refuses, raised before anything changes: a
     whole-module dtype change (``.half()``, ``.to(torch.bfloat16)``: precision is the plan's,
     convert again with ``dtype=``) or pickling the module (``amp_compiler.save`` saves it)."""
+
+
+class UnusedOverrideWarning(UserWarning):
+    """A ``keep_fp32`` / ``force_low`` entry names an op kind or a module class this model does
+    not contain: it does nothing here (a recipe shared across models may name such kinds)."""

@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from amp_compiler.errors import ConfigError
+import torch
+
+from amp_compiler.errors import ConfigError, UnusedOverrideWarning
 
 from .graph import DataflowGraph
 from .kernels import missing_kernel
-from .policy import NON_FLOAT, Policy
+from .policy import NON_FLOAT, Policy, policy_for
 
 SOURCE_ROLES = ("input", "param", "const", "output")
 
@@ -122,8 +125,15 @@ def _resolve(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str
             if not hits:
                 hits = [v.name for v in compute if _path_matches(v.module_path, entry)]
         if not hits:
+            if isinstance(entry, type) or entry in known_kinds():
+                # a real kind or class this model happens not to use: a recipe shared across
+                # models ("add", "layer_norm") must not fail on a model without one
+                warnings.warn(f"{arg} entry {text!r} matches nothing in this model (it has no "
+                              f"{'module of that class' if isinstance(entry, type) else 'op of that kind'}"
+                              "): ignored", UnusedOverrideWarning, stacklevel=3)
+                continue
             vocabulary = sorted({v.kind for v in compute} | {v.module_path for v in compute if v.module_path}
-                                | {v.name for v in compute})
+                                | {v.name for v in compute} | known_kinds())
             close = difflib.get_close_matches(text, vocabulary, n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"{arg} entry {text!r} matches no op kind, node name, module path "
@@ -132,6 +142,12 @@ def _resolve(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str
         for name in hits:
             selected.setdefault(name, text)
     return selected
+
+
+def known_kinds() -> frozenset[str]:
+    """Every op kind the policy tables name (on any device, in either low dtype)."""
+    return frozenset(k for dev in ("cuda", "cpu") for dt in (torch.float16, torch.bfloat16)
+                     for k in policy_for(dev, dt).table)
 
 
 def _path_matches(path: str, pattern: str) -> bool:

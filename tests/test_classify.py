@@ -204,7 +204,25 @@ def test_override_of_a_wrong_type_raises_config_error(gpt_graph):
     with pytest.raises(ConfigError, match="entries must be"):
         _resolve(graph, keep_fp32=(3,))
     with pytest.raises(ConfigError, match="matches no"):
-        _resolve(graph, keep_fp32=(nn.Conv2d,))  # a class the model does not use
+        _resolve(graph, keep_fp32=("blocks.*.nothing",))  # a path nothing is near
+
+
+def test_a_kind_or_class_the_model_lacks_warns_and_is_ignored(gpt_graph):
+    """A recipe shared across models (force_low=("add", "layer_norm")) must not fail on a model
+    without one of them; a misspelt kind still fails, with its suggestion."""
+    from amp_compiler.errors import UnusedOverrideWarning
+
+    model, inputs, graph = gpt_graph
+    with pytest.warns(UnusedOverrideWarning, match="'conv'.*no op of that kind"):
+        got = _resolve(graph, keep_fp32=("conv", "softmax"))
+    assert set(got.keep_fp32) == set(_resolve(graph, keep_fp32=("softmax",)).keep_fp32)
+    with pytest.warns(UnusedOverrideWarning, match="Conv2d.*no module of that class"):
+        assert _resolve(graph, keep_fp32=(nn.Conv2d,)).keep_fp32 == {}
+    with pytest.warns(UnusedOverrideWarning):
+        amp = ac.convert(model, inputs, dtype="bfloat16", force_low=("conv", "layer_norm"))
+    assert all(d.rule == "R6:force_low" for d in amp.plan.values() if d.kind == "layer_norm")
+    with pytest.raises(ConfigError, match="Did you mean 'conv'"):
+        _resolve(graph, keep_fp32=("convv",))
 
 
 def test_override_entries_take_one_string_or_class_as_one_entry():
