@@ -45,14 +45,15 @@ _sys.modules[__name__].__class__ = _Package
 from amp_compiler.convert import convert  # noqa: E402
 from amp_compiler.errors import (AmpCompilerError, ConfigError, LossScalerError, OnnxError,
                                  PlanError, SavedFileError, ToleranceError, TraceError,
-                                 UnsupportedModelError, UnsupportedOperationError)
+                                 UnsupportedModelError, UnsupportedOperationError,
+                                 UnusedOverrideWarning)
 from amp_compiler.module import AmpModule
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 
 __all__ = ["convert", "AmpModule", "PrecisionPlan", "Decision", "AmpCompilerError",
            "ConfigError", "TraceError", "UnsupportedModelError", "ToleranceError",
            "LossScalerError", "OnnxError", "PlanError", "SavedFileError",
-           "UnsupportedOperationError"]
+           "UnsupportedOperationError", "UnusedOverrideWarning"]
 __version__ = "0.1.0"
 
 
