@@ -37,7 +37,15 @@ and why:
    ``Expected same OpOverload packet, got prim.device != aten.mul`` on ConvNeXt's fp32 layer
    scale times an fp16 branch), so before exporting, a copy of the graph gets an explicit
    ``.to()`` on every such operand: the Cast ONNX needs there anyway.
-7. ``onnx.checker.check_model(full_check=True)`` must pass; the file is written atomically
+7. No ONNX Runtime crash (``passes.onnx_rewrite`` rule W9, ``sink_transposes``): a
+   ``Transpose`` moving axis 1 first on its way to a MatMul with a 2-D weight
+   (``nn.MultiheadAttention(batch_first=True)`` transposes its input before the in-projection)
+   makes ONNX Runtime 1.32's ``MatmulTransposeFusion`` leave an unresolved node that its
+   ``NchwcTransformer`` dereferences: ``InferenceSession(path)`` dies with SIGSEGV at the
+   default optimization level. The Transpose moves below the MatMul and its bias Add (the same
+   values and Casts); a match that cannot move is logged with the session option that avoids
+   the crash. Last before the checker: the io retyping and legalisation may add Casts.
+8. ``onnx.checker.check_model(full_check=True)`` must pass; the file is written atomically
    (temporary file in the same folder, then ``os.replace``), never over an existing file unless
    ``overwrite=True``, and no partial file is left on error.
 
@@ -66,9 +74,10 @@ import torch
 from onnx import TensorProto, helper
 
 from amp_compiler.errors import ConfigError, OnnxError
-from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, SHORT, TORCH_TO_ONNX, TYPE_STR,
-                                              _Names, convert_tensor, outer_references,
-                                              set_io_dtype, slot_type_vars, value_types)
+from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, REASON_KEY, SHORT,
+                                              TORCH_TO_ONNX, TYPE_STR, _Names, convert_tensor,
+                                              hazard_message, outer_references, set_io_dtype,
+                                              sink_transposes, slot_type_vars, value_types)
 from amp_compiler.passes.plan import dtype_name
 
 log = logging.getLogger("amp_compiler")
@@ -368,7 +377,6 @@ def _match_initializer_types(model: onnx.ModelProto) -> int:
 _LOW_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
 # Safest first: float32 holds every float16/bfloat16 value exactly.
 _FALLBACK_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
-REASON_KEY = "amp_compiler.reason"
 
 
 def _type_name(elem_type: int) -> str:
@@ -590,6 +598,11 @@ def export_onnx(amp, example_inputs, path: str | os.PathLike, *, opset: int | No
         log.info("kept %d ONNX nodes out of %s (their schema has no such type at this opset): %s",
                  len(legalised), _type_name(legalised[0].was),
                  "; ".join(f"{r.node} ({r.op_type})" for r in legalised))
+    moved, hazards = sink_transposes(model)  # docstring, 7: a file ONNX Runtime loads without crashing
+    if moved:
+        log.info("moved %d Transposes below their MatMul (rule W9): %s", len(moved), ", ".join(moved))
+    if hazards:
+        log.warning(hazard_message(hazards))
     check(model, "the exported model")
     return save_model(model, path, overwrite=overwrite)
 
@@ -613,7 +626,9 @@ def ort_providers() -> list[str]:
 def onnx_session(path, providers: list[str] | None = None):
     """An ``onnxruntime.InferenceSession``: CUDAExecutionProvider when ORT has it, else CPU.
 
-    ``path`` may also be an ``onnx.ModelProto`` or serialized bytes.
+    ``path`` may also be an ``onnx.ModelProto`` or serialized bytes. The session is built in this
+    process: a file that crashes ONNX Runtime takes the process with it
+    (``amp_compiler.onnx_check.probe_onnx`` opens a file in a child process first).
 
         >>> onnx_session("model.onnx").get_providers()[0]
         'CPUExecutionProvider'

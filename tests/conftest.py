@@ -9,6 +9,9 @@ backward) convert their own instead.
     >>> model, inputs, amp = eval_conversion("mlp", torch.bfloat16, "fx")
     >>> rel_err(amp(*inputs), model(*inputs)) < 1e-2
     True
+
+ONNX files are opened in a child ONNX Runtime first (``ort_no_crash``) before any test opens them
+in-process: a file that crashes ONNX Runtime would otherwise end the whole pytest process.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Callable
 # subprocesses and the distributed test's workers; an explicit OMP_NUM_THREADS is honoured.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest
 import torch
 import torch.fx as fx
 from torch import nn
@@ -232,3 +236,38 @@ def train_record(name: str, dtype: torch.dtype, frontend: str) -> Conversion:
                           unchanged_error=_check_unchanged(model, snap))
     amp = ac.convert(model, dtype=dtype, training=True)
     return Conversion(model, args, amp, targets=targets, unchanged_error=_check_unchanged(model, snap))
+
+
+# -- ONNX Runtime in a child process ----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def _ort_probe():
+    """One child ONNX Runtime for the whole session (started on first use): a check costs a
+    session build and a run, not a Python start and an ``import onnxruntime``."""
+    from amp_compiler.onnx_check import OrtProbe
+
+    with OrtProbe() as probe:
+        yield probe
+
+
+def no_crash_check(probe):
+    """The ``check`` that ``ort_no_crash`` hands a test, on ``probe`` (an ``OrtProbe``)."""
+    def check(model, inputs=None):
+        results = probe.check(model, inputs)
+        died = [r for r in results if r.died]
+        if died:
+            pytest.fail("ONNX Runtime would take the process down opening this file: "
+                        + "; ".join(str(r) for r in died), pytrace=False)
+        return results
+
+    return check
+
+
+@pytest.fixture
+def ort_no_crash(_ort_probe):
+    """``check(model_or_path, inputs=None)``: open an ONNX file (path, ModelProto or bytes) in the
+    child with default session options (CPU, and CUDA where ONNX Runtime has it) and run it once
+    on ``inputs``. A child killed by a signal, dead or hung fails the test, the signal named;
+    ONNX Runtime refusing the file does not (the results say so, for the test to judge).
+    Call it right after writing a file, before anything opens that file in-process."""
+    return no_crash_check(_ort_probe)

@@ -13,11 +13,29 @@ import onnx
 import pytest
 import torch
 
+import amp_compiler as ac
+
 from amp_compiler import bench, bench_onnx
 from amp_compiler.models import build
 from amp_compiler.onnx_frontend import convert_onnx
 
 FAST = ["--mode", "onnx", "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _files_opened_in_a_child_first(monkeypatch, ort_no_crash):
+    """The bench opens every file it builds in this process: a child ONNX Runtime opens and runs
+    each one first (conftest ``ort_no_crash``), so a file that crashes ONNX Runtime fails the
+    test rather than ending the test run."""
+    build_files = bench_onnx._make_files
+
+    def checked(cfg, model, inputs, progress):
+        files = build_files(cfg, model, inputs, progress)
+        for proto in files.values():
+            ort_no_crash(proto, inputs)
+        return files
+
+    monkeypatch.setattr(bench_onnx, "_make_files", checked)
 
 
 def run(tmp_path, *args: str) -> dict:
@@ -49,6 +67,16 @@ def test_gpt_every_file_measured_and_consistent(tmp_path, capsys):
         assert r["time_vs_baseline"] == pytest.approx(r["time_ms"]["median"] / occ["time_ms"]["median"])
         assert r["error_vs_baseline"] == pytest.approx(r["max_rel_error"] / occ["max_rel_error"])
     assert "convert_onnx-mincast" in capsys.readouterr().out  # the table
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet"])
+def test_the_min_cast_recipe_runs_on_models_without_its_kinds(model, tmp_path):
+    """force_low=("add", "layer_norm") names a kind these models lack: a warning
+    (UnusedOverrideWarning), not the ConfigError that made the bench exit 1."""
+    with pytest.warns(ac.UnusedOverrideWarning, match="layer_norm"):
+        result = run(tmp_path, "--model", model, "--files", "fp32,convert_onnx-mincast")
+    assert result["files"]["convert_onnx-mincast"]["casts"] >= 1
+    assert result["files"]["convert_onnx-mincast"]["max_rel_error"] < 2.0 ** -9
 
 
 def test_cast_counts_are_those_of_the_files(tmp_path):

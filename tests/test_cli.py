@@ -74,7 +74,7 @@ def test_no_command_is_a_usage_error(capsys):
 
 # -- convert -------------------------------------------------------------------------------------
 
-def test_convert_writes_plan_report_graph(mlp_out, capsys):
+def test_convert_writes_plan_report_graph(mlp_out, capsys, ort_no_crash):
     code, out = mlp_out
     assert code == 0
     plan = PrecisionPlan.from_json((out / "plan.json").read_text())
@@ -96,6 +96,7 @@ def test_convert_writes_plan_report_graph(mlp_out, capsys):
         import onnx
 
         onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+        ort_no_crash(out / "model.onnx", inputs)  # bfloat16: refused by the CPU EP, never a crash
     else:
         assert not (out / "model.onnx").exists()
 
@@ -117,7 +118,7 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
     assert re.search(r"max relative error vs fp32 .*: \d\.\d\de-\d\d \(torch\.autocast", stdout)
 
 
-def test_convert_factory_module_and_file(tmp_path, monkeypatch, capsys):
+def test_convert_factory_module_and_file(tmp_path, monkeypatch, capsys, ort_no_crash):
     (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn
@@ -145,6 +146,8 @@ def test_convert_factory_module_and_file(tmp_path, monkeypatch, capsys):
     plan = PrecisionPlan.from_json((tmp_path / "c" / "plan.json").read_text())
     assert plan.low_dtype == torch.bfloat16 and len(plan.low_nodes()) >= 2
     assert (tmp_path / "c" / "model.onnx").exists() == HAS_ONNX_EXPORT
+    if HAS_ONNX_EXPORT:
+        ort_no_crash(tmp_path / "c" / "model.onnx", (torch.randn(4, 6),))
     code, _, err = run(capsys, "convert", "mymodels:broken", "--out", "d")
     assert_one_line_error(code, err, "returned int")
     code, _, err = run(capsys, "convert", "mymodels:nothing", "--out", "d")
@@ -246,7 +249,7 @@ def test_inspect_formats(tmp_path, capsys):
 
 # -- export --------------------------------------------------------------------------------------
 
-def test_export(tmp_path, capsys):
+def test_export(tmp_path, capsys, ort_no_crash):
     path = tmp_path / "mlp.onnx"
     code, _, err = run(capsys, "export", "mlp", "--out", str(path), "--dtype", "float16")
     if not HAS_ONNX_EXPORT:
@@ -258,6 +261,7 @@ def test_export(tmp_path, capsys):
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert any(n.op_type == "Cast" for n in model.graph.node)
+    ort_no_crash(path, build("mlp", "tiny")[1])
     code, _, err = run(capsys, "export", "mlp", "--out", str(path))
     assert_one_line_error(code, err, "already exists")
 
@@ -281,7 +285,7 @@ def _tiny_onnx(path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-def test_onnx_target(tmp_path, capsys):
+def test_onnx_target(tmp_path, capsys, ort_no_crash):
     import onnx
 
     src = tmp_path / "fp32.onnx"
@@ -293,6 +297,7 @@ def test_onnx_target(tmp_path, capsys):
     assert code == 0, err
     converted = onnx.load(str(tmp_path / "o" / "model.onnx"))
     onnx.checker.check_model(converted)
+    ort_no_crash(converted, (torch.randn(2, 4),))
     plan = PrecisionPlan.from_json((tmp_path / "o" / "plan.json").read_text())
     assert plan["mm1"].precision == torch.float16 and plan["exp"].precision == torch.float32
     real = sorted((c["dtype"], tuple(c["consumers"])) for c in plan.meta["casts"])

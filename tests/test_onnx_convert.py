@@ -16,6 +16,10 @@ LayerNorms on it, rules R3:fp32-input / R5), each region costs casts at its bord
 onnxconverter-common, which converts everything, does not have. There the test asserts that
 those casts buy accuracy (a lower error than onnxconverter-common's); elsewhere that we use no
 more casts. Run ``pytest -s`` to see the figures.
+
+``ort_run`` opens every model in a child ONNX Runtime first (conftest ``ort_no_crash``): a file
+that crashes ONNX Runtime fails its test instead of ending the test run. Rule W9 (no
+Transpose -> [Cast] -> MatMul that crashes ONNX Runtime 1.32) is tested on hand-built graphs.
 """
 
 from __future__ import annotations
@@ -56,11 +60,23 @@ def fp32_files():
     return files
 
 
-def ort_run(model: onnx.ModelProto, inputs) -> np.ndarray:
+def _ort_run_here(model: onnx.ModelProto, inputs) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {i.name: (a.numpy() if isinstance(a, torch.Tensor) else a)
              for i, a in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds)[0]
+
+
+@pytest.fixture
+def ort_run(ort_no_crash):
+    """``ort_run(model, inputs)``: the first output of ONNX Runtime (CPU EP) in this process,
+    once a child ONNX Runtime has opened and run the same model (conftest ``ort_no_crash``):
+    a file that crashes ONNX Runtime fails the test instead of ending the test run."""
+    def run(model: onnx.ModelProto, inputs) -> np.ndarray:
+        ort_no_crash(model, inputs)
+        return _ort_run_here(model, inputs)
+
+    return run
 
 
 def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
@@ -84,7 +100,7 @@ def value_types(model: onnx.ModelProto) -> dict[str, int]:
 # -- the reference models against onnxconverter-common ------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
-def test_reference_model_against_onnxconverter_common(name, fp32_files):
+def test_reference_model_against_onnxconverter_common(name, fp32_files, ort_run):
     model, source = fp32_files[name]
     ours, plan = convert_onnx(source, return_plan=True)
     onnx.checker.check_model(ours, full_check=True)
@@ -124,7 +140,7 @@ def test_reference_model_against_onnxconverter_common(name, fp32_files):
 
 
 @pytest.mark.parametrize("name", ("gpt", "bert"))
-def test_mincast_recipe_meets_onnxconverter_common_on_both_counts(name, fp32_files):
+def test_mincast_recipe_meets_onnxconverter_common_on_both_counts(name, fp32_files, ort_run):
     """Where the default plan keeps fp32 regions, ``force_low=MINCAST`` (the residual stream and
     its LayerNorms low too) removes their border casts: gpt then has onnxconverter-common's Cast
     count and error. For bert their file does not load in ONNX Runtime; ours keeps one cast
@@ -230,7 +246,7 @@ class _SumPool(torch.nn.Module):
         return self.fc(x).sum(-1).reshape(-1)  # the reshape makes ORT CPU keep a float16 value
 
 
-def test_large_reduction_overflows_onnxconverter_common_not_ours():
+def test_large_reduction_overflows_onnxconverter_common_not_ours(ort_run):
     model = _SumPool().eval()
     x = torch.ones(3, 64)
     source = export_fp32(model, (x,))
@@ -252,10 +268,12 @@ def test_large_reduction_overflows_onnxconverter_common_not_ours():
 # -- bfloat16 --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
-def test_bfloat16_file_is_valid(name, fp32_files):
+def test_bfloat16_file_is_valid(name, fp32_files, ort_no_crash):
     model, source = fp32_files[name]
     ours, plan = convert_onnx(source, dtype="bfloat16", return_plan=True)
     onnx.checker.check_model(ours, full_check=True)
+    _, inputs = build(name, "tiny", batch=16, seed=7)
+    ort_no_crash(ours, inputs)  # the CPU EP refuses bfloat16 MatMuls; it must not crash
     assert plan.low_dtype == torch.bfloat16
     low_inits = [t for t in ours.graph.initializer if t.data_type == TensorProto.BFLOAT16]
     assert bool(low_inits) == bool(plan.low_nodes())
@@ -265,7 +283,6 @@ def test_bfloat16_file_is_valid(name, fp32_files):
             # ONNX Conv has no bfloat16 before opset 22: the schema rule keeps it fp32
             assert plan[node.name].rule == "O2:schema" and plan[node.name].precision == torch.float32
     if HAS_CUDA_EP:  # ORT CPU has no bf16 kernels
-        _, inputs = build(name, "tiny", batch=16, seed=7)
         session = ort.InferenceSession(ours.SerializeToString(), providers=["CUDAExecutionProvider"])
         out = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), inputs)})[0]
         with torch.no_grad():
@@ -291,7 +308,7 @@ def _tensor(name, array):
     return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
 
 
-def test_if_subgraph_left_fp32_with_reason():
+def test_if_subgraph_left_fp32_with_reason(ort_run):
     rng = np.random.default_rng(0)
     w1, w2 = rng.standard_normal((8, 8)) * 0.3, rng.standard_normal((8, 8)) * 0.3
     then_g = helper.make_graph([helper.make_node("Mul", ["y", "two"], ["t"])], "then", [],
@@ -326,7 +343,7 @@ def test_if_subgraph_left_fp32_with_reason():
         assert rel_err(ort_run(ours, (x,)), ref) <= 2.0 ** -9
 
 
-def test_fixed_type_inputs_are_never_cast():
+def test_fixed_type_inputs_are_never_cast(ort_run):
     rng = np.random.default_rng(1)
     w1, w2 = rng.standard_normal((4, 3, 3, 3)) * 0.2, rng.standard_normal((4, 4, 3, 3)) * 0.2
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
@@ -376,7 +393,7 @@ def test_initializers_converted_once_duplicated_when_needed_and_clamped():
     assert not [n for n in ours.graph.node if n.op_type == "Cast" and n.input[0] in inits]
 
 
-def test_calibration_keeps_out_of_range_values_fp32():
+def test_calibration_keeps_out_of_range_values_fp32(ort_run):
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["y"], name="mm1"),
              helper.make_node("MatMul", ["y", "w2"], ["z"], name="mm2")]
     source = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
@@ -433,7 +450,7 @@ def test_output_file_atomic_and_source_untouched(fp32_files, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16.onnx", "fp32.onnx"]
 
 
-def test_dynamo_exported_file_uses_module_metadata():
+def test_dynamo_exported_file_uses_module_metadata(ort_run):
     """A file from the dynamo exporter (module scopes in node metadata) converts the same way."""
     from torch.export import Dim
 
@@ -452,3 +469,106 @@ def test_dynamo_exported_file_uses_module_metadata():
     ref = model(*inputs).detach().numpy()
     theirs = occ.convert_float_to_float16(source, keep_io_types=True)
     assert rel_err(ort_run(convert_onnx(source), inputs), ref) <= rel_err(ort_run(theirs, inputs), ref)
+
+
+# -- W9: no Transpose -> [Cast] -> MatMul that ONNX Runtime's MatmulTransposeFusion breaks ---------
+
+def _w9_moved(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node
+            if any(p.key == "amp_compiler.reason" and p.value.startswith("W9") for p in n.metadata_props)]
+
+
+def _batch_first_linear() -> onnx.ModelProto:
+    """x[n, 10, 32] -> x.transpose(0, 1) -> Linear(32, 16) -> Relu -> MatMul(16, 8): the first
+    Linear reads its input as nn.MultiheadAttention(batch_first=True)'s in-projection does."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="transpose"),
+             helper.make_node("MatMul", ["t", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "b"], ["lin"], name="bias"),
+             helper.make_node("Relu", ["lin"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 10, 32])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10, "n", 8])],
+                  [_tensor("w", rng.standard_normal((32, 16)) * 0.2), _tensor("b", rng.standard_normal(16)),
+                   _tensor("w2", rng.standard_normal((16, 8)) * 0.2)])
+
+
+def test_w9_moves_a_batch_transpose_below_the_low_matmul(ort_run, monkeypatch):
+    """The float16 MatMul has no CPU kernel: ONNX Runtime 1.32 casts its input to float32 after
+    the Transpose, matches Transpose -> Cast as a batch transpose, gives up on the 2-D weight and
+    crashed (SIGSEGV) building the session. Ours computes the same values with the same casts."""
+    from onnx.reference import ReferenceEvaluator
+
+    from amp_compiler.passes import onnx_rewrite
+
+    source = _batch_first_linear()
+    with monkeypatch.context() as mp:  # the file as it was without W9 (never opened in ORT here)
+        mp.setattr(onnx_rewrite, "sink_transposes", lambda model: ([], []))
+        before = convert_onnx(source)
+    assert len(onnx_rewrite.transpose_hazards(before)) == 1
+    ours, plan = convert_onnx(source, return_plan=True)
+    onnx.checker.check_model(ours, full_check=True)
+    assert plan["mm"].precision == plan["bias"].precision == torch.float16
+    assert onnx_rewrite.transpose_hazards(ours) == []
+    moved = _w9_moved(ours)
+    assert [n.op_type for n in moved] == ["Transpose"]
+    reason = next(p.value for p in moved[0].metadata_props if p.key == "amp_compiler.reason")
+    assert "below MatMul 'mm'" in reason
+    producer = {o: n for n in ours.graph.node for o in n.output}
+    # below the bias Add too (a vector along the last axis), so the MatMul + Add stay adjacent
+    assert producer[moved[0].input[0]].name == "bias" and producer["lin"] is moved[0]
+    assert casts(ours) == casts(before) and len(ours.graph.node) == len(before.graph.node)
+
+    x = np.random.default_rng(4).standard_normal((3, 10, 32)).astype(np.float32)
+    ours_ref, before_ref = (ReferenceEvaluator(m).run(None, {"x": x})[0] for m in (ours, before))
+    assert (ours_ref == before_ref).all()  # by the ONNX spec: the same values
+    assert rel_err(ort_run(ours, (x,)), _ort_run_here(source, (x,))) <= 2.0 ** -10
+
+
+def test_w9_shared_cast_stays_one_cast_and_unmovable_matches_are_reported(ort_no_crash):
+    """Two MatMuls read one Cast of a transposed value (q and k projections): both Transposes
+    move, the Cast stays one. A transposed right operand cannot move: left and reported."""
+    from onnx.reference import ReferenceEvaluator
+
+    from amp_compiler.passes.onnx_rewrite import hazard_message, sink_transposes, transpose_hazards
+
+    rng = np.random.default_rng(5)
+
+    def f16(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float16), name)
+
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="transpose"),
+             helper.make_node("Cast", ["t"], ["t16"], to=FP16, name="cast"),
+             helper.make_node("MatMul", ["t16", "wq"], ["q"], name="mm_q"),
+             helper.make_node("MatMul", ["t16", "wk"], ["k"], name="mm_k")]
+    shared = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 10, 32])],
+                    [helper.make_tensor_value_info("q", FP16, [10, "n", 8]),
+                     helper.make_tensor_value_info("k", FP16, [10, "n", 8])],
+                    [f16("wq", (32, 8)), f16("wk", (32, 8))])
+    fixed = onnx.ModelProto.FromString(shared.SerializeToString())
+    moved, left = sink_transposes(fixed)
+    onnx.checker.check_model(fixed, full_check=True)
+    assert sorted(moved) == ["mm_k", "mm_q"] and left == [] and transpose_hazards(fixed) == []
+    assert casts(fixed) == 1 and len(_w9_moved(fixed)) == 2
+    x = rng.standard_normal((2, 10, 32)).astype(np.float32)
+    for a, b in zip(*(ReferenceEvaluator(m).run(None, {"x": x}) for m in (fixed, shared))):
+        assert (a == b).all()
+    ort_no_crash(fixed, (x,))  # ``shared`` itself is not opened: ONNX Runtime 1.32 dies on it
+
+    # MatMul(W, x.transpose(0, 1)): no equal product with the Transpose below; reported
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="transpose"),
+             helper.make_node("MatMul", ["w", "t"], ["y"], name="mm")]
+    right = _model(nodes, [helper.make_tensor_value_info("x", FP16, [8, "n", 32])],
+                   [helper.make_tensor_value_info("y", FP16, ["n", 5, 32])], [f16("w", (5, 8))])
+    before = right.SerializeToString()
+    moved, left = sink_transposes(right)
+    assert moved == [] and [(h.matmul, h.slot, h.transpose) for h in left] == [("mm", 1, "transpose")]
+    assert right.SerializeToString() == before
+    assert "disabled_optimizers=['MatmulTransposeFusion']" in hazard_message(left)
+    # convert_onnx makes the same graph from an fp32 one (the MatMul low): it warns
+    fp32 = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, "n", 32])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 32])],
+                  [_tensor("w", rng.standard_normal((5, 8)))])
+    with pytest.warns(UserWarning, match=r"may crash \(SIGSEGV\).*transpose -> mm"):
+        converted = convert_onnx(fp32)
+    assert len(transpose_hazards(converted)) == 1

@@ -8,6 +8,9 @@ compute the same float16 plan, but ONNX Runtime rounds to float16 at different p
 float16 nodes that lack a CPU float16 kernel through float32 and fuses nodes), so the two differ
 by a few float16 roundings of the output scale; 2**-11 is float16's unit roundoff. Measured:
 3e-4 .. 7.3e-4 across the models.
+
+Every file written is opened and run first in a child ONNX Runtime (conftest ``ort_no_crash``)
+before this process opens it: a file that crashes ONNX Runtime fails its test, naming the signal.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def _types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_export_matches_amp_module(name, tmp_path):
+def test_export_matches_amp_module(name, tmp_path, ort_no_crash):
     model, inputs = _eval_model(name)
     amp = ac.convert(model, inputs)
     casts_before = amp.cast_count()
@@ -105,6 +108,7 @@ def test_export_matches_amp_module(name, tmp_path):
     assert os.listdir(tmp_path) == [f"{name}.onnx"]  # no temporary left behind
     onnx_model = onnx.load(path)
     onnx.checker.check_model(onnx_model, full_check=True)
+    ort_no_crash(path, inputs)  # before this process opens it: a crash would end the test run
 
     # numbers: ORT matches the AmpModule and fp32 within the float16 tolerance, also at another
     # batch size (the batch dimension is dynamic)
@@ -147,7 +151,7 @@ def test_export_matches_amp_module(name, tmp_path):
         torch.testing.assert_close(amp(*inputs), before, rtol=0, atol=0)
 
 
-def test_training_amp_module_exports_eval_graph_and_stays_training(tmp_path):
+def test_training_amp_module_exports_eval_graph_and_stays_training(tmp_path, ort_no_crash):
     model, inputs = build("mlp", "tiny")
     amp = ac.convert(model, inputs, training=True, loss_scale=None)
     assert amp.training and not amp.folded
@@ -160,11 +164,12 @@ def test_training_amp_module_exports_eval_graph_and_stays_training(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     g = onnx.load(path).graph
     assert all(t.data_type == TensorProto.FLOAT16 for t in g.initializer)  # folded in the copy
+    ort_no_crash(path, inputs)
     assert verify_onnx(path, model, inputs)["max_rel"] <= TOL
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt"])
-def test_keep_io_types_false_gives_fp16_io(name, tmp_path):
+def test_keep_io_types_false_gives_fp16_io(name, tmp_path, ort_no_crash):
     model, inputs = _eval_model(name)
     amp = ac.convert(model, inputs)
     path = export_onnx(amp, inputs, tmp_path / "m.onnx", keep_io_types=False)
@@ -176,6 +181,7 @@ def test_keep_io_types_false_gives_fp16_io(name, tmp_path):
     producers = {o: n for n in g.node for o in n.output}
     assert producers[g.output[0].name].op_type != "Cast"
     assert not any(n.op_type == "Cast" and n.input[0] in {i.name for i in g.input} for n in g.node)
+    ort_no_crash(path, inputs)
     session = onnx_session(path)
     assert [i.type for i in session.get_outputs()] == ["tensor(float16)"]
     # one more float16 rounding (of the output) than the float32-output file
@@ -232,7 +238,7 @@ def test_bad_arguments_raise_typed_errors(tmp_path):
         export_onnx(amp, inputs, tmp_path)
 
 
-def test_verify_onnx_reports_overflow_as_infinite(tmp_path):
+def test_verify_onnx_reports_overflow_as_infinite(tmp_path, ort_no_crash):
     # the Flatten after the Linear makes ONNX Runtime CPU store the float16 value (it runs a
     # lone float16 Gemm in float32 and would otherwise hand back the float32 result)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Flatten(0)).eval()
@@ -242,6 +248,7 @@ def test_verify_onnx_reports_overflow_as_infinite(tmp_path):
     x = torch.full((2, 4), 3e4)  # each output 1.2e5: beyond float16's 65504, fine in fp32
     amp = ac.convert(model, (x,))
     path = export_onnx(amp, (x,), tmp_path / "m.onnx")
+    ort_no_crash(path, (x,))
     result = verify_onnx(path, model, (x,))
     assert result["max_abs"] == float("inf") and result["max_rel"] == float("inf")
     assert torch.isfinite(model(x)).all()
@@ -271,8 +278,9 @@ def _conv_export(dtype, tmp_path):
     return model, x, amp, onnx.load(export_onnx(amp, (x,), tmp_path / f"{dtype}.onnx", opset=18))
 
 
-def test_bf16_export_computes_convs_in_float32_and_passes_the_checker(tmp_path):
+def test_bf16_export_computes_convs_in_float32_and_passes_the_checker(tmp_path, ort_no_crash):
     model, x, amp, m = _conv_export(torch.bfloat16, tmp_path)
+    ort_no_crash(m, (x,))  # ONNX Runtime's CPU EP may refuse bfloat16 nodes; it must not crash
     onnx.checker.check_model(m, full_check=True)
     types, g = _types(m), m.graph
     inits = {t.name: t for t in g.initializer}
@@ -303,10 +311,11 @@ def test_bf16_export_computes_convs_in_float32_and_passes_the_checker(tmp_path):
     assert [o.type.tensor_type.elem_type for o in g.output] == [TensorProto.FLOAT]
 
 
-def test_legaliser_leaves_a_valid_fp16_export_untouched(tmp_path):
+def test_legaliser_leaves_a_valid_fp16_export_untouched(tmp_path, ort_no_crash):
     from amp_compiler.onnx_export import legalise_types
 
     model, x, amp, m = _conv_export(torch.float16, tmp_path)
+    ort_no_crash(m, (x,))
     before = m.SerializeToString()
     assert legalise_types(m) == [] and m.SerializeToString() == before
     assert not any(p.key == "amp_compiler.reason" for n in m.graph.node for p in n.metadata_props)
@@ -368,7 +377,7 @@ class _LayerScaled(torch.nn.Module):
         return x + self.scale * self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def test_type_promotion_is_made_explicit_before_export(tmp_path):
+def test_type_promotion_is_made_explicit_before_export(tmp_path, ort_no_crash):
     from torch.fx.passes.shape_prop import ShapeProp
 
     from amp_compiler.onnx_export import _inference_graph, explicit_promotions
@@ -390,4 +399,59 @@ def test_type_promotion_is_made_explicit_before_export(tmp_path):
     with torch.no_grad():
         assert torch.equal(explicit(x), amp(x))  # a cast does what the promotion did
     path = export_onnx(amp, (x,), tmp_path / "scaled.onnx")
+    ort_no_crash(path, (x,))
     assert verify_onnx(path, amp, (x,))["max_rel"] < 1e-3
+
+
+# -- ONNX Runtime must not crash on our files (passes.onnx_rewrite W9) --------------------------------
+
+def _transformer_encoder():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    return torch.nn.TransformerEncoder(layer, num_layers=2).eval(), torch.randn(2, 10, 32)
+
+
+def _moved_by_w9(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node
+            if any(p.key == "amp_compiler.reason" and p.value.startswith("W9") for p in n.metadata_props)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_transformer_encoder_file_does_not_crash_onnx_runtime(dtype, tmp_path, ort_no_crash, monkeypatch):
+    """nn.MultiheadAttention(batch_first=True) transposes its input before the in-projection;
+    ONNX Runtime 1.32 (CPU EP, default options) died with SIGSEGV opening that export. The
+    Transpose now sits below the MatMul (W9): same Casts, same node count, same values."""
+    from onnx.reference import ReferenceEvaluator
+
+    from amp_compiler.passes.onnx_rewrite import transpose_hazards
+
+    model, x = _transformer_encoder()
+    amp = ac.convert(model, (x,), dtype=dtype, training=False)
+    path = export_onnx(amp, (x,), tmp_path / "te.onnx")
+    results = ort_no_crash(path, (x,))  # killed by SIGSEGV before W9
+    m = onnx.load(path)
+    assert transpose_hazards(m) == []
+    moved = _moved_by_w9(m)  # one per layer: the in-projection's input
+    assert len(moved) == 2 and {n.op_type for n in moved} == {"Transpose"}
+
+    # the file as it was without W9 (never opened in ONNX Runtime here)
+    with monkeypatch.context() as mp:
+        mp.setattr("amp_compiler.onnx_export.sink_transposes", lambda model: ([], []))
+        before = onnx.load(export_onnx(amp, (x,), tmp_path / "before.onnx"))
+    assert len(transpose_hazards(before)) == 2 and not _moved_by_w9(before)
+
+    def count(proto, op):
+        return sum(n.op_type == op for n in proto.graph.node)
+
+    assert count(m, "Cast") == count(before, "Cast") > 0
+    assert len(m.graph.node) == len(before.graph.node)
+    if dtype == torch.float16:  # the ONNX reference evaluator has no bfloat16 (numpy has none)
+        feeds = {m.graph.input[0].name: x.numpy()}
+        ours, theirs = (ReferenceEvaluator(p).run(None, feeds)[0] for p in (m, before))
+        assert ours.dtype == theirs.dtype and (ours == theirs).all()  # by the ONNX spec: equal
+        assert verify_onnx(path, model, (x,))["max_rel"] <= TOL
+    else:  # the CPU EP has no bfloat16 MatMul: it refuses the file (it did not crash above)
+        for r in results:
+            if r.provider == "CUDAExecutionProvider" and r.status == "ok":
+                session = onnx_session(path, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+                assert verify_onnx(path, model, (x,), session=session)["max_rel"] <= 4 * 2.0 ** -8

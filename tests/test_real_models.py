@@ -6,7 +6,9 @@ convnext_tiny and swin_t, and timm families (ViT, ConvNeXt, RegNet), all with ra
 For each model and low dtype: conversion succeeds; the forward error against fp32 is within
 1.1x torch.autocast's on the same input (the project's target); one training-mode backward
 reaches the user's fp32 parameters with finite gradients close to fp32's; the user's model is
-unchanged; the inference conversion exports to ONNX. Marked ``slow`` (deselected by default):
+unchanged; the inference conversion exports to ONNX, and ONNX Runtime opens and runs the file in
+a child process without crashing (``amp_compiler.onnx_check``; a CPU EP that refuses bfloat16
+MatMuls is fine, a signal is not). Marked ``slow`` (deselected by default):
 
     pytest -m slow tests/test_real_models.py
     python tests/test_real_models.py --jobs 8   # measures every model whose library is installed
@@ -241,8 +243,12 @@ def measure(name: str, dtype: torch.dtype, *, onnx: bool = True) -> Row:
     if onnx and amp is not None:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                ac.export_onnx(amp, inputs, os.path.join(tmp, f"{name}.onnx"))
-                row.onnx = "ok"
+                from amp_compiler.onnx_check import probe_onnx
+
+                path = ac.export_onnx(amp, inputs, os.path.join(tmp, f"{name}.onnx"))
+                died = [r for r in probe_onnx(path, inputs) if r.died]
+                row.onnx = "ok" if not died else f"ONNX Runtime {died[0].signal or died[0].status}"
+                row.notes.extend(f"onnx: {r}" for r in died)
             except Exception as exc:  # noqa: BLE001
                 row.onnx = "failed"
                 row.notes.append(f"onnx: {_short(exc)}")
