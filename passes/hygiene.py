@@ -21,6 +21,13 @@ still cost a kernel launch and a node on every call. Rules:
         as captured, is the promotion of the operands that remain; one operand left is the
         result itself. (At capture the empty cache has the keys' fp32 dtype; the low keys of
         the converted graph then stay low instead of being promoted back by it.)
+    H6  a write (``copy_``) into a tensor the graph itself just made (``lift_fresh_copy`` of a
+        constant, ``clone``, a factory) that nothing reads afterwards is dead: torch.export
+        turns transformers' cache constants into ``lift_fresh_copy -> detach -> copy_`` chains
+        (three ops per constant, two constants per layer, on every call) which the dead-code
+        rule keeps because a write is impure. Then H4 removes what fed it;
+    H7  a slice that keeps everything (start 0, end past any size, step 1: what indexing with
+        ``[:, 0:]`` exports to, Hugging Face's ``logits_to_keep=0``) is its input.
 
 Each removal is a ``Remark``; ``convert`` keeps them in ``plan.meta["rewrites"]``.
 
@@ -45,6 +52,11 @@ _DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout", "feature_a
                        "dropout1d", "dropout2d", "dropout3d"})
 _ALIASES = frozenset({"alias"})
 _CATS = frozenset({"cat", "concat", "concatenate"})
+_WRITES = frozenset({"copy_"})
+# tensors a graph makes itself: a write into one that nothing reads changes nothing outside
+_FRESH = frozenset({"lift_fresh_copy", "clone", "empty", "zeros", "ones", "full", "empty_like",
+                    "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros", "new_ones",
+                    "new_full"})
 
 
 def _arg(node: fx.Node, position: int, names: tuple[str, ...], default):
@@ -65,7 +77,7 @@ def _inert_dropout(node: fx.Node) -> bool:
 
 
 def clean_graph(gm: fx.GraphModule) -> list[Remark]:
-    """Apply H1-H5 to ``gm`` in place (recompiled); returns what was removed."""
+    """Apply H1-H7 to ``gm`` in place (recompiled); returns what was removed."""
     graph = gm.graph
     removals: list[Remark] = []
 
@@ -84,6 +96,10 @@ def clean_graph(gm: fx.GraphModule) -> list[Remark]:
             removed(node, "H2:inert-dropout", "dropout that cannot drop (eval mode or p=0) is its input")
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+        elif name == "slice" and _whole_slice(node):
+            removed(node, "H7:whole-slice", "a slice that keeps every element is its input")
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
         elif name in _ALIASES and node.args and isinstance(node.args[0], fx.Node):
             removed(node, "H3:alias", "an alias of its input")
             node.replace_all_uses_with(node.args[0])
@@ -91,6 +107,12 @@ def clean_graph(gm: fx.GraphModule) -> list[Remark]:
         elif name in _CATS and _drop_empty_operands(node):
             removals.append(Remark("hygiene", "H5:empty-cat", node.name,
                                    "operands with no elements (an empty key/value cache) dropped"))
+    # H6 after H5: the empty cache a constant's copy was made for is gone only now
+    for node in list(graph.nodes):
+        if node.op == "call_function" and target_name(node) in _WRITES and _dead_write(node):
+            removed(node, "H6:dead-write", f"writes into '{node.args[0].name}', a tensor the graph "
+                    "made itself and never reads")
+            graph.erase_node(node)
     before = {n.name for n in graph.nodes}
     graph.eliminate_dead_code(is_impure_node=keep_when_dead)
     removals += [Remark("hygiene", "H4:dead-code", n, "its value is never read")
@@ -98,6 +120,28 @@ def clean_graph(gm: fx.GraphModule) -> list[Remark]:
     graph.lint()
     gm.recompile()
     return removals
+
+
+def _whole_slice(node: fx.Node) -> bool:
+    """H7: ``aten.slice(x, dim, 0, end >= 2**62, 1)`` (also with defaults) of a tensor."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    start = _arg(node, 2, ("start",), None)
+    end = _arg(node, 3, ("end",), None)
+    step = _arg(node, 4, ("step",), 1)
+    return start in (0, None) and step == 1 and (end is None or (isinstance(end, int) and end >= 2 ** 62))
+
+
+def _dead_write(node: fx.Node) -> bool:
+    """H6: ``node`` writes into a tensor the graph made itself, and neither the write's result
+    nor the tensor is read by anything but such writes."""
+    dest = node.args[0] if node.args else None
+    if node.users or not isinstance(dest, fx.Node) or dest.op != "call_function" \
+            or target_name(dest) not in _FRESH:
+        return False
+    writes = {u for u in dest.users if target_name(u) in _WRITES and u.args[0] is dest and not u.users}
+    # other readers only feed those writes (``copy_(t, detach(t))``)
+    return all(u in writes or (u.users and set(u.users) <= writes) for u in dest.users)
 
 
 def _empty(node) -> bool:
