@@ -258,7 +258,7 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     try:
         model.train(training)  # trace the graph of the mode asked for; restored below
         # 1. capture: an FX GraphModule of our own (the user's parameters are shared, not copied);
-        #    capture-time asserts and no-ops removed (H1-H5), SDPA masks folded (S1-S3)
+        #    capture-time asserts and no-ops removed (H1-H7), SDPA masks folded (S1-S3)
         gm, source = capture(model, example_inputs, example_kwargs=example_kwargs,
                              dynamic_shapes=dynamic_shapes)
     finally:
