@@ -276,8 +276,9 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *,
             example_kwargs: dict | None = None,
             dynamic_shapes: Any = "auto") -> tuple[fx.GraphModule, str]:
     """Capture ``model``: ("fx" | "export"), see the module docstring; then the hygiene pass
-    (metadata asserts, inert dropout, empty concatenations, dead code, dead writes, whole slices: rules H1-H7) and the SDPA
-    mask folding (S1-S3), their remarks in ``gm.meta["amp_rewrites"]``."""
+    (metadata asserts, inert dropout, empty concatenations, dead code, dead writes, whole
+    slices: rules H1-H7) and the SDPA mask folding (S1-S3), their remarks in
+    ``gm.meta["amp_rewrites"]``."""
     if example_inputs is None and example_kwargs is None:
         gm, source = symbolic_capture(model), "fx"
     else:
