@@ -76,6 +76,13 @@ def _collapse_arg(text: str) -> str | int:
                                      f"depth N >= 1")
 
 
+def _opset_arg(text: str) -> int:
+    if text.strip().isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"invalid opset {text!r}: give an ONNX opset number such "
+                                     f"as 17")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     shape: tuple[int, ...]
@@ -126,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "floats, zero integers); replaces a reference model's own inputs")
     opts.add_argument("--keep-fp32", nargs="+", action="extend", default=[], metavar="RULE",
                       help="keep these in fp32: op kinds (softmax), module-path globs "
-                           "(blocks.*.ln1), node names, or module classes (torch.nn.LayerNorm)")
+                           "(blocks.*.ln1), node names, node-name regexes (re:/attn/.*MatMul, "
+                           "matched anywhere in the name), or module classes (torch.nn.LayerNorm)")
     opts.add_argument("--force-low", nargs="+", action="extend", default=[], metavar="RULE",
                       help="force these to low precision (same forms; --keep-fp32 wins)")
     opts.add_argument("--training", action="store_true",
@@ -134,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "float16); default: inference, weights cast once")
     opts.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                       help="where the model is built and converted (default cpu)")
+    onnx_opts = target.add_argument_group("ONNX options (TARGET is an .onnx file)")
+    onnx_opts.add_argument("--calibration", metavar="PATH",
+                           help="calibration data: a folder of .npz files (one sample each, "
+                                "arrays keyed by graph-input name), one .npz whose arrays have a "
+                                "leading sample axis, or a Polygraphy data-loader JSON file (a "
+                                "list of {input: array}); float16: nodes whose values leave its "
+                                "range stay fp32 (rule O3)")
+    onnx_opts.add_argument("--keep-io-types", action=argparse.BooleanOptionalAction, default=None,
+                           help="keep graph inputs/outputs in their source dtype (default); "
+                                "--no-keep-io-types makes floating ones the low dtype")
+    onnx_opts.add_argument("--opset", type=_opset_arg, metavar="N",
+                           help="write the model at default-domain opset N (the source is "
+                                "converted with onnx.version_converter first)")
 
     parser = _Parser(prog=PROG,
                      description="Compiler-pass automatic mixed precision for PyTorch: plan the "
@@ -352,7 +373,8 @@ def _overrides(items: Sequence[str]) -> tuple:
 
     out: list = []
     for item in items:
-        for text in (t for t in item.split(",") if t):
+        # a regex is one entry whatever it holds ("re:a{1,2}"): never split at its commas
+        for text in ((item,) if item.startswith("re:") else (t for t in item.split(",") if t)):
             module_name, _, cls = text.rpartition(".")
             if module_name and cls[:1].isupper() and "*" not in text:
                 with contextlib.suppress(ImportError, ValueError):
@@ -370,6 +392,13 @@ def _convert(args, loaded: Loaded):
     if loaded.onnx_path is not None:
         result = _convert_onnx(args, loaded)
     else:
+        used = [flag for flag, value in (("--calibration", args.calibration),
+                                         ("--opset", args.opset),
+                                         ("--keep-io-types / --no-keep-io-types", args.keep_io_types))
+                if value is not None]
+        if used:
+            raise ConfigError(f"{used[0]} applies to .onnx targets only; {args.target!r} is a "
+                              f"PyTorch model")
         result = ac.convert(loaded.model, loaded.example_inputs, dtype=args.dtype,
                             training=bool(args.training), keep_fp32=_overrides(args.keep_fp32),
                             force_low=_overrides(args.force_low))
@@ -414,12 +443,105 @@ def _convert_onnx(args, loaded: Loaded) -> OnnxConversion:
                           f"amp_compiler.onnx_frontend, which is not available ({e})") from e
     from amp_compiler.inspect_graph import derive_casts
 
+    from amp_compiler.onnx_frontend import convert_opset
+
+    calibration = None if args.calibration is None else load_calibration(args.calibration)
+    keep_io = True if args.keep_io_types is None else args.keep_io_types
     model, plan = convert_onnx(str(loaded.onnx_path), dtype=args.dtype,
                                keep_fp32=_overrides(args.keep_fp32),
-                               force_low=_overrides(args.force_low), return_plan=True)
+                               force_low=_overrides(args.force_low), calibration=calibration,
+                               keep_io_types=keep_io, opset=args.opset, return_plan=True)
     # the front end's own description of the source file: the same vertex names as the plan
-    df = build_onnx_dataflow(prepare(load_model(str(loaded.onnx_path))), low=plan.low_dtype).graph
+    source = load_model(str(loaded.onnx_path))
+    if args.opset is not None:
+        source = convert_opset(source, args.opset, loaded.onnx_path)
+    df = build_onnx_dataflow(prepare(source), low=plan.low_dtype, keep_io_types=keep_io).graph
     return OnnxConversion(model, plan, df, derive_casts(plan, df), plan.low_dtype)
+
+
+def _decode_polygraphy_array(value, where: str):
+    """One array of a Polygraphy JSON file: ``{"array": base64 of np.save bytes,
+    "polygraphy_class": "ndarray"}`` (``polygraphy.json``; older files latin-1 text, or an
+    .npz archive holding one array)."""
+    import base64
+    import binascii
+
+    import numpy as np
+
+    if not isinstance(value, dict) or not isinstance(value.get("array"), str):
+        raise ConfigError(f"{where} is not a Polygraphy-encoded array (expected "
+                          f"{{\"array\": <base64 .npy>, \"polygraphy_class\": \"ndarray\"}})")
+    text = value["array"]
+    try:
+        data = base64.b64decode(text.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        data = text.encode("latin-1", errors="replace")  # Polygraphy's older encoding
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 -- not .npy / .npz bytes
+        raise ConfigError(f"{where}: the array data is not a readable .npy payload "
+                          f"({type(e).__name__}: {e})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive: its first array
+        arr = arr[arr.files[0]]
+    return arr
+
+
+def load_calibration(path_text: str) -> list[dict]:
+    """``--calibration PATH`` as a list of samples (dicts graph-input name -> array): a folder of
+    ``.npz`` files (one sample each, in file-name order), one ``.npz`` whose arrays share a
+    leading sample axis, or a Polygraphy data-loader JSON file (a list of feed dicts whose
+    arrays are Polygraphy-encoded, as ``polygraphy run --save-inputs`` writes them)."""
+    import json
+
+    import numpy as np
+
+    path = Path(path_text)
+    what = f"--calibration {path_text!r}"
+
+    def read_npz(p: Path) -> dict:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001 -- not a zip, pickled objects, truncated
+            raise ConfigError(f"{what}: {p} is not a readable .npz file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+
+    if not path.exists():
+        raise ConfigError(f"{what} does not exist; give a folder of .npz files, an .npz file or "
+                          f"a Polygraphy .json data file")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".npz" and p.is_file())
+        if not files:
+            raise ConfigError(f"{what} is a folder with no .npz files (one sample per file, "
+                              f"arrays keyed by graph-input name)")
+        samples = [read_npz(p) for p in files]
+    elif path.suffix.lower() == ".npz":
+        arrays = read_npz(path)
+        lengths = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
+        if not arrays or None in lengths.values() or len(set(lengths.values())) != 1:
+            raise ConfigError(f"{what}: the arrays of a single .npz need one leading sample axis "
+                              f"of the same length; got shapes "
+                              f"{ {k: list(a.shape) for k, a in arrays.items()} }")
+        n = next(iter(lengths.values()))
+        samples = [{k: a[i] for k, a in arrays.items()} for i in range(n)]
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"{what} is not readable JSON ({' '.join(str(e).split())[:200]})") from None
+        if isinstance(data, dict) and "polygraphy_class" not in data:
+            data = [data]  # one feed dict alone
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise ConfigError(f"{what}: a Polygraphy data file is a JSON list of "
+                              f"{{input_name: array}} objects")
+        samples = [{k: _decode_polygraphy_array(v, f"{what}: sample {i}, input {k!r}")
+                    for k, v in d.items()} for i, d in enumerate(data)]
+    else:
+        raise ConfigError(f"{what}: use a folder of .npz files, an .npz file or a Polygraphy "
+                          f".json data file")
+    if not samples:
+        raise ConfigError(f"{what} holds no samples")
+    return samples
 
 
 def _onnx_cast_list(model) -> list[dict]:

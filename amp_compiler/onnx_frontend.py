@@ -16,6 +16,12 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         a value as a low input. The factor 4 is headroom for data beyond the calibration set
         (the FX range analysis measured held-out maxima up to 1.9x the calibration maxima).
 
+    O4  a node that reads a floating initializer (or a lifted ``Constant``) in a slot that
+        takes its precision, whose largest finite |value| exceeds the low dtype's largest finite
+        value (65504 for float16), stays fp32 and the initializer keeps its values (ModelOpt
+        AutoCast's ``init_max``); without it the initializer was clamped to that maximum.
+        Infinities (``-inf`` masks) are representable and do not count.
+
 Edges (``cast`` flag) come from the operator schema: an input is cast to its consumer's
 precision only when it shares the type variable of the node's first floating input
 (``follow``); fixed-type and second-type-variable inputs (Resize scales/roi, Reshape/Expand/Slice
@@ -425,6 +431,13 @@ def _feeds(model: onnx.ModelProto, sample) -> dict[str, np.ndarray]:
     names = [i.name for i in model.graph.input if i.name not in inits]
     if isinstance(sample, Mapping):
         items = dict(sample)
+        unknown = sorted(set(map(str, items)) - set(names))
+        missing = [n for n in names if n not in items]
+        if unknown or missing:
+            what = (f"names {', '.join(map(repr, unknown))}, which the model does not take"
+                    if unknown else f"no value for {', '.join(map(repr, missing))}")
+            raise ConfigError(f"a calibration sample has {what}; the model's inputs are "
+                              f"{', '.join(map(repr, names))}")
     else:
         sample = sample if isinstance(sample, (tuple, list)) else (sample,)
         values = [a for a in sample if a is not None]
@@ -452,8 +465,16 @@ def calibration_ranges(model: onnx.ModelProto, calibration: Iterable) -> dict[st
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     ranges: dict[str, float] = {}
-    for sample in calibration:
-        for name, value in zip(names, session.run(None, _feeds(probe, sample))):
+    for i, sample in enumerate(calibration):
+        feeds = _feeds(probe, sample)
+        try:
+            values = session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 -- wrong dtype / rank / shape for an input
+            first = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"calibration sample {i}: ONNX Runtime cannot run the fp32 model on "
+                              f"it ({', '.join(f'{k}: {v.dtype}{list(v.shape)}' for k, v in feeds.items())}): "
+                              f"{first}") from exc
+        for name, value in zip(names, values):
             value = np.asarray(value)
             if value.dtype.kind == "f" and value.size:
                 finite = np.abs(value[np.isfinite(value)])
@@ -483,6 +504,32 @@ def _range_pins(df: OnnxDataflow, model: onnx.ModelProto, ranges: Mapping[str, f
     return pins
 
 
+def _init_range_pins(df: OnnxDataflow, model: onnx.ModelProto,
+                     low: torch.dtype) -> dict[str, tuple[str, str]]:
+    """Rule O4: nodes reading an initializer beyond ``low``'s finite range stay fp32."""
+    from onnx import numpy_helper
+
+    limit = float(torch.finfo(low).max)
+    big: dict[str, float] = {}
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES and t.data_type != TORCH_TO_ONNX[low]:
+            a = numpy_helper.to_array(t)
+            finite = np.abs(a[np.isfinite(a)]) if a.size else a
+            m = float(finite.max()) if finite.size else 0.0
+            if m > limit:
+                big[t.name] = m
+    pins: dict[str, tuple[str, str]] = {}
+    if not big:
+        return pins
+    for idx, node in enumerate(model.graph.node):
+        reads = [v for i, v in enumerate(node.input) if v in big and df.slots[idx].inputs[i] == "follow"]
+        if reads:
+            pins[df.vertex_of[idx]] = ("O4:init-range", f"reads initializer '{reads[0]}' with "
+                                       f"max|x| = {big[reads[0]]:.4g} > {limit:g} ({dtype_name(low)}'s "
+                                       f"largest value): stays fp32, the initializer unclamped")
+    return pins
+
+
 # -- the pipeline -------------------------------------------------------------------------------------
 
 def _entries(x) -> tuple:
@@ -494,7 +541,7 @@ def _entries(x) -> tuple:
 def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), force_low: Iterable = (),
                  calibration: Iterable | None = None, keep_io_types: bool = True,
                  out: str | os.PathLike | None = None, overwrite: bool = False,
-                 return_plan: bool = False):
+                 return_plan: bool = False, opset: int | None = None):
     """Convert an fp32 ONNX model to mixed precision with the same analyses as ``convert()``.
 
     Args:
@@ -502,7 +549,8 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
             modified).
         dtype: ``"float16"`` | ``"bfloat16"`` (also torch dtypes).
         keep_fp32 / force_low: op kinds (``"softmax"``), module-path globs (from the torch
-            exporters' metadata or ``/scoped/node/names``) or node names (``"node:<name>"``).
+            exporters' metadata or ``/scoped/node/names``), node names (``"node:<name>"``) or
+            node-name regexes (``"re:/attn/.*MatMul"``, ``re.search`` on the node names).
         calibration: iterable of input samples (tuples in graph-input order, or dicts name ->
             array); float16 only: nodes whose values leave float16's range stay fp32 (O3).
         keep_io_types: True keeps graph inputs/outputs in their source dtype; False makes floating
@@ -510,6 +558,10 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
         out: also write the result there (atomically; an existing file needs ``overwrite=True``).
         return_plan: return ``(model, plan)`` instead of the model: the ``PrecisionPlan`` maps
             every vertex (node name, input, initializer, ``output:<name>``) to its Decision.
+        opset: target default-domain opset: the source is converted to it first
+            (``onnx.version_converter.convert_version``) and analysed at that opset, so the
+            result imports it; ``None`` keeps the source's. A conversion the version converter
+            cannot do (or one whose result fails ``onnx.checker``) is an ``OnnxError``.
 
     Returns:
         The converted ``onnx.ModelProto`` (checked with ``onnx.checker.check_model(full_check=True)``),
@@ -527,12 +579,16 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
         check_destination(out, overwrite)  # fail before the work, not after
     source = load_model(model_or_path)
     check_source(model_or_path, source)
+    if opset is not None:
+        source = convert_opset(source, opset, model_or_path)
     model = prepare(source)
     if opset_of(model) is None:
         raise OnnxError("the model imports no default-domain opset; it is not a standard ONNX model")
     # 1. describe it IR-neutrally: the same DataflowGraph the FX front end builds
     df = build_onnx_dataflow(model, low=low, keep_io_types=keep_io_types)
-    # 2. optional range analysis: values beyond float16's range pin their nodes fp32 (O3)
+    # 2. initializers beyond the low dtype's range pin their readers fp32 (O4); optional range
+    # analysis: values beyond float16's range pin their nodes fp32 (O3)
+    df.pins.update(_init_range_pins(df, model, low))
     if calibration is not None and low == torch.float16:
         df.pins.update(_range_pins(df, model, calibration_ranges(model, calibration), low))
     # 3. classify and paint with the same passes and the CUDA policy; pins ride on keep_fp32
@@ -561,6 +617,34 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     if out is not None:
         save_model(converted, out, overwrite=overwrite)
     return (converted, plan) if return_plan else converted
+
+
+def convert_opset(model: onnx.ModelProto, opset, model_or_path=None) -> onnx.ModelProto:
+    """``model`` at default-domain ``opset`` (itself when already there), by
+    ``onnx.version_converter``; impossible conversions are an OnnxError saying so."""
+    from onnx import version_converter
+
+    latest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not 1 <= opset <= latest:
+        raise ConfigError(f"opset must be an integer from 1 to {latest} (the newest this onnx "
+                          f"{onnx.__version__} knows), got {opset!r}")
+    current = opset_of(model)
+    if current == opset:
+        return model
+    what = (f"'{os.fspath(model_or_path)}'" if isinstance(model_or_path, (str, os.PathLike))
+            else "the model")
+    try:
+        converted = version_converter.convert_version(model, int(opset))
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as exc:  # noqa: BLE001 -- the converter's RuntimeError, or an invalid result
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise OnnxError(f"cannot convert {what} from opset {current} to opset {opset}: "
+                        f"onnx.version_converter says {detail!r}. Convert to another opset, or "
+                        f"leave the opset as it is") from exc
+    if opset_of(converted) != opset:
+        raise OnnxError(f"cannot convert {what} from opset {current} to opset {opset}: the "
+                        f"version converter returned opset {opset_of(converted)}")
+    return converted
 
 
 def _pinned(d: Decision, rule: str, reason: str) -> Decision:

@@ -7,8 +7,12 @@ Rules (numbered as they appear in Decisions):
     C3  vertices with no floating value (indices, masks, shapes) are ``non_float``;
     C4  ``keep_fp32`` / ``force_low`` entries are resolved, each entry being one of: an op kind
         (``"softmax"``), a node name (``"node:softmax_2"`` when it collides with a kind), a module-path glob (``"blocks.*.ln1"``; a module path also
-        covers everything under it) or an ``nn.Module`` class. An entry that matches nothing
-        raises ``ConfigError`` with the closest valid names.
+        covers everything under it), an ``nn.Module`` class, or a node-name regex
+        (``"re:<pattern>"``: every compute node whose name the pattern matches anywhere, as
+        ``re.search`` does; anchor it with ``^...$`` for whole names). An entry that matches
+        nothing raises ``ConfigError`` with the closest valid names; a kind or class this model
+        lacks, or a regex matching no node, warns (``UnusedOverrideWarning``) instead; an
+        invalid regex is a ``ConfigError`` naming it.
     C5  with ``probe_kernels``, a kind whose low-precision kernel this device lacks
         (``passes.kernels``: probed once per kind, device type and dtype) is listed in
         ``no_kernel`` with the probe's error; ``propagate`` keeps it fp32 (rule R8).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -92,7 +97,8 @@ def override_entries(entries, arg: str = "keep_fp32 or force_low") -> tuple:
         return tuple(entries)
     except TypeError:
         raise ConfigError(f"{arg} got {entries!r}: pass a list of op kinds ('softmax'), "
-                          f"module-path globs ('blocks.*.ln1'), node names or nn.Module classes, "
+                          f"module-path globs ('blocks.*.ln1'), node names, node-name regexes "
+                          f"('re:^fc'), or nn.Module classes, "
                           f"or () for none") from None
 
 
@@ -112,8 +118,20 @@ def _resolve(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str
         if isinstance(entry, type):
             hits = [v.name for v in compute if v.module_type == text]
         elif not isinstance(entry, str):
-            raise ConfigError(f"{arg} entries must be op kinds, node names, module-path globs "
-                              f"or nn.Module classes; got {entry!r} ({type(entry).__name__})")
+            raise ConfigError(f"{arg} entries must be op kinds, node names, module-path globs, "
+                              f"'re:<pattern>' regexes or nn.Module classes; got {entry!r} ({type(entry).__name__})")
+        elif entry.startswith("re:"):
+            try:
+                pattern = re.compile(entry[3:])
+            except re.error as exc:
+                raise ConfigError(f"{arg} entry {text!r} is not a valid regular expression "
+                                  f"({exc}); write re:<pattern>, e.g. 're:/attn/.*MatMul'") from None
+            hits = [v.name for v in compute if pattern.search(v.name)]
+            if not hits:
+                # a pattern is a recipe too (shared across models): warn, as for a missing kind
+                warnings.warn(f"{arg} entry {text!r} matches nothing in this model (no node name "
+                              f"matches the pattern): ignored", UnusedOverrideWarning, stacklevel=3)
+                continue
         elif entry.startswith("node:"):
             hits = [entry[5:]] if entry[5:] in graph and graph.vertex(entry[5:]).role == "compute" else []
         else:

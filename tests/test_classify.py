@@ -232,3 +232,46 @@ def test_override_entries_take_one_string_or_class_as_one_entry():
     assert override_entries(torch.nn.LayerNorm) == (torch.nn.LayerNorm,)
     assert override_entries(["softmax", "node:fc1"]) == ("softmax", "node:fc1")
     assert override_entries(()) == ()
+
+
+# -- C4: node-name regexes ("re:<pattern>", re.search semantics) ----------------------------
+
+def test_override_by_node_name_regex_searches_every_compute_node(gpt_graph):
+    _, _, graph = gpt_graph
+    compute = [v.name for v in graph.vertices() if v.role == "compute"]
+    # anchored: exactly the names the pattern spans
+    cls = _resolve(graph, keep_fp32=(r"re:^linear_[14]$",))
+    assert cls.keep_fp32 == {"linear_1": r"re:^linear_[14]$", "linear_4": r"re:^linear_[14]$"}
+    # unanchored: re.search, so "max" is found inside "softmax" and "softmax_1"
+    cls = _resolve(graph, force_low=("re:max",))
+    assert set(cls.force_low) == {n for n in compute if "max" in n}
+    assert {"softmax", "softmax_1"} <= set(cls.force_low)
+    # only compute nodes: the inputs / parameters a pattern also matches are not selected
+    sources = [v.name for v in graph.vertices() if v.role != "compute"]
+    cls = _resolve(graph, keep_fp32=("re:.",))
+    assert set(cls.keep_fp32) == set(compute) and not set(cls.keep_fp32) & set(sources)
+
+
+def test_bad_or_unused_regex_override(gpt_graph):
+    from amp_compiler.errors import UnusedOverrideWarning
+
+    _, _, graph = gpt_graph
+    with pytest.raises(ConfigError, match=r"keep_fp32 entry 're:linear\(' is not a valid regular"):
+        _resolve(graph, keep_fp32=("re:linear(",))
+    with pytest.warns(UnusedOverrideWarning, match=r"force_low entry 're:\^no_such_node'.*matches nothing"):
+        cls = _resolve(graph, force_low=("re:^no_such_node", "softmax"))
+    assert set(cls.force_low) == {"softmax", "softmax_1"}  # the other entries still apply
+
+
+def test_regex_overrides_reach_the_torch_plan(gpt_graph):
+    model, inputs, _ = gpt_graph
+    amp = ac.convert(model, inputs, dtype="bfloat16", keep_fp32=(r"re:^linear(_4)?$",),
+                     force_low=("re:^layer_norm$",))
+    for n in nodes_of(amp.plan, "linear"):
+        d = amp.plan[n]
+        if n in ("linear", "linear_4"):
+            assert (d.precision, d.rule) == (torch.float32, "R6:keep_fp32") and "re:^linear" in d.reason
+        else:
+            assert d.precision == torch.bfloat16
+    assert (amp.plan["layer_norm"].precision, amp.plan["layer_norm"].rule) == (torch.bfloat16, "R6:force_low")
+    assert amp(*inputs).dtype == model(*inputs).dtype

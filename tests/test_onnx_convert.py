@@ -47,7 +47,7 @@ HAS_CUDA_EP = "CUDAExecutionProvider" in ort_providers()  # preloads onnxruntime
 
 MODELS = ("mlp", "resnet", "gpt", "bert", "lstm", "mf")
 FP16 = TensorProto.FLOAT16
-RULE_PREFIXES = ("R0:", "R1:", "R2:", "R3:", "R4:", "R5:", "R6:", "R7:", "O1:", "O2:", "O3:")
+RULE_PREFIXES = ("R0:", "R1:", "R2:", "R3:", "R4:", "R5:", "R6:", "R7:", "O1:", "O2:", "O3:", "O4:")
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +370,7 @@ def test_fixed_type_inputs_are_never_cast(ort_run):
     assert rel_err(ort_run(ours, (x,)), ort_run(source, (x,))) <= 2.0 ** -9
 
 
-def test_initializers_converted_once_duplicated_when_needed_and_clamped():
+def test_initializers_converted_once_duplicated_when_needed_and_big_ones_kept_fp32(ort_run):
     b = np.full((8, 8), 0.01, np.float32)
     b[0, 0] = 1e5  # beyond float16
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
@@ -380,11 +380,23 @@ def test_initializers_converted_once_duplicated_when_needed_and_clamped():
                     [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 8]),
                      helper.make_tensor_value_info("e", TensorProto.FLOAT, [8, 8])],
                     [_tensor("w", np.eye(8) * 0.5), _tensor("b", b)])
-    with pytest.warns(UserWarning, match="initializer 'b'.*clamped"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing clamped any more: no warning
         ours, plan = convert_onnx(source, return_plan=True)
     inits = {t.name: t for t in ours.graph.initializer}
-    # 'b': only a float16 consumer -> converted in place, clamped to 65504
-    assert inits["b"].data_type == FP16 and numpy_helper.to_array(inits["b"]).max() == 65504
+    # 'b' holds 1e5 > 65504: its reader stays fp32 (O4) and 'b' keeps its exact fp32 values
+    assert plan["mm_b"].rule == "O4:init-range" and plan["mm_b"].precision == torch.float32
+    assert "'b'" in plan["mm_b"].reason and "1e+05" in plan["mm_b"].reason
+    assert inits["b"].data_type == TensorProto.FLOAT and numpy_helper.to_array(inits["b"]).max() == 1e5
+    assert plan["mm"].precision == torch.float16
+    cast = next(n for n in ours.graph.node if n.op_type == "Cast" and n.input[0] == "y")
+    assert cast.attribute[0].i == TensorProto.FLOAT  # y goes up once, into mm_b
+    x = np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)
+    ref = (x @ (np.eye(8) * 0.5)) @ b
+    assert rel_err(ort_run(ours, (x,)), ref) <= 2.0 ** -9
+    # bfloat16's range holds 1e5: no O4 there
+    _, bplan = convert_onnx(source, dtype="bfloat16", return_plan=True)
+    assert bplan["mm_b"].rule != "O4:init-range"
     # 'w': a float16 MatMul and an fp32 Exp -> the fp32 original plus one float16 copy
     assert inits["w"].data_type == TensorProto.FLOAT and inits["w_f16"].data_type == FP16
     by_name = {n.name: n for n in ours.graph.node}
@@ -572,3 +584,109 @@ def test_w9_shared_cast_stays_one_cast_and_unmovable_matches_are_reported(ort_no
     with pytest.warns(UserWarning, match=r"may crash \(SIGSEGV\).*transpose -> mm"):
         converted = convert_onnx(fp32)
     assert len(transpose_hazards(converted)) == 1
+
+
+# -- node-name regex overrides, opset conversion --------------------------------------------------
+
+def test_regex_overrides_select_onnx_node_names(fp32_files):
+    from amp_compiler.errors import UnusedOverrideWarning
+
+    _, source = fp32_files["gpt"]
+    ours, plan = convert_onnx(source, keep_fp32=(r"re:^/h\.0/attn/.*MatMul",),
+                              force_low=("re:LayerNorm",), return_plan=True)
+    matmuls = [n.name for n in source.graph.node if n.op_type == "MatMul"]
+    picked = [n for n in matmuls if n.startswith("/h.0/attn/")]
+    assert len(picked) == 4  # c_attn, q@k, p@v, c_proj
+    for n in matmuls:
+        d = plan[n]
+        if n in picked:
+            assert (d.precision, d.rule) == (torch.float32, "R6:keep_fp32") and "re:^/h" in d.reason
+        else:
+            assert d.precision == torch.float16, n
+    # re.search: "LayerNorm" is found inside "/h.0/ln_1/LayerNormalization"
+    norms = [n.name for n in source.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(plan[n].rule == "R6:force_low" and plan[n].precision == torch.float16
+                         for n in norms)
+    # the kept MatMuls read fp32 values in the file: their weights stay fp32 initializers
+    types = value_types(ours)
+    by_name = {n.name: n for n in ours.graph.node}
+    assert all(types[by_name[n].input[1]] == TensorProto.FLOAT for n in picked)
+    with pytest.raises(ConfigError, match=r"keep_fp32 entry 're:\[' is not a valid regular"):
+        convert_onnx(source, keep_fp32=("re:[",))
+    with pytest.warns(UnusedOverrideWarning, match="matches nothing"):
+        _, plan2 = convert_onnx(source, keep_fp32=("re:^/no/such/",), return_plan=True)
+    assert not [d for d in plan2.values() if d.rule.startswith("R6")]
+
+
+def _conv_model(opset=18):
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Abs", ["c"], ["r"], name="abs"),
+             helper.make_node("ReduceSum", ["r", "axes"], ["s"], keepdims=0, name="sum")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                  [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["n", 4])],
+                  [_tensor("w", rng.standard_normal((4, 3, 3, 3)) * 0.2),
+                   numpy_helper.from_array(np.array([2, 3], np.int64), "axes")], opset=opset)
+
+
+def test_opset_converts_the_source_and_analyses_at_that_opset(tmp_path, ort_run):
+    from onnx.reference import ReferenceEvaluator
+
+    source = _conv_model(18)
+    # bfloat16: ONNX Conv has no bfloat16 form before opset 22 (O2) ...
+    _, plan = convert_onnx(source, dtype="bfloat16", return_plan=True)
+    assert plan["conv"].rule == "O2:schema" and plan["conv"].precision == torch.float32
+    # ... converted to opset 22 first, the same Conv is low and its weight stored bfloat16
+    out = tmp_path / "bf16.onnx"
+    ours, plan = convert_onnx(source, dtype="bfloat16", opset=22, out=out, return_plan=True)
+    written = onnx.load(str(out))
+    assert [(o.domain, o.version) for o in written.opset_import] == [("", 22)]
+    assert plan.meta["opset"] == 22 and plan["conv"].precision == torch.bfloat16
+    assert {t.name: t.data_type for t in written.graph.initializer}["w"] == TensorProto.BFLOAT16
+    casts_in = [(n.input[0], n.attribute[0].i) for n in written.graph.node if n.op_type == "Cast"]
+    # sum is deny (R2) and abs (infer) sides with it: one cast down before conv, one up after
+    assert casts_in == [("x", TensorProto.BFLOAT16), ("c", TensorProto.FLOAT)]
+
+    # down to opset 13 (float16); the result runs. Opset 12 has no adapter for Abs-13 down:
+    # that is an OnnxError naming the op
+    ours, plan = convert_onnx(source, opset=13, return_plan=True)
+    assert [o.version for o in ours.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    assert plan["conv"].precision == torch.float16 and plan["sum"].precision == torch.float32
+    with pytest.raises(OnnxError, match="from opset 18 to opset 12: .*Abs"):
+        convert_onnx(source, opset=12)
+    x = np.random.default_rng(8).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    ref = ReferenceEvaluator(source).run(None, {"x": x})[0]
+    assert rel_err(ort_run(ours, (x,)), ref) <= 2.0 ** -9
+    # the same opset is a no-op
+    assert convert_onnx(source, opset=18).SerializeToString() == convert_onnx(source).SerializeToString()
+
+
+def test_impossible_opset_is_a_clear_error(tmp_path):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("LayerNormalization", ["y", "g"], ["z"], axis=-1, name="ln")]
+    source = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                    [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 8])],
+                    [_tensor("w", np.eye(8)), _tensor("g", np.ones(8))])
+    path = tmp_path / "ln.onnx"
+    onnx.save(source, str(path))
+    out = tmp_path / "out.onnx"
+    with pytest.raises(OnnxError, match=r"cannot convert '.*ln\.onnx' from opset 18 to opset 16: "
+                                        r".*LayerNormalization"):
+        convert_onnx(str(path), opset=16, out=out)
+    assert not out.exists()
+    latest = onnx.defs.onnx_opset_version()
+    for bad in (0, latest + 1, "17", 17.0):
+        with pytest.raises(ConfigError, match="opset must be an integer"):
+            convert_onnx(source, opset=bad)
+
+
+def test_calibration_samples_are_checked_against_the_inputs():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    source = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+                    [_tensor("w", np.ones((8, 2)))])
+    with pytest.raises(ConfigError, match=r"names 'inp', which the model does not take.*'x'"):
+        convert_onnx(source, calibration=[{"inp": np.ones((1, 8), np.float32)}])
+    with pytest.raises(ConfigError, match=r"calibration sample 1: ONNX Runtime cannot run.*x: int64\[1, 8\]"):
+        convert_onnx(source, calibration=[{"x": np.ones((1, 8), np.float32)},
+                                          {"x": np.ones((1, 8), np.int64)}])
