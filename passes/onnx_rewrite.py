@@ -48,6 +48,11 @@ Rules:
         reading the transposed value); the moved Transpose says why in its ``amp_compiler.reason``
         metadata. Other matches are left as they are and reported (``RewriteResult.hazards``, a
         warning; the user's session can pass ``disabled_optimizers=["MatmulTransposeFusion"]``).
+    W10 after W8, before W7's inference: ``onnx_cast_placement`` (rules C1-C6) removes the Casts
+        the plan does not need -- no-op Casts, exact widening round trips, sibling Casts, Casts of
+        initializers, and Casts that meet one of those once moved above a pure movement op --
+        without changing any node's precision or any value (ONNX Runtime's outputs stay
+        bit-identical); ``RewriteResult.placement`` lists each rewrite with its rule and reason.
 
     >>> result = rewrite_onnx(model, slots, vertex_of, plan, source_dtypes)
     >>> result.model, len(result.casts), result.converted
@@ -64,6 +69,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from .onnx_cast_placement import PlacementRemark, place_casts
 from .plan import PrecisionPlan
 
 # ONNX element types <-> torch dtypes (float types are the ones we ever cast between).
@@ -128,6 +134,7 @@ class RewriteResult:
     clamped: list[str] = field(default_factory=list)
     moved_transposes: list[str] = field(default_factory=list)  # W9: MatMuls a Transpose moved below
     hazards: list["TransposeHazard"] = field(default_factory=list)  # W9 matches left in place
+    placement: list[PlacementRemark] = field(default_factory=list)  # W10: Casts removed or moved
 
 
 def elem_type(vi: onnx.ValueInfoProto) -> int | None:
@@ -240,7 +247,7 @@ class _Names:
 def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_of: Mapping[int, str],
                  plan: PrecisionPlan, source_types: Mapping[str, int], *,
                  keep_io_types: bool = True) -> RewriteResult:
-    """Apply ``plan`` to a copy of ``model`` (rules W1-W9).
+    """Apply ``plan`` to a copy of ``model`` (rules W1-W10).
 
     ``slots`` and ``vertex_of`` are indexed by position in ``model.graph.node``; ``source_types``
     gives every value's element type in the source model (before any change).
@@ -389,6 +396,11 @@ def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_
     new_nodes = _fold_fill_casts(new_nodes, result, out_names={o.name for o in g.output})
     del g.node[:]
     g.node.extend(new_nodes)
+    # W10 -- the same plan with fewer Casts, every value unchanged (onnx_cast_placement C1-C6)
+    _, result.placement = place_casts(out)
+    if result.placement:
+        made = {o for n in g.node for o in n.output}
+        result.casts = [r for r in result.casts if r[2] in made]
     # W7 -- value_info describes the old dtypes: drop it and infer again
     del g.value_info[:]
     try:
