@@ -41,7 +41,7 @@ from torch import nn
 
 from amp_compiler.errors import AmpCompilerError, UnsupportedOperationError
 from amp_compiler.shapes import explain_inputs_error, explain_shape_error
-from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.graph import DataflowGraph, attribute
 from amp_compiler.passes.fold_weights import FoldedWeight, folded_weights, refold
 from amp_compiler.passes.insert_casts import CastRecord
 from amp_compiler.passes.plan import PrecisionPlan
@@ -190,7 +190,7 @@ class AmpModule(nn.Module):
             elif kind == "folded":
                 value = where[0].original()
                 if value is None:
-                    value = _get(self.graph_module, where[0].copy)
+                    value = attribute(self.graph_module, where[0].copy)
             else:
                 value = where
             destination[prefix + key] = value if keep_vars else value.detach()
@@ -227,7 +227,7 @@ class AmpModule(nn.Module):
                 targets = [inner[where]]
             elif kind == "folded":
                 live = [r.original() for r in where if r.original() is not None]
-                targets = live[:1] or [_get(gm, r.copy) for r in where]
+                targets = live[:1] or [attribute(gm, r.copy) for r in where]
             else:
                 targets = [where]
             if not isinstance(value, torch.Tensor):
@@ -443,13 +443,6 @@ class AmpModule(nn.Module):
             fold_weights(self.graph_module, self._casts)
             self.folded = True
         return self
-
-
-def _get(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _user_layout(model: nn.Module | None, gm: fx.GraphModule):

@@ -94,19 +94,21 @@ class OnnxFileExistsError(OnnxError, FileExistsError):
 
 # -- files ------------------------------------------------------------------------------------------
 
-def check_destination(path: str | os.PathLike, overwrite: bool) -> str:
-    """The absolute destination path; raises if it exists (without overwrite) or has no folder.
+def check_destination(path: str | os.PathLike, overwrite: bool, *,
+                      error: type[Exception] = OnnxError, example: str = "model.onnx") -> str:
+    """The absolute destination path; raises if it exists (without overwrite) or has no folder
+    (``error`` for a folder or a missing folder, the example file name in its message).
 
     A symbolic link counts as existing even when it dangles: writing "through" it would create
     or clobber a file elsewhere. With ``overwrite`` the link itself is replaced (``replacing``).
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
-        raise OnnxError(f"'{path}' is a folder; pass a file path such as '{os.path.join(path, 'model.onnx')}'")
+        raise error(f"'{path}' is a folder; pass a file path such as '{os.path.join(path, example)}'")
     if os.path.lexists(path) and not overwrite:
         raise OnnxFileExistsError(f"'{path}' already exists; pass overwrite=True to replace it")
     if not os.path.isdir(os.path.dirname(path)):
-        raise OnnxError(f"the folder of '{path}' does not exist; create it first")
+        raise error(f"the folder of '{path}' does not exist; create it first")
     return path
 
 

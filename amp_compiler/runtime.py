@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amp_compiler.scaler import unscale_grad
+from amp_compiler.scaler import unscale_grads
 
 
 def module_in_dtype(module: nn.Module, dtype: torch.dtype, *args, **kwargs):
@@ -18,11 +18,8 @@ def module_in_dtype(module: nn.Module, dtype: torch.dtype, *args, **kwargs):
         >>> out, (h, c) = module_in_dtype(lstm, torch.bfloat16, x.bfloat16())
     """
     scale = kwargs.pop("_amp_unscale", None)  # rule L4 (fp16 training): gradients unscaled
-    params = {}
-    for n, p in module.named_parameters():
-        if scale is not None:
-            p = unscale_grad(p, scale)
-        params[n] = p.to(dtype) if p.is_floating_point() else p
+    params = _unscaled(module, scale)
+    params = {n: (p.to(dtype) if p.is_floating_point() else p) for n, p in params.items()}
     return torch.func.functional_call(module, params, args, kwargs)
 
 
@@ -32,57 +29,71 @@ def module_unscaled(module: nn.Module, scale: torch.Tensor, *args, **kwargs):
 
         >>> y = module_unscaled(bn, scaler.scale_tensor(), x)
     """
-    params = {n: unscale_grad(p, scale) for n, p in module.named_parameters()}
-    return torch.func.functional_call(module, params, args, kwargs)
+    return torch.func.functional_call(module, _unscaled(module, scale), args, kwargs)
+
+
+def _unscaled(module: nn.Module, scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The module's parameters by name, read through one ``unscale_grads`` when ``scale``."""
+    named = dict(module.named_parameters())
+    if scale is None or not named:
+        return named
+    return dict(zip(named, unscale_grads(scale, *named.values())))
 
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (fused_cross_entropy's X3): 256 MB in fp32
 
 
+def _chunked_cross_entropy(h, w, b, target, reduction, ignore_index, label_smoothing, scale,
+                           need: tuple[bool, bool, bool]):
+    """The loss, chunk by chunk, and for each of ``(h, w, b)`` that ``need`` names its
+    gradient, computed right away per chunk (the chunk's logits are freed before the next):
+    ``(loss, grad_h, grad_w, grad_b)``, the gradients those of ``loss * scale``."""
+    rows_h = h.reshape(-1, h.shape[-1])
+    rows_t = target.reshape(-1)
+    n, vocab = rows_h.shape[0], w.shape[0]
+    chunk = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    # the gradients computed ahead are of loss * scale / count: the unfused backward's
+    # values when the incoming gradient is the loss scale (or 1 without scaling)
+    count = (rows_t != ignore_index).sum() if reduction == "mean" else None
+    factor = scale.float() if scale is not None else torch.ones((), device=h.device)
+    if count is not None:
+        factor = factor / count.clamp(min=1).to(factor)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(rows_h) if need[0] else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need[1] else None
+    grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need[2] else None
+    for start in range(0, n, chunk):
+        hs, ts = rows_h[start:start + chunk], rows_t[start:start + chunk]
+        with torch.enable_grad() if any(need) else torch.no_grad():
+            leaves = [t.detach().requires_grad_(g) if t is not None else None
+                      for t, g in zip((hs, w, b), need)]
+            logits = F.linear(leaves[0], leaves[1], leaves[2]).float()
+            loss = F.cross_entropy(logits, ts, ignore_index=ignore_index, reduction="sum",
+                                   label_smoothing=label_smoothing)
+            if any(need):
+                grads = iter(torch.autograd.grad(loss * factor, [t for t, g in zip(leaves, need) if g]))
+                if need[0]:
+                    grad_h[start:start + chunk] = next(grads)
+                if need[1]:
+                    grad_w += next(grads)
+                if need[2]:
+                    grad_b += next(grads)
+        total += loss.detach()
+        del logits, loss
+    if count is not None:
+        total = total / count.to(total)  # torch's mean: nan when every row is ignored
+    return total, grad_h, grad_w, grad_b
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward: the loss, chunk by chunk; when gradients are wanted, each chunk's gradients
-    are computed right away (the chunk's logits are freed before the next), and backward only
-    multiplies them by the incoming gradient."""
+    """Forward: the loss and, chunk by chunk, the gradients (``_chunked_cross_entropy``);
+    backward only multiplies them by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, h, w, b, target, reduction, ignore_index, label_smoothing, scale):
-        rows_h = h.reshape(-1, h.shape[-1])
-        rows_t = target.reshape(-1)
-        n, vocab = rows_h.shape[0], w.shape[0]
-        chunk = max(1, CHUNK_ELEMENTS // max(1, vocab))
-        need = list(ctx.needs_input_grad[:3])
-        want = any(need)  # linear_cross_entropy calls this only when gradients are wanted
-        # the gradients computed ahead are of loss * scale / count: the unfused backward's
-        # values when the incoming gradient is the loss scale (or 1 without scaling)
-        count = (rows_t != ignore_index).sum() if reduction == "mean" else None
-        factor = scale.float() if scale is not None else torch.ones((), device=h.device)
-        if count is not None:
-            factor = factor / count.clamp(min=1).to(factor)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(rows_h) if need[0] and want else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need[1] and want else None
-        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need[2] and want else None
-        for start in range(0, n, chunk):
-            hs, ts = rows_h[start:start + chunk], rows_t[start:start + chunk]
-            with torch.enable_grad() if want else torch.no_grad():
-                leaves = [t.detach().requires_grad_(g) if t is not None else None
-                          for t, g in zip((hs, w, b), need)]
-                logits = F.linear(leaves[0], leaves[1], leaves[2]).float()
-                loss = F.cross_entropy(logits, ts, ignore_index=ignore_index, reduction="sum",
-                                       label_smoothing=label_smoothing)
-                if want:
-                    wrt = [t for t, g in zip(leaves, need) if g]
-                    grads = iter(torch.autograd.grad(loss * factor, wrt))
-                    if need[0]:
-                        grad_h[start:start + chunk] = next(grads)
-                    if need[1]:
-                        grad_w += next(grads)
-                    if need[2]:
-                        grad_b += next(grads)
-            total += loss.detach()
-            del logits, loss
-        if count is not None:
-            total = total / count.to(total)  # torch's mean: nan when every row is ignored
+        total, grad_h, grad_w, grad_b = _chunked_cross_entropy(
+            h, w, b, target, reduction, ignore_index, label_smoothing, scale,
+            tuple(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(grad_h, grad_w, grad_b, scale if scale is not None else torch.ones((), device=h.device))
         ctx.shapes = (h.shape, w.dtype, None if b is None else b.dtype)
         return total
@@ -119,14 +130,5 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b)):
         return _LinearCrossEntropy.apply(h, w, b, target, reduction, ignore_index, label_smoothing, scale)
     with torch.no_grad():  # evaluation: the same chunked loss, no gradients computed ahead
-        return _LinearCrossEntropy.forward(_NoContext(), h, w, b, target, reduction, ignore_index,
-                                           label_smoothing, scale)
-
-
-class _NoContext:
-    """What ``_LinearCrossEntropy.forward`` reads of a context when no gradient is wanted."""
-
-    needs_input_grad = (False,) * 8
-
-    def save_for_backward(self, *tensors) -> None:
-        pass
+        return _chunked_cross_entropy(h, w, b, target, reduction, ignore_index, label_smoothing,
+                                      scale, (False, False, False))[0]

@@ -95,7 +95,9 @@ def save(amp: nn.Module, path: str | os.PathLike) -> str:
     if amp.source not in ("fx", "export"):
         raise SavedFileError(f"this module was captured by {amp.source!r}; save() re-applies plans "
                              f"to fx and torch.export captures only")
-    _check_destination(path)
+    from amp_compiler.onnx_export import check_destination, replacing
+
+    path = check_destination(path, overwrite=True, error=SavedFileError, example="model.amp")
     plan, gm, training, mode = _conversion_state(amp)
     tensors, aliases = _dedupe(_user_state_dict(amp))
     weights_format = "safetensors" if _safetensors() is not None else "torch"
@@ -119,8 +121,6 @@ def save(amp: nn.Module, path: str | os.PathLike) -> str:
                     "tensors": len(tensors), "aliases": aliases},
         "scaler": _scaler_state(amp.scaler),
     }
-    from amp_compiler.onnx_export import replacing
-
     with replacing(path) as tmp:
         stage = os.path.join(os.path.dirname(tmp), "weights.stage")  # removed with the folder
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -128,15 +128,6 @@ def save(amp: nn.Module, path: str | os.PathLike) -> str:
             zf.writestr(PLAN, plan.to_json(), zipfile.ZIP_DEFLATED)
             _write_weights(zf, tensors, weights_format, stage)
     return path
-
-
-def _check_destination(path: str) -> None:
-    if os.path.isdir(path):
-        raise SavedFileError(f"'{path}' is a folder; pass a file path such as "
-                             f"'{os.path.join(path, 'model.amp')}'")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SavedFileError(f"the folder of '{path}' does not exist; create it first")
 
 
 def _conversion_state(amp) -> tuple[PrecisionPlan, Any, bool, str]:
@@ -231,7 +222,7 @@ def _write_weights(zf: zipfile.ZipFile, tensors: dict[str, torch.Tensor], fmt: s
 def _version() -> str:
     import amp_compiler
 
-    return str(getattr(amp_compiler, "__version__", "unknown"))
+    return amp_compiler.__version__
 
 
 def _model_class(gm) -> str | None:

@@ -29,7 +29,7 @@ from amp_compiler.errors import LossScalerError
 
 _READY = torch.amp.grad_scaler.OptState.READY
 
-__all__ = ["LossScaler", "scale_loss_grad", "unscale_grad", "unscale_grads"]
+__all__ = ["LossScaler", "scale_loss_grad", "unscale_grads"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -69,48 +69,13 @@ def scale_loss_grad(loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _ScaleLossGrad.apply(loss, scale)
 
 
-class _UnscaleGrad(torch.autograd.Function):
-    """Identity in forward; divides the incoming gradient by ``scale`` in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.scale = scale  # read at backward time, as in _ScaleLossGrad
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # out of place: the incoming gradient may be shared with another input's (add's
-        # backward hands the same tensor to both operands). Scales are powers of two, so the
-        # division is exact and equals GradScaler's multiplication by the reciprocal.
-        return grad / ctx.scale.to(device=grad.device, non_blocking=True), None
-
-
-def unscale_grad(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Return ``x`` unchanged, but divide the gradient that flows back into it by ``scale``.
-
-    The graph places it where each trainable parameter (and each input that requires grad)
-    enters, so the loss gradient that :func:`scale_loss_grad` multiplied by the scale arrives
-    in ``.grad`` as the true gradient: after ``loss.backward()``, clipping, a plain
-    ``optimizer.step()`` and ``torch.autograd.grad`` all see true values, and several
-    backwards accumulate true gradients. Anything that is not a floating tensor requiring grad
-    is returned as is.
-
-        >>> w = unscale_grad(linear.weight, scaler.scale_tensor())
-    """
-    if torch.overrides.has_torch_function_variadic(x, scale):
-        return torch.overrides.handle_torch_function(unscale_grad, (x, scale), x, scale)
-    if not (isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point()):
-        return x
-    return _UnscaleGrad.apply(x, scale)
-
-
 class _UnscaleGrads(torch.autograd.Function):
-    """``_UnscaleGrad`` for several tensors at once: one autograd node and one foreach
-    division per group (a layer's parameters), not one of each per parameter."""
+    """Identity in forward; divides each incoming gradient by ``scale`` in backward, all of
+    them with one foreach call: one autograd node per group (a layer's parameters)."""
 
     @staticmethod
     def forward(ctx: Any, scale: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.scale = scale
+        ctx.scale = scale  # read at backward time, as in _ScaleLossGrad
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
@@ -118,26 +83,40 @@ class _UnscaleGrads(torch.autograd.Function):
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
             return (None, *grads)
-        anchor = grads[present[0]]
-        scale = ctx.scale.to(device=anchor.device, non_blocking=True)
-        divided = torch._foreach_div([grads[i] for i in present], scale)  # out of place
+        scale = ctx.scale.to(device=grads[present[0]].device, non_blocking=True)
+        # out of place: an incoming gradient may be shared with another input's (add's
+        # backward hands the same tensor to both operands). Scales are powers of two, so the
+        # division is exact and equals GradScaler's multiplication by the reciprocal.
+        divided = torch._foreach_div([grads[i] for i in present], scale)
         out: list[torch.Tensor | None] = [None] * len(grads)
         for i, g in zip(present, divided):
             out[i] = g
         return (None, *out)
 
 
-def unscale_grads(scale: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """:func:`unscale_grad` for a group of tensors (a layer's parameters): returns them
-    unchanged, their gradients divided by ``scale`` with one foreach call in backward.
+def unscale_grads(scale: torch.Tensor, *xs: Any) -> tuple[Any, ...]:
+    """Return ``xs`` unchanged, but divide the gradients that flow back into them by ``scale``
+    (one autograd node and one foreach division for the group).
+
+    The graph reads every trainable parameter (one call per layer) and its inputs (one call)
+    through it, so the loss gradient that :func:`scale_loss_grad` multiplied by the scale
+    arrives in ``.grad`` as the true gradient: after ``loss.backward()``, clipping, a plain
+    ``optimizer.step()`` and ``torch.autograd.grad`` all see true values, and several
+    backwards accumulate true gradients. What is not a floating tensor requiring grad passes
+    through untouched.
 
         >>> w, b = unscale_grads(scaler.scale_tensor(), linear.weight, linear.bias)
     """
     if torch.overrides.has_torch_function((scale, *xs)):
         return torch.overrides.handle_torch_function(unscale_grads, (scale, *xs), scale, *xs)
-    if not any(isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point() for x in xs):
+    wanted = [i for i, x in enumerate(xs)
+              if isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point()]
+    if not wanted:
         return tuple(xs)
-    return _UnscaleGrads.apply(scale, *xs)
+    out = list(xs)
+    for i, y in zip(wanted, _UnscaleGrads.apply(scale, *(xs[i] for i in wanted))):
+        out[i] = y
+    return tuple(out)
 
 
 class LossScaler(torch.amp.GradScaler):
@@ -205,7 +184,7 @@ class LossScaler(torch.amp.GradScaler):
             enabled=enabled,
         )
         self.process_group: Any = None
-        # True once a graph divides its gradients by the scale in backward (unscale_grad):
+        # True once a graph divides its gradients by the scale in backward (unscale_grads):
         # .grad then holds true values, and unscale_/step only look for infs and NaNs
         self.unscaled_in_backward = False
         self._param_names: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -388,7 +367,7 @@ class LossScaler(torch.amp.GradScaler):
         # master-weight check and the one cross-rank flag reduction.
         self._check_master_weights(optimizer)
         if self.unscaled_in_backward:
-            # the graph divided the gradients by the scale in backward (unscale_grad): only
+            # the graph divided the gradients by the scale in backward (unscale_grads): only
             # look for non-finite values (multiplying by one leaves them exact)
             inv_scale = torch.ones_like(inv_scale)
         found = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -162,6 +163,7 @@ def _resolve(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str
     return selected
 
 
+@functools.cache
 def known_kinds() -> frozenset[str]:
     """Every op kind the policy tables name (on any device, in either low dtype)."""
     return frozenset(k for dev in ("cuda", "cpu") for dt in (torch.float16, torch.bfloat16)

@@ -36,14 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .graph import attribute
 from .insert_casts import CastRecord
-
-
-def _get(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _delete(root, target: str) -> None:
@@ -119,7 +113,7 @@ def refold(gm: fx.GraphModule, *, stale_only: bool = True) -> list[FoldedWeight]
         if src is None or (stale_only and not rec.stale()):
             continue
         with torch.no_grad():
-            _get(gm, rec.copy).copy_(src)
+            attribute(gm, rec.copy).copy_(src)
         rec.version = _version_of(src)
         done.append(rec)
     return done
@@ -160,7 +154,7 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
             continue
         cast_node = nodes[rec.node]
         src = nodes[rec.source]
-        original = _get(gm, str(src.target))
+        original = attribute(gm, str(src.target))
         with torch.no_grad():
             value = original.detach().to(rec.dtype)
         attr = f"_amp_{rec.node}"
@@ -174,7 +168,7 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
     for node in list(gm.graph.nodes):  # F3
         if node.op == "call_function" and getattr(node.target, "__name__", "") == "module_in_dtype":
             mod_node, dtype = node.args[0], node.args[1]
-            module = _get(gm, str(mod_node.target))
+            module = attribute(gm, str(mod_node.target))
             low = copy.deepcopy(module).to(dtype)
             name = f"_amp_{str(mod_node.target).replace('.', '_')}_{str(dtype).split('.')[-1]}"
             gm.add_submodule(name, low)

@@ -6,8 +6,9 @@ Rules:
 
     X1  the pattern is ``cross_entropy(reshape(float(linear(h, W, b))), target)``: a linear
         layer whose output reaches a cross-entropy only through casts to fp32, reshapes that
-        flatten its leading dimensions, ``contiguous`` and whole slices (the causal-LM loss of
-        Hugging Face models, ``logits.float()`` then ``view(-1, V)``); ``reduction`` "mean" or
+        flatten its leading dimensions and ``contiguous`` (the causal-LM loss of Hugging Face
+        models, ``logits.float()`` then ``view(-1, V)``; whole slices are gone already by
+        hygiene's H7, a slice that drops logits is not fused); ``reduction`` "mean" or
         "sum", any ``ignore_index`` and ``label_smoothing``, no class weights;
     X2  only for a vocabulary of at least ``MIN_VOCAB`` classes (Llama-2's 32000; GPT-2 has
         50257, Llama-3 128256): below it the logits are small and chunking buys little;
@@ -37,7 +38,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .kinds import target_name
+from .graph import attribute
+from .kinds import node_arg, target_name
 from .remarks import Remark
 
 MIN_VOCAB = 32000
@@ -83,27 +85,21 @@ def _is_cross_entropy(node: fx.Node) -> bool:
     return node.op == "call_function" and target_name(node) in ("cross_entropy_loss", "cross_entropy")
 
 
-def _arg(node: fx.Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _match(gm: fx.GraphModule, ce: fx.Node):
     """(linear node, options) when ``ce`` follows X1-X2, else the reason it does not."""
     aten = target_name(ce) == "cross_entropy_loss"
     # aten: (input, target, weight, reduction, ignore_index, label_smoothing)
     # torch.nn.functional: (input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-    if _arg(ce, 2, "weight", None) is not None:
+    if node_arg(ce, 2, "weight", None) is not None:
         return "class weights: not fused"
     if aten:
-        reduction = _REDUCTIONS.get(_arg(ce, 3, "reduction", 1), "?")
-        ignore_index, smoothing = _arg(ce, 4, "ignore_index", -100), _arg(ce, 5, "label_smoothing", 0.0)
+        reduction = _REDUCTIONS.get(node_arg(ce, 3, "reduction", 1), "?")
+        ignore_index, smoothing = node_arg(ce, 4, "ignore_index", -100), node_arg(ce, 5, "label_smoothing", 0.0)
     else:
-        if _arg(ce, 3, "size_average", None) is not None or _arg(ce, 5, "reduce", None) is not None:
+        if node_arg(ce, 3, "size_average", None) is not None or node_arg(ce, 5, "reduce", None) is not None:
             return "legacy size_average/reduce arguments: not fused"
-        reduction = _arg(ce, 6, "reduction", "mean")
-        ignore_index, smoothing = _arg(ce, 4, "ignore_index", -100), _arg(ce, 7, "label_smoothing", 0.0)
+        reduction = node_arg(ce, 6, "reduction", "mean")
+        ignore_index, smoothing = node_arg(ce, 4, "ignore_index", -100), node_arg(ce, 7, "label_smoothing", 0.0)
     if reduction not in ("mean", "sum"):
         return f"reduction={reduction!r}: only 'mean' and 'sum' are fused"
     if not all(isinstance(v, (int, float)) for v in (ignore_index, smoothing)):
@@ -122,7 +118,7 @@ def _match(gm: fx.GraphModule, ce: fx.Node):
         name = target_name(node)
         if name in _CASTS and not _to_fp32(node):
             return f"'{node.name}' casts to a dtype other than float32"
-        if name == "slice" and not _whole(node):
+        if name == "slice":  # whole slices are gone already (hygiene H7)
             return f"'{node.name}' slices the logits"
         if name in ("view", "reshape", "_unsafe_view") and _last(node) not in (vocab, None):
             return f"'{node.name}' reshapes the class dimension"
@@ -145,9 +141,7 @@ def _vocab(gm: fx.GraphModule, weight: fx.Node) -> int | None:
         node = node.args[0]  # through our casts (fx graphs carry no shapes)
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if val is None and isinstance(node, fx.Node) and node.op == "get_attr":
-        val = gm
-        for part in str(node.target).split("."):
-            val = getattr(val, part)
+        val = attribute(gm, str(node.target))
     if isinstance(val, torch.Tensor) and val.dim() == 2 and isinstance(val.shape[0], int):
         return int(val.shape[0])
     return None
@@ -165,11 +159,3 @@ def _to_fp32(node: fx.Node) -> bool:
         return True
     dtypes = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
     return dtypes == [torch.float32]
-
-
-def _whole(node: fx.Node) -> bool:
-    """A slice that keeps everything: start 0 (or None), end past any size, step 1."""
-    args = list(node.args) + [None] * 4
-    start, end, step = args[2], args[3], args[4]
-    return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2 ** 62)) \
-        and step in (1, None)

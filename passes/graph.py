@@ -37,6 +37,16 @@ import networkx as nx
 import torch
 
 
+def attribute(root, target: str):
+    """The object at dotted path ``target`` under ``root`` (a ``get_attr`` node's value).
+
+    >>> attribute(gm, "transformer.h.0.attn.c_attn.weight").shape
+    """
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
 @dataclass(frozen=True)
 class Vertex:
     """Typed view of one vertex's attributes."""

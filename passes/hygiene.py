@@ -43,7 +43,7 @@ import functools
 import torch
 import torch.fx as fx
 
-from .kinds import target_name
+from .kinds import node_arg, target_name
 from .remarks import Remark, keep_when_dead
 
 _ASSERT_METADATA = frozenset({"_assert_tensor_metadata"})
@@ -59,20 +59,11 @@ _FRESH = frozenset({"lift_fresh_copy", "clone", "empty", "zeros", "ones", "full"
                     "new_full"})
 
 
-def _arg(node: fx.Node, position: int, names: tuple[str, ...], default):
-    if len(node.args) > position:
-        return node.args[position]
-    for name in names:
-        if name in node.kwargs:
-            return node.kwargs[name]
-    return default
-
-
 def _inert_dropout(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method") or target_name(node) not in _DROPOUTS:
         return False
-    train = _arg(node, 2, ("train", "training"), True)
-    p = _arg(node, 1, ("p",), 0.5)
+    train = node_arg(node, 2, ("train", "training"), True)
+    p = node_arg(node, 1, ("p",), 0.5)
     return train is False or (isinstance(p, (int, float)) and p == 0)
 
 
@@ -126,9 +117,9 @@ def _whole_slice(node: fx.Node) -> bool:
     """H7: ``aten.slice(x, dim, 0, end >= 2**62, 1)`` (also with defaults) of a tensor."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    start = _arg(node, 2, ("start",), None)
-    end = _arg(node, 3, ("end",), None)
-    step = _arg(node, 4, ("step",), 1)
+    start = node_arg(node, 2, ("start",), None)
+    end = node_arg(node, 3, ("end",), None)
+    step = node_arg(node, 4, ("step",), 1)
     return start in (0, None) and step == 1 and (end is None or (isinstance(end, int) and end >= 2 ** 62))
 
 

@@ -129,6 +129,19 @@ def target_name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
+def node_arg(node: fx.Node, position: int, names: str | tuple[str, ...], default):
+    """An FX node's argument by position, else by keyword (any of ``names``), else ``default``.
+
+    >>> node_arg(dropout_node, 1, "p", 0.5)
+    """
+    if len(node.args) > position:
+        return node.args[position]
+    for name in (names,) if isinstance(names, str) else names:
+        if name in node.kwargs:
+            return node.kwargs[name]
+    return default
+
+
 def torch_kind(name: str) -> str:
     """Map a torch function / method / aten packet name to its canonical kind."""
     if name in TORCH_ALIASES:

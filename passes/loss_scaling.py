@@ -10,10 +10,10 @@ Rules:
     L3  graphs whose output is not a scalar loss (logits) are left alone: the caller scales the
         loss as with ``torch.amp.GradScaler`` (``amp.scaler.scale(loss).backward()``).
     L4  with L2, the gradient is divided by the same scale where it leaves the graph: every
-        trainable parameter read by ``get_attr`` is read through ``unscale_grads(scale, ...)``
-        (identity forward; one node and one foreach division per layer: the parameters under
-        one ModuleList index, else one owning module), every input through
-        ``unscale_grad(x, scale)``, and a leaf module holding trainable
+        trainable parameter read by ``get_attr`` and every input is read through
+        ``unscale_grads(scale, ...)`` (identity forward; one node and one foreach division per
+        group: the inputs, and each layer's parameters -- those under one ModuleList index,
+        else one owning module), and a leaf module holding trainable
         parameters (``nn.BatchNorm`` under fx, ``nn.LSTM``) runs through ``module_unscaled`` /
         ``module_in_dtype(..., unscale=scale)``, which do the same for its parameters. So every
         path from the loss to a leaf tensor crosses one division: ``.grad`` holds the true
@@ -41,6 +41,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from .graph import attribute
 from .policy import DENY
 
 SCALE_ATTR = "_amp_loss_scale"
@@ -119,62 +120,26 @@ def unscale_leaves(gm: fx.GraphModule, scale_node: fx.Node) -> int:
     """Rule L4: route every trainable parameter, every input and every leaf module with
     trainable parameters through the division by the scale; returns how many were routed."""
     from amp_compiler.runtime import module_in_dtype, module_unscaled
-    from amp_compiler.scaler import unscale_grad, unscale_grads
 
-    routed = 0
     graph = gm.graph
-
-    def wrap(node: fx.Node) -> None:
-        nonlocal routed
-        with graph.inserting_after(node):
-            new = graph.call_function(unscale_grad, (node, scale_node))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        new._rename(f"{node.name}_unscaled")
-        if "val" in node.meta:
-            new.meta["val"] = node.meta["val"]
-        routed += 1
-
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     # the scale is read once, before anything reads a parameter or an input (torch.export's
     # graphs read their parameters before their placeholders)
     next(iter(graph.nodes)).prepend(scale_node)
-    after = placeholders[-1].next if placeholders else None
-    for node in placeholders:
-        with graph.inserting_before(after):
-            new = graph.call_function(unscale_grad, (node, scale_node))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        new._rename(f"{node.name}_unscaled")
-        if "val" in node.meta:
-            new.meta["val"] = node.meta["val"]
-        routed += 1
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     # parameters in groups, one per layer (the path up to a ModuleList index, else the owning
     # module): one autograd node and one foreach division each -- a node per parameter cost
-    # measurable host time on the H200 benchmark
+    # measurable host time on the H200 benchmark (bench/true_gradients_cost.py)
     groups: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "get_attr" and node is not scale_node:
-            value = _attr(gm, str(node.target))
+            value = attribute(gm, str(node.target))
             if isinstance(value, torch.nn.Parameter) and value.requires_grad:
                 groups.setdefault(_layer(str(node.target)), []).append(node)
-    for members in groups.values():
-        # get_attr nodes read no value: move the group's reads together, to its first
-        last = members[0]
-        for node in members[1:]:
-            last.append(node)
-            last = node
-        with graph.inserting_after(last):
-            group = graph.call_function(unscale_grads, (scale_node, *members))
-        group._rename("unscaled_" + _layer(str(members[0].target)).replace(".", "_"))
-        last = group
-        for i, node in enumerate(members):
-            with graph.inserting_after(last):
-                item = graph.call_function(operator.getitem, (group, i))
-            node.replace_all_uses_with(item, delete_user_cb=lambda user: user is not group)
-            item._rename(f"{node.name}_unscaled")
-            if "val" in node.meta:
-                item.meta["val"] = node.meta["val"]
-            last = item
-        routed += len(members)
+    routed = 0
+    if placeholders:
+        routed += _route(graph, scale_node, placeholders, "inputs")
+    for layer, members in groups.items():
+        routed += _route(graph, scale_node, members, layer.replace(".", "_"))
     for node in list(graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(str(node.target))
@@ -192,6 +157,32 @@ def unscale_leaves(gm: fx.GraphModule, scale_node: fx.Node) -> int:
     return routed
 
 
+def _route(graph: fx.Graph, scale_node: fx.Node, members: list[fx.Node], name: str) -> int:
+    """Read ``members`` through one ``unscale_grads(scale, *members)`` node: placed after the
+    last of them (parameter reads read no value, so they move up beside the first), each
+    member's other users rewired to its ``getitem``."""
+    from amp_compiler.scaler import unscale_grads
+
+    last = members[0]
+    for node in members[1:]:
+        if node.op == "get_attr":
+            last.append(node)
+        last = node
+    with graph.inserting_after(last):
+        group = graph.call_function(unscale_grads, (scale_node, *members))
+    group._rename(f"unscaled_{name}")
+    last = group
+    for i, node in enumerate(members):
+        with graph.inserting_after(last):
+            item = graph.call_function(operator.getitem, (group, i))
+        node.replace_all_uses_with(item, delete_user_cb=lambda user: user is not group)
+        item._rename(f"{node.name}_unscaled")
+        if "val" in node.meta:
+            item.meta["val"] = node.meta["val"]
+        last = item
+    return len(members)
+
+
 def _layer(target: str) -> str:
     """The layer a parameter belongs to: its path up to the first ModuleList/Sequential index
     (``transformer.h.3``), else its owning module (``transformer.wte``)."""
@@ -200,10 +191,3 @@ def _layer(target: str) -> str:
         if part.isdigit():
             return ".".join(parts[: i + 1])
     return ".".join(parts[:-1]) or "root"
-
-
-def _attr(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

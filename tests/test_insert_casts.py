@@ -33,10 +33,8 @@ def _key(gm, node):
 
 def _read(node):
     """The value a cast reads, seen through fp16 training's gradient unscaling (rule L4:
-    ``unscale_grad(x)``, ``unscale_grads(scale, w, b)[i]``), which is the identity forward."""
+    ``unscale_grads(scale, w, b)[i]``), which is the identity forward."""
     name = getattr(node.target, "__name__", "")
-    if name == "unscale_grad":
-        return node.args[0]
     if name == "getitem" and getattr(node.args[0].target, "__name__", "") == "unscale_grads":
         return node.args[0].args[1 + node.args[1]]
     return node

@@ -15,11 +15,13 @@ import copy
 import pytest
 import torch
 import transformers as T
+import torch.nn.functional as F
 from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.models import build
 from amp_compiler.models.data import batches, digits, token_stream
+from amp_compiler.passes.graph import attribute
 
 FP16 = torch.float16
 
@@ -81,29 +83,32 @@ def test_grads_after_backward_are_true_on_a_hugging_face_model():
 
 def test_graph_divides_once_on_every_path_to_a_parameter():
     """L4's structure: every read of a trainable parameter and every input goes through one
-    unscale_grad, and nothing else reads them."""
+    unscale_grads node (the inputs share one, each block's parameters share one), and nothing
+    else reads them."""
     model, ex = build("gpt", "tiny", seed=0, with_targets=True)
     amp = ac.convert(model.train(), ex, dtype=FP16)
     gm = amp.graph_module
     trainable = {id(p) for p in gm.parameters() if p.requires_grad}
     params = [n for n in gm.graph.nodes
-              if n.op == "get_attr" and id(_attr(gm, str(n.target))) in trainable]
+              if n.op == "get_attr" and id(attribute(gm, str(n.target))) in trainable]
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    assert {id(_attr(gm, str(n.target))) for n in params} == trainable and len(inputs) == 2
-    for node in inputs:
-        assert [getattr(u.target, "__name__", "") for u in node.users] == ["unscale_grad"], node
-    groups = set()
-    for node in params:  # one division per layer: all of a block's parameters in one node
-        assert [getattr(u.target, "__name__", "") for u in node.users] == ["unscale_grads"], node
-        groups.add(next(iter(node.users)))
-    layers = {str(n.target).split(".")[:3][-1] for n in params if ".h." in str(n.target)}
-    assert len(groups) < len(params) and len(layers) == model.config.n_layer
+    assert {id(attribute(gm, str(n.target))) for n in params} == trainable and len(inputs) == 2
 
+    def group(node):
+        (user,) = node.users
+        assert getattr(user.target, "__name__", "") == "unscale_grads", node
+        return user
 
-def _attr(root, target: str):
-    for part in target.split("."):
-        root = getattr(root, part)
-    return root
+    assert len({group(n) for n in inputs}) == 1
+    by_block: dict[str, set] = {}
+    for node in params:
+        parts = str(node.target).split(".")
+        block = parts[2] if parts[1] == "h" else None
+        by_block.setdefault(block, set()).add(group(node))
+    blocks = {b: g for b, g in by_block.items() if b is not None}
+    assert len(blocks) == model.config.n_layer
+    assert all(len(g) == 1 for g in blocks.values())  # a block's parameters: one node
+    assert len(set().union(*blocks.values())) == model.config.n_layer  # a node per block
 
 
 def test_bf16_and_fp32_grads_agree_with_fp16_grads():
@@ -362,7 +367,7 @@ def test_logits_models_keep_the_grad_scaler_recipe():
     ref = copy.deepcopy(wrapped)
     amp = ac.convert(wrapped, (x,), dtype=FP16)
     assert not amp.scaler.unscaled_in_backward
-    assert "unscale_grad" not in amp.graph_module.code
+    assert "unscale_grads" not in amp.graph_module.code
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
     amp.scaler.scale(amp(x).float().pow(2).mean()).backward()
     amp.scaler.unscale_(opt)
@@ -370,3 +375,26 @@ def test_logits_models_keep_the_grad_scaler_recipe():
     ours, fp32 = _flat(p.grad for p in wrapped.parameters()), _flat(q.grad for q in ref.parameters())
     assert abs(float(ours.norm() / fp32.norm()) - 1) < 1e-2  # unscaled, once
     assert _rel(ours, fp32) < 5e-2
+
+
+def test_a_leaf_module_gets_true_gradients_too():
+    """fx leaves nn.BatchNorm1d whole: its parameters are divided inside ``module_unscaled``."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.head = nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+        def forward(self, x, y):
+            return F.cross_entropy(self.head(torch.relu(self.bn(self.fc(x)))), y)
+
+    model = Net().train()
+    ref = copy.deepcopy(model)
+    amp = ac.convert(model, dtype=FP16)  # fx capture
+    assert "module_unscaled" in amp.graph_module.code
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    amp(x, y).backward()
+    ref(x, y).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert _rel(p.grad, q.grad) < 1e-2, name
