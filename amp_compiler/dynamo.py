@@ -34,6 +34,7 @@ from torch import nn
 from amp_compiler.errors import AmpCompilerError, ConfigError
 from amp_compiler.passes.classify import classify, override_entries
 from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.fused_patterns import fuse_patterns
 from amp_compiler.passes.hygiene import clean_graph
 from amp_compiler.passes.insert_casts import CastRecord, insert_casts
 from amp_compiler.passes.plan import Decision, PrecisionPlan
@@ -102,7 +103,7 @@ class AmpBackend:
         roles = _placeholder_roles(gm)
         device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
         functionalize(gm)
-        rewrites = clean_graph(gm) + fold_sdpa_masks(gm)
+        rewrites = clean_graph(gm) + fold_sdpa_masks(gm) + fuse_patterns(gm)
         dataflow = build_dataflow(gm, roles=roles)
         policy = policy_for(device_type, self.low_dtype)
         # overrides that name nothing in this graph are fine here: another graph may hold them

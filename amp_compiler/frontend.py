@@ -50,6 +50,7 @@ from amp_compiler.errors import ConfigError, TraceError, UnsupportedModelError
 from amp_compiler.functions import (_PENDING, _export_apply, _function_apply_as, _fx_apply,
                                     _keep_function_calls)
 from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.fused_patterns import fuse_patterns
 from amp_compiler.passes.hygiene import clean_graph
 from amp_compiler.passes.sdpa_masks import fold_sdpa_masks
 from amp_compiler.passes.kinds import (COMPLEX_TO_REAL, LEAF_MODULE_KINDS, MAKES_COMPLEX, target_name,
@@ -277,7 +278,8 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *,
             dynamic_shapes: Any = "auto") -> tuple[fx.GraphModule, str]:
     """Capture ``model``: ("fx" | "export"), see the module docstring; then the hygiene pass
     (metadata asserts, inert dropout, empty concatenations, dead code, dead writes, whole
-    slices: rules H1-H7) and the SDPA mask folding (S1-S3), their remarks in
+    slices: rules H1-H7), the SDPA mask folding (S1-S3) and the fused formulas (GELU, RMSNorm:
+    P1-P3), their remarks in
     ``gm.meta["amp_rewrites"]``."""
     if example_inputs is None and example_kwargs is None:
         gm, source = symbolic_capture(model), "fx"
@@ -288,7 +290,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *,
             example_inputs = (example_inputs,)
         gm, source = export_capture(model, example_inputs, example_kwargs=example_kwargs,
                                     dynamic_shapes=dynamic_shapes), "export"
-    gm.meta["amp_rewrites"] = clean_graph(gm) + fold_sdpa_masks(gm)
+    gm.meta["amp_rewrites"] = clean_graph(gm) + fold_sdpa_masks(gm) + fuse_patterns(gm)
     return gm, source
 
 

@@ -41,17 +41,32 @@ def _unscaled(module: nn.Module, scale: torch.Tensor | None) -> dict[str, torch.
 
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (fused_cross_entropy's X3): 256 MB in fp32
+VOCAB_ALIGN = 64  # X7: classes padded to a multiple of this on CUDA (tensor-core aligned rows)
 
 
 def _chunked_cross_entropy(h, w, b, target, reduction, ignore_index, label_smoothing, scale,
-                           need: tuple[bool, bool, bool]):
+                           need: tuple[bool, bool, bool], logits: torch.Tensor | None = None):
     """The loss, chunk by chunk, and for each of ``(h, w, b)`` that ``need`` names its
-    gradient, computed right away per chunk (the chunk's logits are freed before the next):
-    ``(loss, grad_h, grad_w, grad_b)``, the gradients those of ``loss * scale``."""
+    gradient, computed right away per chunk (the chunk's fp32 logits are freed before the
+    next): ``(loss, grad_h, grad_w, grad_b)``, the gradients those of ``loss * scale``.
+    ``logits``: a ``(rows, padded V)`` buffer (``logits_buffer``) that receives each chunk's
+    logits (rule X4: the model also returns them).
+
+    Per chunk: ``z = (h @ w.T + b).float()``; the loss of a row is
+    ``-(1 - eps) * log_softmax(z)[t] - eps * mean(log_softmax(z))`` (torch's label
+    smoothing), 0 for ``ignore_index``; its gradient ``softmax(z) - (1 - eps) * onehot(t) -
+    eps / V``, cast to the layer's dtype before the two matmuls, as the unfused backward casts
+    it. On CUDA the classes are padded to a multiple of ``VOCAB_ALIGN`` with zero rows of ``w``
+    whose logits are -inf before the softmax (rule X7): a vocabulary like GPT-2's 50257 makes
+    cuBLAS pick unaligned fp16 kernels several times slower."""
     rows_h = h.reshape(-1, h.shape[-1])
     rows_t = target.reshape(-1)
     n, vocab = rows_h.shape[0], w.shape[0]
-    chunk = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    padded = padded_vocab(w)
+    w_p = F.pad(w, (0, 0, 0, padded - vocab)) if padded != vocab else w
+    b_p = F.pad(b, (0, padded - vocab)) if b is not None and padded != vocab else b
+    chunk = max(1, CHUNK_ELEMENTS // max(1, padded))
+    eps = float(label_smoothing)
     # the gradients computed ahead are of loss * scale / count: the unfused backward's
     # values when the incoming gradient is the loss scale (or 1 without scaling)
     count = (rows_t != ignore_index).sum() if reduction == "mean" else None
@@ -60,75 +75,146 @@ def _chunked_cross_entropy(h, w, b, target, reduction, ignore_index, label_smoot
         factor = factor / count.clamp(min=1).to(factor)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(rows_h) if need[0] else None
-    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need[1] else None
-    grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need[2] else None
+    grad_w = torch.zeros(w_p.shape, dtype=torch.float32, device=w.device) if need[1] else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=b.device) if need[2] else None
+    w_t = w_p.t()
     for start in range(0, n, chunk):
         hs, ts = rows_h[start:start + chunk], rows_t[start:start + chunk]
-        with torch.enable_grad() if any(need) else torch.no_grad():
-            leaves = [t.detach().requires_grad_(g) if t is not None else None
-                      for t, g in zip((hs, w, b), need)]
-            logits = F.linear(leaves[0], leaves[1], leaves[2]).float()
-            loss = F.cross_entropy(logits, ts, ignore_index=ignore_index, reduction="sum",
-                                   label_smoothing=label_smoothing)
-            if any(need):
-                grads = iter(torch.autograd.grad(loss * factor, [t for t, g in zip(leaves, need) if g]))
-                if need[0]:
-                    grad_h[start:start + chunk] = next(grads)
-                if need[1]:
-                    grad_w += next(grads)
-                if need[2]:
-                    grad_b += next(grads)
-        total += loss.detach()
-        del logits, loss
+        out = logits[start:start + chunk] if logits is not None else None
+        if out is not None and out.dtype == h.dtype:  # straight into the returned tensor
+            low = torch.mm(hs, w_t, out=out) if b_p is None else torch.addmm(b_p, hs, w_t, out=out)
+        else:
+            low = F.linear(hs, w_p, b_p)
+        if padded != vocab:
+            low[:, vocab:] = float("-inf")  # the padding's logits: no share of the softmax
+        if out is not None and out.dtype != h.dtype:
+            low = out.copy_(low)  # fp32 logits returned: the cast is the copy into the buffer
+        # one fused pass, the fp32 cast inside: log_softmax(z) with z = low.float()
+        logp = torch.log_softmax(low, dim=-1, dtype=torch.float32)
+        valid = ts != ignore_index
+        safe = torch.where(valid, ts, torch.zeros_like(ts)).unsqueeze(1)
+        row_loss = -logp.gather(1, safe).squeeze(1)
+        if eps:
+            row_loss = (1.0 - eps) * row_loss - eps * logp[:, :vocab].mean(dim=-1)
+        total += torch.where(valid, row_loss, torch.zeros_like(row_loss)).sum()
+        if any(need):
+            g = logp.exp_()  # the softmax, in place
+            if eps:
+                g[:, :vocab].sub_(eps / vocab)
+            g.scatter_add_(1, safe, torch.full_like(safe, -(1.0 - eps), dtype=g.dtype))
+            # times loss scale / count, 0 on ignored rows, and cast to the layer's dtype: one pass
+            g_low = torch.mul(g, (valid.to(g.dtype) * factor).unsqueeze(1),
+                              out=torch.empty_like(g, dtype=h.dtype))
+            del g, logp
+            if need[0]:
+                torch.mm(g_low, w_p, out=grad_h[start:start + chunk])
+            if need[1]:
+                grad_w += torch.mm(g_low.t(), hs)
+            if need[2]:
+                grad_b += g_low[:, :vocab].sum(0, dtype=torch.float32)
+        del low, out
     if count is not None:
         total = total / count.to(total)  # torch's mean: nan when every row is ignored
-    return total, grad_h, grad_w, grad_b
+    return total, grad_h, None if grad_w is None else grad_w[:vocab], grad_b
+
+
+def padded_vocab(w: torch.Tensor) -> int:
+    """The class count the chunks compute: ``w``'s rows, rounded up to ``VOCAB_ALIGN`` on CUDA."""
+    vocab = w.shape[0]
+    return vocab + (-vocab) % VOCAB_ALIGN if w.is_cuda else vocab
+
+
+def logits_buffer(h: torch.Tensor, w: torch.Tensor, dtype) -> torch.Tensor:
+    """The ``(rows, padded V)`` tensor the chunks write their logits into."""
+    return h.new_empty((h.numel() // h.shape[-1], padded_vocab(w)), dtype=dtype)
+
+
+def _returned(buffer: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The logits as the linear layer returns them: ``h``'s leading sizes, ``V`` classes."""
+    return buffer[:, :w.shape[0]].view(*h.shape[:-1], w.shape[0])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward: the loss and, chunk by chunk, the gradients (``_chunked_cross_entropy``);
-    backward only multiplies them by the incoming gradient."""
+    """Forward: the loss and, chunk by chunk, the gradients (``_chunked_cross_entropy``), and
+    with ``logits_dtype`` the logits too; backward multiplies the gradients by the incoming
+    one and adds what flows back through the returned logits, when anything read them."""
 
     @staticmethod
-    def forward(ctx, h, w, b, target, reduction, ignore_index, label_smoothing, scale):
+    def forward(ctx, h, w, b, target, reduction, ignore_index, label_smoothing, scale, logits_dtype):
+        buffer = logits_buffer(h, w, logits_dtype) if logits_dtype is not None else None
         total, grad_h, grad_w, grad_b = _chunked_cross_entropy(
             h, w, b, target, reduction, ignore_index, label_smoothing, scale,
-            tuple(ctx.needs_input_grad[:3]))
-        ctx.save_for_backward(grad_h, grad_w, grad_b, scale if scale is not None else torch.ones((), device=h.device))
+            tuple(ctx.needs_input_grad[:3]), buffer)
+        ones = torch.ones((), device=h.device)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, scale if scale is not None else ones,
+                              h if buffer is not None else None, w if buffer is not None else None)
         ctx.shapes = (h.shape, w.dtype, None if b is None else b.dtype)
-        return total
+        ctx.set_materialize_grads(False)
+        if buffer is None:
+            return total
+        return total, _returned(buffer, h, w)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b, scale = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_logits=None):
+        grad_h, grad_w, grad_b, scale, h, w = ctx.saved_tensors
         h_shape, w_dtype, b_dtype = ctx.shapes
-        ratio = grad_out / scale  # 1 when the incoming gradient is the loss scale
-        out_h = None if grad_h is None else (grad_h * ratio.to(grad_h.dtype)).reshape(h_shape)
-        out_w = None if grad_w is None else (grad_w * ratio).to(w_dtype)
-        out_b = None if grad_b is None else (grad_b * ratio).to(b_dtype)
-        return out_h, out_w, out_b, None, None, None, None, None
+        out_h = out_w = out_b = None
+        if grad_out is not None:
+            ratio = grad_out / scale  # 1 when the incoming gradient is the loss scale
+            out_h = None if grad_h is None else (grad_h * ratio.to(grad_h.dtype)).reshape(h_shape)
+            out_w = None if grad_w is None else grad_w * ratio
+            out_b = None if grad_b is None else grad_b * ratio
+        if grad_logits is not None:  # something else read the returned logits
+            g = grad_logits.reshape(-1, grad_logits.shape[-1]).to(h.dtype)
+            rows = h.reshape(-1, h.shape[-1])
+            if ctx.needs_input_grad[0]:
+                extra = (g @ w).reshape(h_shape)
+                out_h = extra if out_h is None else out_h + extra
+            if ctx.needs_input_grad[1]:
+                extra = (g.t() @ rows).float()
+                out_w = extra if out_w is None else out_w + extra
+            if ctx.needs_input_grad[2]:
+                extra = g.sum(0, dtype=torch.float32)
+                out_b = extra if out_b is None else out_b + extra
+        out_w = None if out_w is None else out_w.to(w_dtype)
+        out_b = None if out_b is None else out_b.to(b_dtype)
+        return out_h, out_w, out_b, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                          target: torch.Tensor, *, reduction: str = "mean", ignore_index: int = -100,
-                         label_smoothing: float = 0.0, scale: torch.Tensor | None = None) -> torch.Tensor:
+                         label_smoothing: float = 0.0, scale: torch.Tensor | None = None,
+                         logits: bool | torch.dtype = False):
     """``F.cross_entropy(F.linear(h, w, b).float().view(-1, V), target.view(-1))`` without
     holding the fp32 logits of every row: rows in chunks of at most ``CHUNK_ELEMENTS`` logits,
     each chunk's logits in ``h``'s dtype and its softmax in fp32, as the unfused graph computes
     them (rule X3 of the fused_cross_entropy pass). ``scale``: the loss scale in fp16 training
-    (rule X5), so that the gradients computed ahead do not underflow.
+    (rule X5), so that the gradients computed ahead do not underflow. ``logits=True`` returns
+    ``(loss, logits)``, the logits ``F.linear(h, w, b)`` computed once, chunk by chunk, and
+    differentiable (rule X4: a model that returns its logits as well as its loss);
+    ``logits=torch.float32`` returns them widened to fp32 (what the model's ``.float()`` would
+    make of them), without holding a low copy as well.
 
         >>> loss = linear_cross_entropy(hidden.half(), lm_head.weight.half(), None, labels)
+        >>> loss, logits = linear_cross_entropy(hidden, weight, None, labels, logits=True)
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: linear_cross_entropy computes 'mean' or 'sum'")
     if torch.compiler.is_compiling():  # X6: one graph for inductor, which fuses it itself
-        logits = F.linear(h, w, b).float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+        out = F.linear(h, w, b)
+        z = out.float()
+        loss = F.cross_entropy(z.reshape(-1, z.shape[-1]), target.reshape(-1),
                                ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
+        if logits is False:
+            return loss
+        return loss, (out if logits is True else out.to(logits))
+    dtype = (h.dtype if logits is True else logits) if logits is not False else None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b)):
-        return _LinearCrossEntropy.apply(h, w, b, target, reduction, ignore_index, label_smoothing, scale)
+        return _LinearCrossEntropy.apply(h, w, b, target, reduction, ignore_index, label_smoothing,
+                                         scale, dtype)
     with torch.no_grad():  # evaluation: the same chunked loss, no gradients computed ahead
-        return _chunked_cross_entropy(h, w, b, target, reduction, ignore_index, label_smoothing,
-                                      scale, (False, False, False))[0]
+        buffer = logits_buffer(h, w, dtype) if dtype is not None else None
+        loss = _chunked_cross_entropy(h, w, b, target, reduction, ignore_index, label_smoothing,
+                                      scale, (False, False, False), buffer)[0]
+        return (loss, _returned(buffer, h, w)) if dtype is not None else loss

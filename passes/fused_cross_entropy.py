@@ -17,16 +17,24 @@ Rules:
         linear layer's dtype and its softmax in fp32 (what the unfused graph computes), the
         loss summed in fp32, and, when gradients are wanted, each chunk's gradients for
         ``h``, ``W`` and ``b`` computed at once, so backward only scales them;
-    X4  only when nothing else reads the logits: the linear layer and the chain to the loss
-        are then dropped. A model that also returns its logits (every Hugging Face causal LM:
-        ``CausalLMOutput.logits``) keeps the unfused loss: fusing would compute the logits
-        twice, and the returned logits hold most of the memory anyway (measured on the H200,
-        HF GPT-2 at 8 x 1024 fp16: 1.18x the step time for 0.88x the peak memory). Return only
-        the loss (``forward(...) -> model(**batch).loss``) to have it fused;
+    X4  when something else reads the logits too (every Hugging Face causal LM returns them:
+        ``CausalLMOutput.logits``), the node computes them as well, once, chunk by chunk in the
+        linear layer's dtype, and returns ``(loss, logits)``: the readers get those, and the
+        gradient flowing back through them, if any, is added in backward. The label
+        computations the loss reads are moved before the linear layer (they never read the
+        logits; a label chain that does, or that draws random numbers, is not fused). Nothing
+        reads the logits but the loss: the linear layer and the chain are dropped;
+        When every reader of the linear layer widens its output to fp32 (the ``.float()`` of
+        the loss, the output restored to fp32), the node returns the logits in fp32 directly:
+        no low copy is held beside them;
     X5  in fp16 training the loss scaling pass (rule L5) hands the node the loss scale, so the
         gradients it computes ahead are scaled as the unfused backward's are (no underflow);
     X6  under ``torch.compile`` the node computes the unfused expression: the chunk loop would
         break the compiled graph, and inductor fuses the cross-entropy itself.
+    X7  on CUDA the chunks compute the classes padded to a multiple of 64 (zero rows of the
+        weight, their logits -inf before the softmax, never returned): with an odd vocabulary
+        (GPT-2's 50257) cuBLAS picks unaligned fp16 kernels; measured on the H200 at 8192 rows,
+        the logits' forward and backward take 21.8 ms unpadded (``bench/fused_ce_compare.py``).
 
     >>> remarks = fuse_linear_cross_entropy(gm)
     >>> [r.rule for r in remarks]
@@ -34,6 +42,8 @@ Rules:
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -61,22 +71,32 @@ def fuse_linear_cross_entropy(gm: fx.GraphModule) -> list[Remark]:
         linear, options = found
         h, w = linear.args[0], linear.args[1]
         b = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-        with gm.graph.inserting_before(ce):
-            fused = gm.graph.call_function(
-                runtime.linear_cross_entropy, (h, w, b, options["target"]),
-                {"reduction": options["reduction"], "ignore_index": options["ignore_index"],
-                 "label_smoothing": options["label_smoothing"], "scale": None})
-        fused.meta.update({k: v for k, v in ce.meta.items() if k in ("val", "tensor_meta")})
+        kwargs = {"reduction": options["reduction"], "ignore_index": options["ignore_index"],
+                  "label_smoothing": options["label_smoothing"], "scale": None}
+        rows = max(1, runtime.CHUNK_ELEMENTS // options["vocab"])
+        reason = (f"cross-entropy over linear '{linear.name}' ({options['vocab']} classes) computed "
+                  f"in chunks of {rows} rows: its fp32 logits, log-softmax and gradient are never "
+                  "held for all rows at once")
+        if options["others"]:
+            moved = _labels_first(gm, options["target"], linear)
+            if isinstance(moved, str):
+                remarks.append(Remark("fused_cross_entropy", "X4:no-match", ce.name, moved))
+                continue
+            fused = _fuse_returning_logits(gm, runtime.linear_cross_entropy, linear, ce, (h, w, b, options["target"]), kwargs)
+            wide = fused.kwargs["logits"] is torch.float32
+            reason += (f"; the logits, which {', '.join(options['others'])} also read, are computed "
+                       "once in the same chunks, " + ("in fp32 as every reader widens them" if wide
+                                                     else "in the layer's dtype"))
+        else:
+            with gm.graph.inserting_before(ce):
+                fused = gm.graph.call_function(runtime.linear_cross_entropy, (h, w, b, options["target"]), kwargs)
+            fused.meta.update({k: v for k, v in ce.meta.items() if k in ("val", "tensor_meta")})
+            ce.replace_all_uses_with(fused)
+            gm.graph.erase_node(ce)
+            fused._rename(f"{ce.name}_fused")
         fused.meta["amp_fused_cross_entropy"] = {"linear": linear.name, "cross_entropy": ce.name}
-        ce.replace_all_uses_with(fused)
-        gm.graph.erase_node(ce)
-        fused._rename(f"{ce.name}_fused")
-        remarks.append(Remark(
-            "fused_cross_entropy", "X3:fused", ce.name,
-            f"cross-entropy over linear '{linear.name}' ({options['vocab']} classes) computed in "
-            f"chunks of {max(1, runtime.CHUNK_ELEMENTS // options['vocab'])} rows: its fp32 logits, log-softmax and gradient are "
-            "never held for all rows at once"))
-    gm.graph.eliminate_dead_code()  # X4: the linear and its chain had no other reader
+        remarks.append(Remark("fused_cross_entropy", "X3:fused", ce.name, reason))
+    gm.graph.eliminate_dead_code()  # the logits chain to the loss had no other reader
     gm.recompile()
     return remarks
 
@@ -124,13 +144,56 @@ def _match(gm: fx.GraphModule, ce: fx.Node):
             return f"'{node.name}' reshapes the class dimension"
     if vocab < MIN_VOCAB:
         return f"{vocab} classes < {MIN_VOCAB}: chunking buys little"
-    for node in [value, *chain]:
-        if len(node.users) != 1:
-            others = sorted(u.name for u in node.users if u not in chain and u is not ce)
-            return (f"X4: the logits are also read elsewhere ({', '.join(others)}: the model returns "
-                    "them): fusing would compute them twice; return only the loss to fuse it")
+    others = sorted({u.name if u.op != "output" else "the output" for node in [value, *chain]
+                     for u in node.users if u not in chain and u is not ce})
     return value, {"target": ce.args[1], "reduction": reduction, "ignore_index": int(ignore_index),
-                   "label_smoothing": float(smoothing), "vocab": vocab}
+                   "label_smoothing": float(smoothing), "vocab": vocab, "others": others}
+
+
+def _labels_first(gm: fx.GraphModule, target, linear: fx.Node) -> str | None:
+    """X4: move the nodes computing ``target`` that come after ``linear`` to before it, in
+    their order; the reason when they cannot move."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    late, stack, seen = [], [target] if isinstance(target, fx.Node) else [], set()
+    while stack:
+        node = stack.pop()
+        if node in seen or order[node] < order[linear]:
+            continue
+        seen.add(node)
+        if node is linear:
+            return "the labels are computed from the logits: not fused"
+        if node.is_impure() or node.op != "call_function" and node.op != "call_method":
+            return f"the labels' '{node.name}' cannot move before the logits: not fused"
+        late.append(node)
+        stack.extend(node.all_input_nodes)
+    for node in sorted(late, key=order.__getitem__):
+        linear.prepend(node)
+    return None
+
+
+def _fuse_returning_logits(gm: fx.GraphModule, fn, linear: fx.Node, ce: fx.Node, args: tuple,
+                           kwargs: dict) -> fx.Node:
+    """X4: ``fused = fn(*args, logits=True)`` where the linear layer was; its readers read
+    ``fused[1]``, the loss's readers ``fused[0]``."""
+    # every reader widens them to fp32 (the model's ``.float()``, the restored output): the
+    # node returns them in fp32 and those casts are no-ops, with no low copy held beside
+    wide = all(u.op in ("call_function", "call_method") and target_name(u) in _CASTS and _to_fp32(u)
+               for u in linear.users)
+    with gm.graph.inserting_before(linear):
+        fused = gm.graph.call_function(fn, args, {**kwargs, "logits": torch.float32 if wide else True})
+        loss = gm.graph.call_function(operator.getitem, (fused, 0))
+        logits = gm.graph.call_function(operator.getitem, (fused, 1))
+    for new, old in ((loss, ce), (logits, linear)):
+        new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta")})
+        old.replace_all_uses_with(new)
+    if "val" in loss.meta and "val" in logits.meta:
+        fused.meta["val"] = (loss.meta["val"], logits.meta["val"])
+    fused._rename(f"{ce.name}_fused")
+    loss._rename(f"{ce.name}_loss")
+    logits._rename(f"{linear.name}_logits")
+    gm.graph.erase_node(ce)
+    gm.graph.erase_node(linear)
+    return fused
 
 
 def _vocab(gm: fx.GraphModule, weight: fx.Node) -> int | None:

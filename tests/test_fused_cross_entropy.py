@@ -3,8 +3,8 @@
 The runtime function against the unfused computation it replaces (``F.cross_entropy`` of
 ``F.linear(...).float()``), chunk boundaries forced; the pass on Hugging Face causal LMs built
 from default configs (GPT-2 and Llama, labels, dropout as configured): called as Trainer does,
-``model(**batch)``, they return their logits and the loss is left unfused (X4); wrapped to
-return the loss alone, as many training loops do, it is fused and trains like autocast.
+``model(**batch)``, they return their logits, which the fused node computes once (X4); wrapped
+to return the loss alone, as many training loops do, the head's linear layer goes.
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ def _unfused(h, w, b, target, **kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_matches_the_unfused_loss_and_gradients_across_chunks(dtype, reduction, smoothing, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_matches_the_unfused_loss_and_gradients_across_chunks(dtype, reduction, smoothing, padded, monkeypatch):
     monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 5 * 300)  # 5 rows a chunk: 7 chunks, one short
+    if padded:  # X7, as on CUDA: 300 classes computed as 320, the padding's logits -inf
+        monkeypatch.setattr(runtime, "padded_vocab", lambda w: 320)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 11, 16, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(300, 16, generator=g) / 4).to(dtype).requires_grad_()
@@ -180,14 +183,59 @@ def _why_not(amp) -> str:
     return row[3]
 
 
-def test_a_model_that_returns_its_logits_keeps_the_unfused_loss():
-    """X4: Hugging Face's ModelOutput carries the logits; fusing would compute them twice."""
-    model = _gpt2()
-    batch = _batch(2, 8, 0)
-    amp = ac.convert(model, example_kwargs=batch, dtype="bfloat16")
-    assert "X4" in _why_not(amp) and "return only the loss" in _why_not(amp)
-    out = amp(**batch)
-    assert out.logits.shape == (2, 8, VOCAB) and out.logits.dtype == torch.float32
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("logits", [True, torch.float32], ids=["low", "fp32"])
+def test_the_returned_logits_are_the_linear_layers_and_carry_gradients(logits, padded, monkeypatch):
+    """X4 at run time: ``logits=`` returns ``F.linear(h, w, b)`` (widened to fp32 when asked),
+    and a gradient through them is added to the loss's."""
+    monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 4 * 300)
+    if padded:
+        monkeypatch.setattr(runtime, "padded_vocab", lambda w: 320)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 9, 16, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(300, 16, generator=g) / 4).bfloat16().requires_grad_()
+    b = (torch.randn(300, generator=g) / 4).bfloat16().requires_grad_()
+    target = torch.randint(0, 300, (2, 9), generator=g)
+    loss, out = linear_cross_entropy(h, w, b, target, logits=logits)
+    ref_out = F.linear(h, w, b)
+    assert out.shape == ref_out.shape and out.dtype == (torch.bfloat16 if logits is True else torch.float32)
+    assert torch.equal(out.float(), ref_out.float())
+    grads = torch.autograd.grad(loss + out.float().square().mean(), (h, w, b))
+    ref = _unfused(h, w, b, target) + ref_out.float().square().mean()
+    for ours_g, ref_g in zip(grads, torch.autograd.grad(ref, (h, w, b))):
+        assert _rel(ours_g, ref_g) <= 4 * torch.finfo(torch.bfloat16).eps
+    with torch.no_grad():  # evaluation: the same two values
+        loss2, out2 = linear_cross_entropy(h, w, b, target, logits=logits)
+    assert torch.equal(out2, out.detach()) and float(loss2) == float(loss)
+
+
+@pytest.mark.parametrize("build_model", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_a_model_that_returns_its_logits_has_them_computed_once_by_the_fused_loss(build_model, monkeypatch):
+    """X4: ``model(**batch)`` returns ``CausalLMOutput(loss, logits)``; the fused node computes
+    the logits once, in fp32 as the model's ``.float()`` and the restored output both widen
+    them, and no lm_head linear is left. Loss, logits and gradients (also through the logits)
+    are those of the unfused conversion."""
+    batch = _batch(2, 10, 0)
+    models, outs = {}, {}
+    for fused in (True, False):
+        monkeypatch.setattr(fce, "MIN_VOCAB", VOCAB if fused else 10 ** 9)
+        models[fused] = build_model()
+        amp = ac.convert(models[fused], example_kwargs=batch, dtype="bfloat16")
+        if fused:
+            (node,) = _fused_nodes(amp)
+            assert node.kwargs["logits"] is torch.float32
+            assert not [n for n in amp.graph_module.graph.nodes if getattr(n.target, "__name__", "") == "linear"
+                        and "lm_head" in n.args[1].name]
+            (row,) = [r for r in amp.plan.meta["rewrites"] if r[0] == "fused_cross_entropy"]
+            assert row[1] == "X3:fused" and "in fp32 as every reader widens them" in row[3]
+        torch.manual_seed(0)  # the same dropout masks in both
+        outs[fused] = out = amp(**_batch(3, 14, 1))  # other shapes than at capture
+        (out.loss + out.logits.square().mean()).backward()
+    assert outs[True].logits.dtype == torch.float32 and outs[True].logits.shape == (3, 14, VOCAB)
+    assert _rel(outs[True].logits, outs[False].logits) <= torch.finfo(torch.bfloat16).eps
+    assert abs(float(outs[True].loss / outs[False].loss) - 1) <= 1e-5
+    for (name, p), q in zip(models[True].named_parameters(), models[False].parameters()):
+        assert _rel(p.grad, q.grad) <= 8 * torch.finfo(torch.bfloat16).eps, name
 
 
 def test_what_is_not_fused_says_why():

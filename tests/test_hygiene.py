@@ -403,8 +403,10 @@ def test_h6_h7_on_a_hugging_face_causal_lm(gpt2):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_converted_forward_runs_no_aten_op_beyond_eager_but_its_casts(family):
     """Every aten op an inference forward of the converted model runs that the eager model
-    does not run is one of its casts: the cache constants' writes (H6) and whole slices (H7)
-    of the exported graph are gone (12-layer GPT-2 and Llama: 72 ops a forward)."""
+    does not run is one of its casts or a fused op standing for an eager chain (fused_patterns
+    P1/P2: GPT-2's GELU, Llama's RMSNorm): the cache constants' writes (H6) and whole slices
+    (H7) of the exported graph are gone (12-layer GPT-2 and Llama: 72 ops a forward), and the
+    converted forward runs fewer ops than eager's besides its casts."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -434,8 +436,13 @@ def test_converted_forward_runs_no_aten_op_beyond_eager_but_its_casts(family):
         with Count() as ours:
             amp(**batch)
     extra = ours.ops - eager.ops
-    assert set(extra) <= {"_to_copy"}, extra
+    # rms_norm: one kernel on CUDA; on the CPU torch decomposes it (eps added in place)
+    fused = {"gpt2": {"gelu"}, "llama": {"rms_norm", "_fused_rms_norm", "add_"}, "bert": set()}[family]
+    assert set(extra) <= {"_to_copy"} | fused, extra
     assert extra["_to_copy"] <= amp.cast_count()
+    casts = ours.ops["_to_copy"]
+    if fused:
+        assert sum(ours.ops.values()) - casts < sum(eager.ops.values()) - eager.ops["_to_copy"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,249 @@
+"""fused_patterns (FX rewrite, right after capture): formulas that models spell out op by op
+become the one torch op that computes them, before the plan is made.
+
+Hugging Face writes GPT-2's activation and Llama's, T5's, Mistral's RMSNorm as chains of
+elementwise ops. Eager PyTorch runs each as a kernel over the whole activation, forward and
+backward, and autograd keeps several of their intermediate results for backward: on HF GPT-2
+at 8 x 1024 the GELU chain alone is ~12% of the step's GPU time, and the unfused RMSNorm keeps
+an fp32 copy of the normalised activation per norm. torch has one op for each formula (one
+kernel forward and backward, which keeps its input only and computes in fp32 inside). Rules:
+
+    P1  ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3)))`` (transformers'
+        ``NewGELUActivation``, GPT-2's ``gelu_new``) is ``gelu(x, approximate="tanh")``, the same
+        formula; every intermediate value read by the chain only;
+    P2  ``x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps)`` is ``rms_norm(x, [H], None, eps)``,
+        and with a following ``weight * (that)`` (1-D weight of size H, through a no-op cast
+        to fp32) ``rms_norm(x, [H], weight, eps)``; only where ``x`` is fp32 as captured, so that
+        the single op computes what the chain computed (in a low dtype the chain promotes to
+        fp32 while ``rms_norm`` would not), and only where H is known at capture;
+    P3  a chain that starts like a pattern but does not complete it is left as it is, with a
+        remark saying which part did not match.
+
+Numerics: the fused ops compute in fp32 inside (``opmath``) and round once; the chains they
+replace round after every op in a low dtype, so a fused GELU is at least as accurate.
+
+    >>> [r.rule for r in fuse_patterns(gm)][:1]
+    ['P1:gelu-tanh']
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .graph import attribute
+from .kinds import node_arg, target_name
+from .remarks import Remark
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_MUL, _ADD = frozenset({"mul", "__mul__", "__rmul__"}), frozenset({"add", "__add__", "__radd__"})
+_NOOP_CASTS = frozenset({"to", "_to_copy", "float", "type_as"})
+
+
+def fuse_patterns(gm: fx.GraphModule) -> list[Remark]:
+    """Rules P1-P3 on ``gm`` in place; one remark per fused or missed pattern."""
+    remarks: list[Remark] = []
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
+            continue
+        name = target_name(node)
+        if name == "tanh":
+            remarks += _gelu_tanh(gm, node)
+        elif name == "rsqrt":
+            remarks += _rms_norm(gm, node)
+    if remarks:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return remarks
+
+
+# -- matching helpers ---------------------------------------------------------------------------
+
+def _is(node, names) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") \
+        and target_name(node) in names
+
+
+def _operands(node: fx.Node) -> tuple:
+    """A binary op's two operands, keywords too (``mul(self, other)``)."""
+    return node_arg(node, 0, ("self", "input"), None), node_arg(node, 1, "other", None)
+
+
+def _with_scalar(node, names, value: float, tol: float = 1e-6):
+    """For a binary op ``node`` of ``names`` with one operand the number ``value``: the other
+    operand, else None (commutative: the scalar on either side)."""
+    if not _is(node, names) or "alpha" in node.kwargs:
+        return None
+    a, b = _operands(node)
+    for tensor, scalar in ((a, b), (b, a)):
+        if isinstance(tensor, fx.Node) and isinstance(scalar, (int, float)) \
+                and math.isclose(float(scalar), value, rel_tol=tol, abs_tol=tol * 1e-3):
+            return tensor
+    return None
+
+
+def _scalar_operand(node):
+    """(tensor operand, the number) of a binary op with one number, else (None, None)."""
+    a, b = _operands(node)
+    if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return a, float(b)
+    if isinstance(b, fx.Node) and isinstance(a, (int, float)) and not isinstance(a, bool):
+        return b, float(a)
+    return None, None
+
+
+def _only_reader(node: fx.Node, reader: fx.Node) -> bool:
+    return list(node.users) == [reader]
+
+
+def _is_aten(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload)
+
+
+def _dtype(node) -> torch.dtype | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return getattr(val, "dtype", None)
+
+
+def _replace(gm: fx.GraphModule, old: fx.Node, target, args: tuple, kwargs: dict, suffix: str) -> fx.Node:
+    with gm.graph.inserting_before(old):
+        new = gm.graph.call_function(target, args, kwargs)
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+    old.replace_all_uses_with(new)
+    new._rename(f"{old.name}_{suffix}")
+    return new
+
+
+# -- P1 ------------------------------------------------------------------------------------------
+
+def _gelu_tanh(gm: fx.GraphModule, tanh: fx.Node) -> list[Remark]:
+    inner = node_arg(tanh, 0, ("self", "input"), None)
+    pre = _with_scalar(inner, _MUL, _SQRT_2_OVER_PI)       # x + 0.044715 * x ** 3
+    if pre is None or not _is(pre, _ADD) or "alpha" in pre.kwargs:
+        return []  # a tanh of something else: not a GELU
+    a, b = _operands(pre)
+    x = cube = None
+    for cand_x, cand_c in ((a, b), (b, a)):
+        pw = _with_scalar(cand_c, _MUL, 0.044715)
+        if pw is not None and _is(pw, {"pow", "__pow__"}) and node_arg(pw, 0, ("self", "input"), None) is cand_x \
+                and node_arg(pw, 1, "exponent", None) in (3, 3.0):
+            x, cube = cand_x, (cand_c, pw)
+    if x is None:
+        return [_missed(tanh, "P1", "a tanh of a sum, but not sqrt(2/pi) * (x + 0.044715 * x ** 3)")]
+    one_plus = next(iter(tanh.users), None) if len(tanh.users) == 1 else None
+    if _with_scalar(one_plus, _ADD, 1.0) is not tanh or len(one_plus.users) != 1:
+        return [_missed(tanh, "P1", "the GELU's inner tanh is not read as 1 + tanh(...) only")]
+    out = next(iter(one_plus.users))
+    half = next((o for o in _operands(out) if o is not one_plus), None) if _is(out, _MUL) else None
+    if _with_scalar(half, _MUL, 0.5) is not x or not _only_reader(half, out):
+        return [_missed(tanh, "P1", "1 + tanh(...) is not multiplied by 0.5 * x")]
+    chain = [inner, pre, *cube, tanh, one_plus]
+    if not all(len(n.users) == 1 for n in chain):
+        return [_missed(tanh, "P1", "an intermediate value of the GELU is read elsewhere")]
+    target = torch.ops.aten.gelu.default if _is_aten(out) else F.gelu
+    new = _replace(gm, out, target, (x,), {"approximate": "tanh"}, "gelu")
+    return [Remark("fused_patterns", "P1:gelu-tanh", new.name,
+                   f"0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))) over '{x.name}' is "
+                   "gelu(x, approximate='tanh'): one kernel forward and backward instead of 8 and "
+                   "~10, and only x kept for backward")]
+
+
+# -- P2 ------------------------------------------------------------------------------------------
+
+def _rms_norm(gm: fx.GraphModule, rsqrt: fx.Node) -> list[Remark]:
+    plus = node_arg(rsqrt, 0, ("self", "input"), None)
+    if not _is(plus, _ADD) or "alpha" in plus.kwargs:
+        return []
+    mean, eps = _scalar_operand(plus)
+    if not _is(mean, {"mean"}):
+        return []  # rsqrt of something else: not a norm
+    square = node_arg(mean, 0, ("self", "input"), None)
+    dims = node_arg(mean, 1, "dim", None)
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    if not (_is(square, {"pow", "__pow__"}) and node_arg(square, 1, "exponent", None) in (2, 2.0)):
+        return [_missed(rsqrt, "P2", "rsqrt(mean(...) + eps) of something other than a square")]
+    base = node_arg(square, 0, ("self", "input"), None)
+    if node_arg(mean, 2, "keepdim", False) is not True:
+        return [_missed(rsqrt, "P2", "the mean of squares does not keep its dimension")]
+    out = next(iter(rsqrt.users)) if len(rsqrt.users) == 1 else None
+    x = next((o for o in _operands(out) if o is not rsqrt), None) if _is(out, _MUL) else None
+    if x is None or not (x is base or (_is(base, _NOOP_CASTS) and node_arg(base, 0, ("self", "input"), None) is x)):
+        return [_missed(rsqrt, "P2", "the normalised value is not the squared one times rsqrt(...)")]
+    size = _last_size(x)
+    if size is None or dims[0] not in (-1, _rank(x) - 1 if _rank(x) else -1) or len(dims) != 1:
+        return [_missed(rsqrt, "P2", "the norm is not over the last dimension of a known size")]
+    if not _fp32(x, base):
+        return [_missed(rsqrt, "P2", "the input is not fp32 as captured: the op chain promotes, "
+                                     "rms_norm would not")]
+    if not all(len(n.users) == 1 for n in (square, mean, plus)) or \
+            (base is not x and len(base.users) != 1):
+        return [_missed(rsqrt, "P2", "an intermediate value of the norm is read elsewhere")]
+    weight, last = _weight(gm, out, size)
+    target = torch.ops.aten.rms_norm.default if _is_aten(out) else F.rms_norm
+    new = _replace(gm, last, target, (x, [size], weight, eps), {}, "rms_norm")
+    with_weight = f" and the weight '{weight.name}'" if weight is not None else ""
+    return [Remark("fused_patterns", "P2:rms-norm", new.name,
+                   f"x * rsqrt(mean(x**2, -1) + {eps:g}){with_weight} over '{x.name}' is "
+                   f"rms_norm(x, [{size}], eps={eps:g}): one kernel forward and backward instead "
+                   "of 5 and ~8, and no normalised copy kept for backward")]
+
+
+def _weight(gm: fx.GraphModule, normed: fx.Node, size: int):
+    """(weight node, last node of the norm) when ``weight * normed`` (through a no-op cast to
+    fp32) follows with a 1-D weight of ``size``; else (None, normed)."""
+    value = normed
+    if len(value.users) == 1 and _is(next(iter(value.users)), _NOOP_CASTS):
+        cast = next(iter(value.users))
+        if _dtype(cast) == torch.float32 and _casts_to_fp32(cast):
+            value = cast
+    if len(value.users) != 1 or len(normed.users) != 1:
+        return None, normed
+    mul = next(iter(value.users))
+    if not _is(mul, _MUL):
+        return None, normed
+    other = next((o for o in _operands(mul) if o is not value), None)
+    if not isinstance(other, fx.Node) or other.op != "get_attr":
+        return None, normed
+    w = attribute(gm, str(other.target))
+    if not (isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == size and w.dtype == torch.float32):
+        return None, normed
+    if value is not normed:  # the no-op cast goes with the chain
+        value.replace_all_uses_with(normed)
+    return other, mul
+
+
+def _casts_to_fp32(node: fx.Node) -> bool:
+    if target_name(node) == "float":
+        return True
+    dtypes = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
+    return dtypes == [torch.float32]
+
+
+def _fp32(x: fx.Node, base: fx.Node) -> bool:
+    dtype = _dtype(x)
+    if dtype is not None:
+        return dtype == torch.float32
+    # symbolic capture (no dtypes): the squared value must be an explicit cast to fp32
+    return base is not x and _casts_to_fp32(base)
+
+
+def _last_size(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if shape is not None and len(shape) and isinstance(shape[-1], int):
+        return int(shape[-1])
+    return None
+
+
+def _rank(node: fx.Node) -> int | None:
+    shape = getattr(node.meta.get("val"), "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _missed(node: fx.Node, rule: str, why: str) -> Remark:
+    return Remark("fused_patterns", f"{rule}:no-match", node.name, f"{why}: left unfused (P3)")
+

@@ -1,0 +1,172 @@
+"""fused_patterns pass (rules P1-P3): GPT-2's GELU and the RMSNorm of Llama and T5 become one
+torch op each, on Hugging Face models built from default configs (dropout as configured), and
+on hand-written formulas, with the near misses left alone and said why."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+from torch import nn
+
+import amp_compiler as ac
+from amp_compiler.frontend import capture
+from amp_compiler.passes.fused_patterns import fuse_patterns
+
+from conftest import DTYPES
+
+
+def _targets(gm) -> list[str]:
+    return [getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _rules(gm) -> list[str]:
+    return [r.rule for r in gm.meta["amp_rewrites"] if r.pass_name == "fused_patterns"]
+
+
+def _small(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    if family == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2,
+                                                num_key_value_heads=2))
+    return T.T5ForConditionalGeneration(T.T5Config(vocab_size=128, d_model=32, d_kv=16, d_ff=64,
+                                                   num_layers=2, num_heads=2, decoder_start_token_id=0))
+
+
+def _batch(seed: int, b: int = 2, t: int = 12) -> dict:
+    ids = torch.randint(0, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+# family -> (rule, how many, the op that replaces the chain, ops that must be gone)
+EXPECTED = {"gpt2": ("P1:gelu-tanh", 2, "gelu.default", {"tanh.default", "pow.Tensor_Scalar"}),
+            "llama": ("P2:rms-norm", 5, "rms_norm.default", {"rsqrt.default", "pow.Tensor_Scalar"}),
+            "t5": ("P2:rms-norm", 12, "rms_norm.default", {"rsqrt.default", "pow.Tensor_Scalar"})}
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_library_formulas_become_one_op_and_compute_what_eager_computes(family):
+    model = _small(family).eval()
+    batch = _batch(0)
+    gm, _ = capture(model, None, example_kwargs=batch, dynamic_shapes=None)
+    rule, count, op, gone = EXPECTED[family]
+    assert _rules(gm) == [rule] * count  # one per layer's activation / per norm
+    targets = _targets(gm)
+    assert targets.count(op) == count and not gone & set(targets)
+    if rule == "P2:rms-norm":  # the norm's weight went into the op: no separate multiply
+        norms = [n for n in gm.graph.nodes if str(n.target).endswith("rms_norm.default")]
+        assert all(n.args[2] is not None and n.args[2].op == "get_attr" for n in norms)
+    else:
+        assert all(n.kwargs == {"approximate": "tanh"} for n in gm.graph.nodes if str(n.target).endswith("gelu.default"))
+    with torch.no_grad():
+        ref, ours = model(**batch), gm(**batch)
+    assert torch.allclose(ours.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_converted_models_train_as_close_to_fp32_as_autocast(family, dtype):
+    """The fused ops compute in fp32 inside: loss and gradients of a converted training step
+    (dropout on, the library's loss) are as close to fp32's as autocast's, at another shape
+    than at capture."""
+    model = _small(family).train()
+    amp = ac.convert(model, example_kwargs=_batch(0), dtype=dtype)
+    assert EXPECTED[family][0] in [r[1] for r in amp.plan.meta["rewrites"]]
+    batch = _batch(1, 3, 16)
+    ref, auto = copy.deepcopy(model), copy.deepcopy(model)
+    losses = {}
+    for name, module, ctx in [("fp32", ref, None), ("amp", amp, None), ("autocast", auto, dtype)]:
+        torch.manual_seed(5)  # the same dropout masks
+        if ctx is None:
+            loss = module(**batch).loss
+        else:
+            with torch.autocast("cpu", dtype=ctx):
+                loss = module(**batch).loss
+        loss.backward()
+        losses[name] = float(loss)
+    grad = lambda m: torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])  # noqa: E731
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    eps = torch.finfo(dtype).eps
+    assert abs(losses["amp"] / losses["fp32"] - 1) <= 1.1 * abs(losses["autocast"] / losses["fp32"] - 1) + 2 * eps
+    assert rel(grad(model), grad(ref)) <= 1.1 * rel(grad(auto), grad(ref)) + 2 * eps
+
+
+class Formulas(nn.Module):
+    """The two formulas written out by hand in other spellings, and near misses."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+        self.weight = nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        v = self.variant
+        if v == "gelu":
+            return x * 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+        if v == "gelu_wrong_constant":
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.04 * torch.pow(x, 3.0))))
+        if v == "gelu_inner_read":
+            inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))
+            return 0.5 * x * (1.0 + torch.tanh(inner)) + inner
+        if v == "rms":
+            h = x.float()
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+        if v == "rms_gemma":  # (1 + weight): the norm is fused, the weight is not
+            h = x.float()
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)) * (1.0 + self.weight)
+        if v == "rms_not_last_dim":
+            return x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-5)
+        raise AssertionError(v)
+
+
+@pytest.mark.parametrize("variant, rule, fused_op", [
+    ("gelu", "P1:gelu-tanh", "gelu.default"),
+    ("gelu_wrong_constant", "P1:no-match", None),
+    ("gelu_inner_read", "P1:no-match", None),
+    ("rms", "P2:rms-norm", "rms_norm.default"),
+    ("rms_gemma", "P2:rms-norm", "rms_norm.default"),
+    ("rms_not_last_dim", "P2:no-match", None),
+])
+def test_hand_written_formulas_and_near_misses(variant, rule, fused_op):
+    model = Formulas(variant)
+    x = torch.randn(4, 16)
+    gm, _ = capture(model, (x,), dynamic_shapes=None)
+    remarks = [r for r in gm.meta["amp_rewrites"] if r.pass_name == "fused_patterns"]
+    assert [r.rule for r in remarks] == [rule]
+    if fused_op is None:
+        assert "left unfused (P3)" in remarks[0].reason
+    else:
+        assert fused_op in _targets(gm)
+    if variant == "rms":
+        assert "and the weight" in remarks[0].reason
+    if variant == "rms_gemma":
+        assert "and the weight" not in remarks[0].reason
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_symbolic_capture_fuses_the_gelu_with_torch_functions():
+    """Without example inputs (torch.fx symbolic tracing: torch functions, no shapes) the GELU is
+    ``F.gelu``; the RMSNorm needs its size, which fx does not know: left unfused, said why."""
+    gelu, rms = Formulas("gelu"), Formulas("rms")
+    gm, source = capture(gelu)
+    assert source == "fx" and F.gelu in [n.target for n in gm.graph.nodes]
+    x = torch.randn(3, 16)
+    assert torch.allclose(gm(x), gelu(x), rtol=1e-6, atol=1e-6)
+    gm, _ = capture(rms)
+    (remark,) = [r for r in gm.meta["amp_rewrites"] if r.pass_name == "fused_patterns"]
+    assert remark.rule == "P2:no-match" and "known size" in remark.reason
+
+
+def test_the_pass_on_a_graph_without_the_formulas_changes_nothing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(approximate="tanh"), nn.LayerNorm(8))
+    gm, _ = capture(model, (torch.randn(2, 8),), dynamic_shapes=None)
+    before = gm.code
+    assert fuse_patterns(gm) == [] and gm.code == before
