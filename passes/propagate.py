@@ -17,7 +17,14 @@ Every vertex ends with a precision and the number of the rule that set it:
         nor does a float64 one (the float64 rule). An op outside the submodule that reads one
         of its parameters computes in its dtype too. Like every R0 decision it comes before
         the overrides (R6).
-    R1  ``allow`` ops are low precision.
+    R1  ``allow`` ops are low precision -- except ``R1:user-fp32``: a matrix op whose every
+        floating operand the model itself casts to fp32 (``a.float() @ b.float()``, through
+        views) stays fp32, as written. That is how code meant to run under
+        ``torch.autocast(enabled=False)`` reads once captured (the autocast region is gone from
+        the graph, the casts are not): Hugging Face's rotary embedding computes
+        ``inv_freq.float() @ position_ids.float()`` there, and in bfloat16 the phases of
+        positions past a few hundred are off by radians (Llama at 8 x 1024 on the H200: 11x
+        autocast's logits error, growing with the position). Pinned before R1, like R8.
     R2  ``deny`` ops are fp32, and fp32 spreads forward from them through ``infer``/``clear``
         ops (an elementwise op fed by ``exp`` would otherwise undo its protection) -- but not
         from a 0-dim value into an op that also reads a dimensioned one (``k / sqrt(d)`` with
@@ -88,6 +95,17 @@ from .policy import Policy
 FP32 = torch.float32
 _WIDE = (torch.float64, torch.complex128)
 _TRAVERSABLE = ("infer", "clear", "fp32_acc")
+
+
+def _user_fp32_cast(graph: DataflowGraph, cat: dict[str, str], name: str) -> bool:
+    """``name`` is, through movement ops, an explicit cast of the model's to float32."""
+    seen = 0
+    while cat.get(name) == "clear" and seen < 16:
+        inputs = list(graph.float_inputs(name))
+        if len(inputs) != 1:
+            return False
+        name, seen = inputs[0], seen + 1
+    return cat.get(name) == "cast" and graph.vertex(name).dtype == FP32
 
 
 def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
@@ -163,6 +181,16 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
     for n, entry in cls.force_low.items():
         if n in open_ and n not in paint:
             paint[n] = (low, "R6:force_low", f"force_low={entry!r}")
+
+    # R1:user-fp32 -- a matrix op on the model's own fp32 casts stays fp32, as written
+    for n in open_:
+        if n in paint or cat[n] != "allow":
+            continue
+        operands = list(graph.float_inputs(n))
+        if operands and all(_user_fp32_cast(graph, cat, p) for p in operands):
+            paint[n] = (FP32, "R1:user-fp32", f"{graph.vertex(n).kind}: the model casts every operand to "
+                        "float32 itself (code written for torch.autocast(enabled=False), e.g. rotary "
+                        "phases): computes in float32, as written")
 
     # R1 -- allow ops low
     for n in open_:

@@ -535,3 +535,40 @@ def test_a_saved_plan_reapplies_to_the_same_graph():
     assert again.graph_module.code == amp.graph_module.code
     with torch.no_grad():
         assert torch.equal(again(*inputs), amp(*inputs))
+
+
+class _RotaryPhases(nn.Module):
+    """Hugging Face's rotary embedding as it reads once captured: the phases are
+    ``inv_freq.float() @ position_ids.float()`` (under ``torch.autocast(enabled=False)`` in the
+    library, a context the captured graph no longer has)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32)),
+                             persistent=False)
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x, position_ids):
+        freqs = (self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+                 @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return self.proj(x) * emb.cos() + emb.sin()
+
+
+def test_r1_a_matmul_on_the_models_own_fp32_casts_stays_fp32():
+    """R1:user-fp32: in bf16 the phases of positions near 1024 are off by radians; the plan
+    keeps the matmul the model wrote on ``.float()`` operands in fp32, while the projection
+    stays low. Forcing the matmul low (force_low wins) shows what the rule prevents."""
+    torch.manual_seed(0)
+    model = _RotaryPhases()
+    x, pos = torch.randn(2, 1024, 32), torch.arange(1024)[None].expand(2, -1)
+    amp = ac.convert(model, (x, pos), dtype=torch.bfloat16)
+    rules = {n.name: amp.plan[n.name].rule for n in amp.graph_module.graph.nodes if n.name in amp.plan}
+    assert rules["matmul"] == "R1:user-fp32" and amp.plan["matmul"].precision == torch.float32
+    assert rules["linear"] == "R1:allow"
+    forced = ac.convert(model, (x, pos), dtype=torch.bfloat16, force_low=("matmul",))
+    assert forced.plan["matmul"].rule == "R6:force_low"
+    with torch.no_grad():
+        ref = model(x, pos)
+        err = lambda m: float((m(x, pos) - ref).abs().max() / ref.abs().max())  # noqa: E731
+        assert err(amp) < 2e-2 < 0.1 < err(forced)
