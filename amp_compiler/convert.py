@@ -297,7 +297,8 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     plan = plan.replace({n: plan[n].with_(reason=f"{plan[n].reason}; {note}")
                          for n, note in casts.saturated.items()})
     # 5b. a cross-entropy over a vocabulary-sized linear layer computed in chunks: the fp32
-    #     logits, log-softmax and gradient are never held for all rows (rules X1-X4)
+    #     logits, log-softmax and gradient are never held for all rows; logits the model
+    #     returns are computed in the same chunks (rules X1-X7)
     fused = fuse_linear_cross_entropy(gm)
     if fused:
         plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
