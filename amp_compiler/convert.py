@@ -21,6 +21,7 @@ from amp_compiler.passes.attention import rewrite_attention as rewrite_attention
 from amp_compiler.passes.classify import classify, override_entries
 from amp_compiler.passes.fold_weights import fold_weights
 from amp_compiler.passes.fused_cross_entropy import fuse_linear_cross_entropy
+from amp_compiler.passes.fused_patterns import fuse_gated_activation
 from amp_compiler.passes.insert_casts import insert_casts
 from amp_compiler.passes.plan import PrecisionPlan
 from amp_compiler.passes.policy import policy_for
@@ -300,6 +301,9 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     #     logits, log-softmax and gradient are never held for all rows; logits the model
     #     returns are computed in the same chunks (rules X1-X7)
     fused = fuse_linear_cross_entropy(gm)
+    if training:
+        # 5c. a gated MLP's silu(a) * b keeps a and b for backward, not silu(a) too (rule P4)
+        fused += fuse_gated_activation(gm)
     if fused:
         plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
                              meta={**plan.meta, "rewrites": plan.meta["rewrites"] + [r.as_row() for r in fused]})

@@ -40,7 +40,7 @@ def _unscaled(module: nn.Module, scale: torch.Tensor | None) -> dict[str, torch.
     return dict(zip(named, unscale_grads(scale, *named.values())))
 
 
-CHUNK_ELEMENTS = 1 << 26  # logits per chunk (fused_cross_entropy's X3): 256 MB in fp32
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (fused_cross_entropy's X3): 128 MB in fp32
 VOCAB_ALIGN = 64  # X7: classes padded to a multiple of this on CUDA (tensor-core aligned rows)
 
 
@@ -218,3 +218,35 @@ def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
         loss = _chunked_cross_entropy(h, w, b, target, reduction, ignore_index, label_smoothing,
                                       scale, (False, False, False), buffer)[0]
         return (loss, _returned(buffer, h, w)) if dtype is not None else loss
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(a) * b`` keeping ``a`` and ``b`` for backward, not ``silu(a)`` as well: backward
+    computes it again (rule P4 of the fused_patterns pass)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.ops.aten.silu_backward(grad * b, a).sum_to_size(a.shape).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_b = (grad * F.silu(a)).sum_to_size(b.shape).to(b.dtype)
+        return grad_a, grad_b
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.silu(a) * b`` (the gated MLP of Llama, Mistral, Qwen: ``act(gate(x)) * up(x)``) that
+    keeps only its two inputs for backward: one activation-sized tensor less per layer, for
+    one more elementwise pass in backward (rule P4).
+
+        >>> out = silu_mul(gate, up)
+    """
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _SiluMul.apply(a, b)
+    return F.silu(a) * b

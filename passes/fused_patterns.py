@@ -18,6 +18,12 @@ kernel forward and backward, which keeps its input only and computes in fp32 ins
         fp32 while ``rms_norm`` would not), and only where H is known at capture;
     P3  a chain that starts like a pattern but does not complete it is left as it is, with a
         remark saying which part did not match.
+    P4  (training graphs, after the plan: ``fuse_gated_activation``) ``silu(a) * b``, the gated
+        MLP of Llama, Mistral and Qwen, with ``silu(a)`` read by the product only, becomes
+        ``runtime.silu_mul(a, b)``, which keeps ``a`` and ``b`` for backward and computes
+        ``silu(a)`` again there instead of keeping it (autograd keeps all three): one tensor of
+        the MLP's width less per layer (Llama at 8 x 1024 x 2816 in bf16: 46 MB a layer) for
+        one more elementwise pass in backward. Inference graphs keep nothing: left as is.
 
 Numerics: the fused ops compute in fp32 inside (``opmath``) and round once; the chains they
 replace round after every op in a low dtype, so a fused GELU is at least as accurate.
@@ -54,6 +60,31 @@ def fuse_patterns(gm: fx.GraphModule) -> list[Remark]:
             remarks += _gelu_tanh(gm, node)
         elif name == "rsqrt":
             remarks += _rms_norm(gm, node)
+    if remarks:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return remarks
+
+
+def fuse_gated_activation(gm: fx.GraphModule) -> list[Remark]:
+    """Rule P4 on a training graph in place (after casts are inserted: the two ops' dtypes are
+    settled); one remark per gated product."""
+    from amp_compiler import runtime
+
+    remarks = []
+    for silu in [n for n in gm.graph.nodes if _is(n, {"silu"}) and not n.kwargs.get("inplace")]:
+        if len(silu.users) != 1 or not _is(next(iter(silu.users)), _MUL):
+            continue
+        mul = next(iter(silu.users))
+        other = next((o for o in _operands(mul) if o is not silu), None)
+        if not isinstance(other, fx.Node) or "alpha" in mul.kwargs:
+            continue
+        a = node_arg(silu, 0, ("self", "input"), None)
+        new = _replace(gm, mul, runtime.silu_mul, (a, other), {}, "silu_mul")
+        remarks.append(Remark("fused_patterns", "P4:silu-mul", new.name,
+                              f"silu('{a.name}') * '{other.name}' keeps its two inputs for backward and "
+                              "computes silu again there: the activation is not kept as well"))
     if remarks:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()

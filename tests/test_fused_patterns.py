@@ -170,3 +170,73 @@ def test_the_pass_on_a_graph_without_the_formulas_changes_nothing():
     gm, _ = capture(model, (torch.randn(2, 8),), dynamic_shapes=None)
     before = gm.code
     assert fuse_patterns(gm) == [] and gm.code == before
+
+
+def _saved_bytes(fn):
+    """(bytes of the distinct storages autograd keeps for backward during ``fn()``, its result)."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(kept.values()), out
+
+
+def _llama_mlp_wide() -> nn.Module:
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256,
+                                            num_hidden_layers=2, num_attention_heads=2,
+                                            num_key_value_heads=2)).train()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_p4_the_gated_mlp_keeps_its_two_inputs_only(dtype, monkeypatch):
+    """P4: a training conversion of Llama runs ``silu_mul`` per layer; autograd keeps exactly one
+    MLP-wide activation per layer less than without the rule (``silu(gate)``), the gradients are
+    the same bits, and the whole forward keeps less than autocast's."""
+    import sys
+
+    batch = _batch(3, 2, 64)
+    convert_module = sys.modules["amp_compiler.convert"]
+    kept, grads = {}, {}
+    for rule in (True, False):
+        if not rule:
+            monkeypatch.setattr(convert_module, "fuse_gated_activation", lambda gm: [])
+        model = _llama_mlp_wide()
+        amp = ac.convert(model, example_kwargs=batch, dtype=dtype)
+        rules = [r[1] for r in amp.plan.meta["rewrites"]]
+        assert rules.count("P4:silu-mul") == (2 if rule else 0)
+        torch.manual_seed(0)
+        kept[rule], loss = _saved_bytes(lambda: amp(**batch).loss)
+        loss.backward()
+        grads[rule] = [p.grad for p in model.parameters()]
+    width = 2 * 64 * 256 * torch.finfo(dtype).bits // 8  # one (batch, tokens, intermediate) tensor
+    assert kept[False] - kept[True] == 2 * width  # two layers
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+    auto = _llama_mlp_wide()
+    with torch.autocast("cpu", dtype=dtype):
+        autocast_kept, _ = _saved_bytes(lambda: auto(**batch).loss)
+    assert kept[True] < autocast_kept
+
+
+def test_p4_leaves_inference_graphs_alone():
+    amp = ac.convert(_llama_mlp_wide().eval(), example_kwargs={"input_ids": _batch(0)["input_ids"]},
+                     dtype="bfloat16", training=False)
+    assert "P4:silu-mul" not in [r[1] for r in amp.plan.meta["rewrites"]]
+    assert any(str(n.target).endswith("silu.default") for n in amp.graph_module.graph.nodes)
+
+
+def test_silu_mul_matches_the_unfused_product_with_broadcasting():
+    from amp_compiler.runtime import silu_mul
+
+    a = torch.randn(3, 5, 8, requires_grad=True)
+    b = torch.randn(1, 5, 8, requires_grad=True)  # broadcast: gradients summed back
+    out = silu_mul(a, b)
+    ga, gb = torch.autograd.grad(out.square().sum(), (a, b))
+    ref = F.silu(a) * b
+    ra, rb = torch.autograd.grad(ref.square().sum(), (a, b))
+    assert torch.allclose(out, ref) and torch.allclose(ga, ra, atol=1e-6) and torch.allclose(gb, rb, atol=1e-5)
+    with torch.no_grad():
+        assert silu_mul(a, b).grad_fn is None
