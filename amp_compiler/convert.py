@@ -22,6 +22,7 @@ from amp_compiler.passes.classify import classify, override_entries
 from amp_compiler.passes.fold_weights import fold_weights
 from amp_compiler.passes.fused_cross_entropy import fuse_linear_cross_entropy
 from amp_compiler.passes.fused_patterns import fuse_gated_activation
+from amp_compiler.passes.size_cache import cache_size_only
 from amp_compiler.passes.insert_casts import insert_casts
 from amp_compiler.passes.plan import PrecisionPlan
 from amp_compiler.passes.policy import policy_for
@@ -314,6 +315,12 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     #    again where it leaves it, so that loss.backward() leaves true gradients in .grad
     #    (rules L1-L4; bf16 has fp32's range and needs none)
     scaler = make_scaler(model, gm, dataflow, low, device_type, loss_scale) if training else None
+    # 8. what the graph computes from its inputs' sizes alone (position ids, rotary phases)
+    #    runs once per input shape (rules K1-K3)
+    cached = cache_size_only(gm)
+    if cached:
+        plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
+                             meta={**plan.meta, "rewrites": plan.meta["rewrites"] + [r.as_row() for r in cached]})
 
     def rebuild(mode: bool) -> AmpModule:
         # a saved plan names the nodes of one mode's graph (dropout, batch norm differ):

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         opt = torch.optim.AdamW(module.parameters(), lr=a.lr, fused=dev.type == "cuda")
         ctx = (lambda: torch.autocast(dev.type, dtype=dtype)) if kind == "autocast" else bench._no_ctx
         scaler, in_graph, _ = bench.loss_scaler(kind, module if kind == "amp" else None, cfg)
-        step = bench._train_step(lambda b: output_field(module(**b), "loss"), ctx, opt, scaler, in_graph)
+        step = bench._train_step(lambda b, m=module: output_field(m(**b), "loss"), ctx, opt, scaler, in_graph)
         losses = torch.stack([step((b,)).detach() for b in batches]).float().cpu()
         finals[kind] = {"first": float(losses[0]), "final": float(losses[-TAIL:].mean()),
                         "nonfinite_steps": int((~torch.isfinite(losses)).sum())}

@@ -64,8 +64,9 @@ def build(kind: str, spec, master, batch: dict, dtype: torch.dtype, device: torc
             from transformers.models.llama import modeling_llama
 
             apply_liger_kernel_to_llama(rope=False, model=model)
-            def scope():
+            def liger_scope():
                 return _patched(modeling_llama, "apply_rotary_pos_emb", liger_rotary_pos_emb)
+            scope = liger_scope
     params = list(module.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda",
                             foreach=device.type != "cuda")
