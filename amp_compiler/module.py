@@ -289,7 +289,8 @@ class AmpModule(nn.Module):
         """
         return len(refold(self.graph_module, stale_only=False))
 
-    def _refold_stale(self) -> None:
+    @torch.compiler.disable  # host bookkeeping: where torch.compile falls back to eager around
+    def _refold_stale(self) -> None:  # the call, dynamo would compile it once per weight shape
         done = refold(self.graph_module)
         if done and not self._told_refold:
             self._told_refold = True
