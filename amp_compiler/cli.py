@@ -76,6 +76,13 @@ def _collapse_arg(text: str) -> str | int:
                                      f"depth N >= 1")
 
 
+def _depth_arg(text: str) -> int:
+    if text.strip().isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"invalid reduction depth {text!r}: give the number of "
+                                     f"products summed per output value, such as 4096")
+
+
 def _opset_arg(text: str) -> int:
     if text.strip().isdigit() and int(text) >= 1:
         return int(text)
@@ -155,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     onnx_opts.add_argument("--opset", type=_opset_arg, metavar="N",
                            help="write the model at default-domain opset N (the source is "
                                 "converted with onnx.version_converter first)")
+    onnx_opts.add_argument("--max-reduction-depth", type=_depth_arg, metavar="N",
+                           help="MatMul / Gemm / Conv nodes that sum more than N products per "
+                                "output value stay fp32 (rule O5; for back ends that accumulate "
+                                "in float16, such as TensorRT); default: off")
 
     parser = _Parser(prog=PROG,
                      description="Compiler-pass automatic mixed precision for PyTorch: plan the "
@@ -394,6 +405,7 @@ def _convert(args, loaded: Loaded):
     else:
         used = [flag for flag, value in (("--calibration", args.calibration),
                                          ("--opset", args.opset),
+                                         ("--max-reduction-depth", args.max_reduction_depth),
                                          ("--keep-io-types / --no-keep-io-types", args.keep_io_types))
                 if value is not None]
         if used:
@@ -450,7 +462,8 @@ def _convert_onnx(args, loaded: Loaded) -> OnnxConversion:
     model, plan = convert_onnx(str(loaded.onnx_path), dtype=args.dtype,
                                keep_fp32=_overrides(args.keep_fp32),
                                force_low=_overrides(args.force_low), calibration=calibration,
-                               keep_io_types=keep_io, opset=args.opset, return_plan=True)
+                               keep_io_types=keep_io, opset=args.opset, return_plan=True,
+                               max_reduction_depth=args.max_reduction_depth)
     # the front end's own description of the source file: the same vertex names as the plan
     source = load_model(str(loaded.onnx_path))
     if args.opset is not None:

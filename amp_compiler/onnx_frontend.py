@@ -21,6 +21,12 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         value (65504 for float16), stays fp32 and the initializer keeps its values (ModelOpt
         AutoCast's ``init_max``); without it the initializer was clamped to that maximum.
         Infinities (``-inf`` masks) are representable and do not count.
+    O5  with ``max_reduction_depth=N``: a MatMul, Gemm or Conv that sums more than N products
+        per output value (MatMul/Gemm: the shared dimension K; Conv: input channels per group
+        times the kernel's elements), known from shape inference, stays fp32 (ModelOpt
+        AutoCast's ``max_depth_of_reduction``: for back ends that accumulate in the low dtype,
+        such as TensorRT's fp16 tactics). Off by default: cuBLAS and ONNX Runtime's CUDA kernels
+        accumulate fp16 products in fp32. A depth shape inference cannot tell is left alone.
 
 Edges (``cast`` flag) come from the operator schema: an input is cast to its consumer's
 precision only when it shares the type variable of the node's first floating input
@@ -530,6 +536,40 @@ def _init_range_pins(df: OnnxDataflow, model: onnx.ModelProto,
     return pins
 
 
+def _reduction_depth_pins(model: onnx.ModelProto, vertex_of: list[str],
+                          limit: int) -> dict[str, tuple[str, str]]:
+    """Rule O5: matrix ops that sum more than ``limit`` products per output stay fp32."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    pins: dict[str, tuple[str, str]] = {}
+    for idx, node in enumerate(model.graph.node):
+        depth = _reduction_depth(node, shapes)
+        if depth is not None and depth > limit:
+            pins[vertex_of[idx]] = ("O5:reduction-depth", f"{node.op_type} sums {depth} products "
+                                    f"per output value > max_reduction_depth={limit}: stays fp32")
+    return pins
+
+
+def _reduction_depth(node: onnx.NodeProto, shapes: dict) -> int | None:
+    """Products summed per output value of a MatMul / Gemm / Conv, None where not known."""
+    a = shapes.get(node.input[0]) if node.input else None
+    if node.op_type == "MatMul" and a:
+        return a[-1]
+    if node.op_type == "Gemm" and a and len(a) == 2:
+        trans_a = next((att.i for att in node.attribute if att.name == "transA"), 0)
+        return a[0] if trans_a else a[1]
+    if node.op_type == "Conv" and len(node.input) > 1:
+        w = shapes.get(node.input[1])
+        if w and all(isinstance(d, int) and d > 0 for d in w[1:]):
+            return int(np.prod(w[1:]))  # (C_in / group) x kernel elements
+    return None
+
+
 # -- the pipeline -------------------------------------------------------------------------------------
 
 def _entries(x) -> tuple:
@@ -541,7 +581,8 @@ def _entries(x) -> tuple:
 def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), force_low: Iterable = (),
                  calibration: Iterable | None = None, keep_io_types: bool = True,
                  out: str | os.PathLike | None = None, overwrite: bool = False,
-                 return_plan: bool = False, opset: int | None = None):
+                 return_plan: bool = False, opset: int | None = None,
+                 max_reduction_depth: int | None = None):
     """Convert an fp32 ONNX model to mixed precision with the same analyses as ``convert()``.
 
     Args:
@@ -562,6 +603,8 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
             (``onnx.version_converter.convert_version``) and analysed at that opset, so the
             result imports it; ``None`` keeps the source's. A conversion the version converter
             cannot do (or one whose result fails ``onnx.checker``) is an ``OnnxError``.
+        max_reduction_depth: MatMul / Gemm / Conv nodes summing more products than this per
+            output value stay fp32 (rule O5, ModelOpt's ``max_depth_of_reduction``); None: off.
 
     Returns:
         The converted ``onnx.ModelProto`` (checked with ``onnx.checker.check_model(full_check=True)``),
@@ -575,6 +618,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     from amp_compiler.onnx_export import check_destination, save_model
 
     low = resolve_dtype(dtype)
+    depth_limit = None if max_reduction_depth is None else _depth_limit(max_reduction_depth)
     if out is not None:
         check_destination(out, overwrite)  # fail before the work, not after
     source = load_model(model_or_path)
@@ -589,6 +633,8 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     # 2. initializers beyond the low dtype's range pin their readers fp32 (O4); optional range
     # analysis: values beyond float16's range pin their nodes fp32 (O3)
     df.pins.update(_init_range_pins(df, model, low))
+    if depth_limit is not None:  # O5: deep sums kept fp32, for low-accumulating back ends
+        df.pins.update(_reduction_depth_pins(model, df.vertex_of, depth_limit))
     if calibration is not None and low == torch.float16:
         df.pins.update(_range_pins(df, model, calibration_ranges(model, calibration), low))
     # 3. classify and paint with the same passes and the CUDA policy; pins ride on keep_fp32
@@ -617,6 +663,13 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     if out is not None:
         save_model(converted, out, overwrite=overwrite)
     return (converted, plan) if return_plan else converted
+
+
+def _depth_limit(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"max_reduction_depth must be a positive integer (products summed per "
+                          f"output value, e.g. 4096) or None, got {value!r}")
+    return int(value)
 
 
 def convert_opset(model: onnx.ModelProto, opset, model_or_path=None) -> onnx.ModelProto:

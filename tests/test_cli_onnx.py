@@ -1,6 +1,6 @@
 """``amp-compiler convert <model.onnx>`` options: --calibration (a folder of .npz files, one .npz
 with a leading sample axis, a Polygraphy JSON data file), --keep-io-types / --no-keep-io-types,
---opset N, and --keep-fp32 re:<pattern>; bad values are one line on stderr with exit code 2."""
+--opset N, --max-reduction-depth N, and --keep-fp32 re:<pattern>; bad values are one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
@@ -140,9 +140,24 @@ def test_bad_onnx_option_values_are_one_line_errors(tmp_path, src, capsys):
         (["--opset", "abc"], ("invalid opset 'abc'",)),
         (["--opset", "999"], ("opset must be an integer from 1 to",)),
         (["--opset", "6"], ("cannot convert", "to opset 6")),
+        (["--max-reduction-depth", "0"], ("invalid reduction depth '0'",)),
+        (["--max-reduction-depth", "many"], ("invalid reduction depth 'many'",)),
     ):
         code, _, err = run(capsys, "convert", str(src), *argv, "--out", out)
         assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "never").exists()
     code, _, err = run(capsys, "convert", "mlp", "--opset", "17", "--out", out)
     assert_one_line_error(code, err, "--opset applies to .onnx targets only")
+    code, _, err = run(capsys, "convert", "mlp", "--max-reduction-depth", "64", "--out", out)
+    assert_one_line_error(code, err, "--max-reduction-depth applies to .onnx targets only")
+
+
+def test_max_reduction_depth_on_the_command_line(tmp_path, src, capsys):
+    """Rule O5 from the CLI: both MatMuls of the source sum 8 products per output value."""
+    code, _, err = run(capsys, "convert", str(src), "--max-reduction-depth", "4", "--out", str(tmp_path / "d"))
+    assert code == 0, err
+    plan = _plan(tmp_path / "d")
+    assert plan["mm1"].rule == plan["mm2"].rule == "O5:reduction-depth"
+    code, _, err = run(capsys, "convert", str(src), "--max-reduction-depth", "8", "--out", str(tmp_path / "e"))
+    assert code == 0, err
+    assert _plan(tmp_path / "e")["mm1"].precision == torch.float16

@@ -47,7 +47,7 @@ HAS_CUDA_EP = "CUDAExecutionProvider" in ort_providers()  # preloads onnxruntime
 
 MODELS = ("mlp", "resnet", "gpt", "bert", "lstm", "mf")
 FP16 = TensorProto.FLOAT16
-RULE_PREFIXES = ("R0:", "R1:", "R2:", "R3:", "R4:", "R5:", "R6:", "R7:", "O1:", "O2:", "O3:", "O4:")
+RULE_PREFIXES = ("R0:", "R1:", "R2:", "R3:", "R4:", "R5:", "R6:", "R7:", "O1:", "O2:", "O3:", "O4:", "O5:")
 
 
 @pytest.fixture(scope="module")
@@ -690,3 +690,36 @@ def test_calibration_samples_are_checked_against_the_inputs():
     with pytest.raises(ConfigError, match=r"calibration sample 1: ONNX Runtime cannot run.*x: int64\[1, 8\]"):
         convert_onnx(source, calibration=[{"x": np.ones((1, 8), np.float32)},
                                           {"x": np.ones((1, 8), np.int64)}])
+
+
+def test_o5_matrix_ops_summing_more_products_than_the_limit_stay_fp32(ort_run):
+    """O5 (ModelOpt's max_depth_of_reduction): a MatMul over K=512 and a Conv over 3x3x3=27
+    products per output; with the limit 100 the MatMul stays fp32, the Conv and the shallow
+    MatMul go low; off by default; a depth shape inference cannot tell (a symbolic K) is left."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w_deep"], ["y"], name="deep"),
+             helper.make_node("MatMul", ["y", "w_shallow"], ["z"], name="shallow"),
+             helper.make_node("MatMul", ["z", "v"], ["u"], name="symbolic")]
+    source = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 512]),
+                            helper.make_tensor_value_info("v", TensorProto.FLOAT, [8, "k"])],
+                    [helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", "k"])],
+                    [_tensor("w_deep", rng.standard_normal((512, 8)) * 0.05),
+                     _tensor("w_shallow", rng.standard_normal((8, 8)) * 0.3)])
+    _, default = convert_onnx(source, return_plan=True)
+    assert all(default[n].precision == torch.float16 for n in ("deep", "shallow"))
+    ours, plan = convert_onnx(source, return_plan=True, max_reduction_depth=100)
+    assert plan["deep"].rule == "O5:reduction-depth" and plan["deep"].precision == torch.float32
+    assert "sums 512 products" in plan["deep"].reason
+    assert plan["shallow"].precision == torch.float16 and plan["symbolic"].rule != "O5:reduction-depth"
+    inits = {t.name: t.data_type for t in ours.graph.initializer}
+    assert inits["w_deep"] == TensorProto.FLOAT and inits["w_shallow"] == TensorProto.FLOAT16
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    v = rng.standard_normal((8, 5)).astype(np.float32)
+    assert ort_run(ours, (x, v)).shape == (2, 5)
+    _, conv = convert_onnx(_conv_model(), return_plan=True, max_reduction_depth=100)
+    assert conv["conv"].precision == torch.float16  # 27 products
+    _, conv = convert_onnx(_conv_model(), return_plan=True, max_reduction_depth=20)
+    assert conv["conv"].rule == "O5:reduction-depth" and "sums 27 products" in conv["conv"].reason
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ConfigError, match="max_reduction_depth must be a positive integer"):
+            convert_onnx(source, max_reduction_depth=bad)
