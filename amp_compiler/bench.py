@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["main", "build_parser", "run", "make_variant", "loss_scaler", "resolve_device",
+__all__ = ["main", "build_parser", "run", "make_variant", "loss_scaler", "resolve_device", "sync",
            "rel_error", "count_to_copy", "BenchError"]
 
 # ----------------------------------------------------------------------------- tables
@@ -441,12 +441,18 @@ def count_to_copy(fn: Callable[[], Any]) -> int:
                and not (e.input_shapes and e.input_shapes[0] == []))
 
 
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on the CPU): what a timer around GPU work needs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _settle(cfg: Config) -> None:
     """Free what is garbage and wait for the device, so ``memory_allocated`` is exact.
     (CPU memory is not measured, and a full collection there costs ~0.4 s for nothing.)"""
     if cfg.cuda:
         gc.collect()
-        torch.cuda.synchronize(cfg.device)
+        sync(cfg.device)
 
 
 def _prime(cfg: Config) -> None:

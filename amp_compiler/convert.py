@@ -305,9 +305,7 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     if training:
         # 5c. a gated MLP's silu(a) * b keeps a and b for backward, not silu(a) too (rule P4)
         fused += fuse_gated_activation(gm)
-    if fused:
-        plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
-                             meta={**plan.meta, "rewrites": plan.meta["rewrites"] + [r.as_row() for r in fused]})
+    plan = _with_rewrites(plan, fused)
     # 6. inference: parameter casts folded into stored low-precision copies, once
     if fold:
         log.info("folded %d parameter casts", fold_weights(gm, casts.casts))
@@ -317,10 +315,7 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     scaler = make_scaler(model, gm, dataflow, low, device_type, loss_scale) if training else None
     # 8. what the graph computes from its inputs' sizes alone (position ids, rotary phases)
     #    runs once per input shape (rules K1-K3)
-    cached = cache_size_only(gm)
-    if cached:
-        plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
-                             meta={**plan.meta, "rewrites": plan.meta["rewrites"] + [r.as_row() for r in cached]})
+    plan = _with_rewrites(plan, cache_size_only(gm))
 
     def rebuild(mode: bool) -> AmpModule:
         # a saved plan names the nodes of one mode's graph (dropout, batch norm differ):
@@ -339,6 +334,14 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
                      # user's fp32 weights be freed once they drop the original model
                      rebuild=None if fold else rebuild, mode_leaves=mode_leaves,
                      call_spec=call_spec(model, example_inputs, example_kwargs), model=model)
+
+
+def _with_rewrites(plan: PrecisionPlan, remarks: list) -> PrecisionPlan:
+    """``plan`` with the remarks of rewrites made after it appended to ``meta["rewrites"]``."""
+    if not remarks:
+        return plan
+    return PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
+                         meta={**plan.meta, "rewrites": plan.meta["rewrites"] + [r.as_row() for r in remarks]})
 
 
 def call_spec(model: nn.Module, example_inputs, example_kwargs):

@@ -34,13 +34,10 @@ from torch import nn
 from amp_compiler.errors import AmpCompilerError, ConfigError
 from amp_compiler.passes.classify import classify, override_entries
 from amp_compiler.passes.graph import DataflowGraph
-from amp_compiler.passes.fused_patterns import fuse_patterns
-from amp_compiler.passes.hygiene import clean_graph
 from amp_compiler.passes.insert_casts import CastRecord, insert_casts
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 from amp_compiler.passes.policy import policy_for
 from amp_compiler.passes.propagate import propagate
-from amp_compiler.passes.sdpa_masks import fold_sdpa_masks
 
 log = logging.getLogger("amp_compiler")
 
@@ -94,7 +91,7 @@ class AmpBackend:
         self.graphs: list[CompiledGraph] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        from amp_compiler.frontend import build_dataflow
+        from amp_compiler.frontend import build_dataflow, tidy_captured
         from amp_compiler.functionalize import functionalize
 
         for node in gm.graph.nodes:  # the passes read recorded values under "val", as export's
@@ -103,7 +100,7 @@ class AmpBackend:
         roles = _placeholder_roles(gm)
         device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
         functionalize(gm)
-        rewrites = clean_graph(gm) + fold_sdpa_masks(gm) + fuse_patterns(gm)
+        rewrites = tidy_captured(gm)
         dataflow = build_dataflow(gm, roles=roles)
         policy = policy_for(device_type, self.low_dtype)
         # overrides that name nothing in this graph are fine here: another graph may hold them
@@ -139,6 +136,13 @@ class AmpBackend:
             merged.update({f"g{g.index}.{n}": d for n, d in g.plan.items()})
         return PrecisionPlan(merged, low_dtype=self.low_dtype, device_type=self.graphs[0].plan.device_type,
                              meta={"capture": "dynamo", "graphs": len(self.graphs)})
+
+    def op_count(self) -> dict[str, int]:
+        """Ops a call runs, summed over the graphs compiled so far (``AmpModule.op_count``)."""
+        from amp_compiler.passes.size_cache import op_count
+
+        counts = [op_count(g.graph_module) for g in self.graphs]
+        return {k: sum(c[k] for c in counts) for k in ("per_call", "per_shape")}
 
     @property
     def casts(self) -> list[CastRecord]:
@@ -196,6 +200,10 @@ class DynamoAmpModule(nn.Module):
     def plan(self) -> PrecisionPlan:
         """Every compiled graph's plan (after the first call), node names ``g<index>.<node>``."""
         return self.backend.plan
+
+    def op_count(self) -> dict[str, int]:
+        """Ops a call runs, over the graphs compiled so far (``AmpModule.op_count``)."""
+        return self.backend.op_count()
 
     @property
     def casts(self) -> list[CastRecord]:

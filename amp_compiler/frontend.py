@@ -276,11 +276,10 @@ def _rebind_parameters(gm: nn.Module, model: nn.Module) -> None:
 def capture(model: nn.Module, example_inputs: tuple | None = None, *,
             example_kwargs: dict | None = None,
             dynamic_shapes: Any = "auto") -> tuple[fx.GraphModule, str]:
-    """Capture ``model``: ("fx" | "export"), see the module docstring; then the hygiene pass
+    """Capture ``model``: ("fx" | "export"), see the module docstring; then ``tidy_captured``
     (metadata asserts, inert dropout, empty concatenations, dead code, dead writes, whole
-    slices: rules H1-H7), the SDPA mask folding (S1-S3) and the fused formulas (GELU, RMSNorm:
-    P1-P3), their remarks in
-    ``gm.meta["amp_rewrites"]``."""
+    slices: rules H1-H7; SDPA mask folding S1-S3; fused formulas, GELU and RMSNorm, P1-P3),
+    its remarks in ``gm.meta["amp_rewrites"]``."""
     if example_inputs is None and example_kwargs is None:
         gm, source = symbolic_capture(model), "fx"
     else:
@@ -290,8 +289,14 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *,
             example_inputs = (example_inputs,)
         gm, source = export_capture(model, example_inputs, example_kwargs=example_kwargs,
                                     dynamic_shapes=dynamic_shapes), "export"
-    gm.meta["amp_rewrites"] = clean_graph(gm) + fold_sdpa_masks(gm) + fuse_patterns(gm)
+    gm.meta["amp_rewrites"] = tidy_captured(gm)
     return gm, source
+
+
+def tidy_captured(gm: fx.GraphModule) -> list:
+    """What every front end runs on a graph it captured, before the plan: hygiene (H1-H7), SDPA
+    mask folding (S1-S3), fused formulas (P1-P3); their remarks in order."""
+    return clean_graph(gm) + fold_sdpa_masks(gm) + fuse_patterns(gm)
 
 
 # -- FX -> DataflowGraph ------------------------------------------------------------------------

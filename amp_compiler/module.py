@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import operator
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, NoReturn
@@ -157,15 +156,9 @@ class AmpModule(nn.Module):
             >>> amp.op_count()
             {'per_call': 74, 'per_shape': 3}
         """
-        from amp_compiler.passes.size_cache import SizeCache
+        from amp_compiler.passes.size_cache import op_count
 
-        def ops(graph: fx.Graph) -> int:
-            return sum(1 for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
-                       and n.target is not operator.getitem and "sym_size" not in str(n.target))
-        per_shape = sum(ops(m.fn.graph) for m in self.graph_module.modules() if isinstance(m, SizeCache))
-        cached = sum(1 for n in self.graph_module.graph.nodes if n.op == "call_module"
-                     and isinstance(self.graph_module.get_submodule(n.target), SizeCache))
-        return {"per_call": ops(self.graph_module.graph) - cached, "per_shape": per_shape}
+        return op_count(self.graph_module)
 
     # -- weights: the user model's keys, folded copies kept current ------------------------
     def state_dict(self, *args, destination: dict | None = None, prefix: str = "",

@@ -87,11 +87,11 @@ def render_report(amp, *, only: str | None = None, why: str | None = None, print
             table.add_row(literal(name), literal(d.kind), f"[{_STYLE.get(p, 'white')}]{p}[/]",
                           literal(d.rule), literal(d.reason))
     s = summary(amp)
-    ops = amp.op_count() if hasattr(amp, "op_count") else {"per_call": None, "per_shape": 0}
+    ops = amp.op_count()
     table.caption = (f"{s['low']} nodes {s['dtype']}, {s['fp32']} fp32, {s['unknown']} unknown ops; "
                      f"{s['casts']} casts in the graph ({s['param_casts']} of parameters)"
                      + ("; weights folded" if s["folded"] else "")
-                     + (f"; {ops['per_call']} ops a forward" if ops["per_call"] is not None else "")
+                     + f"; {ops['per_call']} ops a forward"
                      + (f" (+{ops['per_shape']} once per input shape)" if ops["per_shape"] else ""))
     if print_:
         console.print(table)

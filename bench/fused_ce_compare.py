@@ -12,7 +12,6 @@ hidden 1024, vocab 32000, bf16); labels random, 5% of them ``ignore_index``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from amp_compiler import runtime
+from amp_compiler import bench, runtime
 
 HEADS = {"gpt2": (768, 50257, torch.float16), "llama": (1024, 32000, torch.bfloat16)}
 
@@ -75,10 +74,10 @@ def main(argv=None) -> int:
                 del loss, gh, gw
                 times = []
                 for i in range(a.iters + 3):
-                    _sync(dev)
+                    bench.sync(dev)
                     t0 = time.perf_counter()
                     gh, gw = torch.autograd.grad(fn(h, w, t), [h, w])
-                    _sync(dev)
+                    bench.sync(dev)
                     if i >= 3:
                         times.append((time.perf_counter() - t0) * 1e3)
                     del gh, gw
@@ -102,14 +101,9 @@ def main(argv=None) -> int:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"argv": sys.argv, "torch": torch.__version__, "results": report}, f, indent=1)
+        bench.write_json({"argv": sys.argv, "torch": torch.__version__, "results": report}, a.json)
     return 0
 
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ steps) of each, and its ratio to fp32's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -64,9 +63,8 @@ def main(argv=None) -> int:
         finals[kind]["vs_fp32"] = finals[kind]["final"] / finals["fp32"]["final"] - 1
         print(f"{kind} final loss vs fp32: {100 * finals[kind]['vs_fp32']:+.2f}%")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"argv": sys.argv, "torch": torch.__version__, "steps": a.steps,
-                       "batch": [a.batch, block], "lr": a.lr, "results": finals}, f, indent=1)
+        bench.write_json({"argv": sys.argv, "torch": torch.__version__, "steps": a.steps,
+                          "batch": [a.batch, block], "lr": a.lr, "results": finals}, a.json)
     return 0
 
 

@@ -18,7 +18,6 @@ onnx-graphsurgeon``). A converter that fails on a model is recorded with its err
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from amp_compiler.bench import write_json
 
 
 WIDTH, LAYERS, VOCAB, BATCH, TOKENS = 256, 4, 8192, 4, 256
@@ -189,9 +190,8 @@ def main(argv=None) -> int:
                 cells.append(f"{r['casts']} / {err} / {r['mb']}")
         print(f"| {conv} | " + " | ".join(cells) + " |")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"argv": sys.argv, "torch": torch.__version__, "onnxruntime": ort.__version__,
-                       "results": results}, f, indent=1)
+        write_json({"argv": sys.argv, "torch": torch.__version__, "onnxruntime": ort.__version__,
+                    "results": results}, a.json)
     return 0
 
 

@@ -20,7 +20,6 @@ import collections
 import contextlib
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -45,8 +44,7 @@ CATEGORIES = (  # operator name fragment -> category, first match wins
 def category(op: str) -> str:
     name = op.split("::")[-1].lower()
     for fragments, label in CATEGORIES:
-        if any(name == f or name.startswith(f + ".") or f in name.split("_") or name.startswith(f)
-               for f in fragments):
+        if any(name.startswith(f) or f in name.split("_") for f in fragments):
             return label
     return "elementwise/other"
 
@@ -105,8 +103,7 @@ def gpu_time_by_category(step, device) -> tuple[dict[str, float], list[tuple[str
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        bench.sync(device)
     by_cat, by_op = collections.Counter(), collections.Counter()
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None) if device.type == "cuda" else e.self_cpu_time_total
@@ -196,11 +193,11 @@ def main(argv=None) -> int:
         times = collections.defaultdict(list)
         for _ in range(a.rounds):  # interleaved
             for k, step in steps.items():
-                _sync(device)
+                bench.sync(device)
                 t = time.perf_counter()
                 for _ in range(a.steps):
                     step()
-                _sync(device)
+                bench.sync(device)
                 times[k].append((time.perf_counter() - t) / a.steps * 1e3)
         report[name] = {}
         for k, step in steps.items():
@@ -235,14 +232,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"argv": sys.argv, "torch": torch.__version__, "results": report}, f, indent=1)
+        bench.write_json({"argv": sys.argv, "torch": torch.__version__, "results": report}, a.json)
     return 0
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph import attribute
-from .kinds import node_arg, target_name
+from .kinds import casts_to_fp32, node_arg, target_name
 from .remarks import Remark
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -52,8 +52,8 @@ _NOOP_CASTS = frozenset({"to", "_to_copy", "float", "type_as"})
 def fuse_patterns(gm: fx.GraphModule) -> list[Remark]:
     """Rules P1-P3 on ``gm`` in place; one remark per fused or missed pattern."""
     remarks: list[Remark] = []
-    for node in list(gm.graph.nodes):
-        if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
+    for node in list(gm.graph.nodes):  # nothing is erased before the dead-code pass below
+        if node.op not in ("call_function", "call_method"):
             continue
         name = target_name(node)
         if name == "tanh":
@@ -229,7 +229,7 @@ def _weight(gm: fx.GraphModule, normed: fx.Node, size: int):
     value = normed
     if len(value.users) == 1 and _is(next(iter(value.users)), _NOOP_CASTS):
         cast = next(iter(value.users))
-        if _dtype(cast) == torch.float32 and _casts_to_fp32(cast):
+        if _dtype(cast) == torch.float32 and casts_to_fp32(cast):
             value = cast
     if len(value.users) != 1 or len(normed.users) != 1:
         return None, normed
@@ -247,19 +247,12 @@ def _weight(gm: fx.GraphModule, normed: fx.Node, size: int):
     return other, mul
 
 
-def _casts_to_fp32(node: fx.Node) -> bool:
-    if target_name(node) == "float":
-        return True
-    dtypes = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
-    return dtypes == [torch.float32]
-
-
 def _fp32(x: fx.Node, base: fx.Node) -> bool:
     dtype = _dtype(x)
     if dtype is not None:
-        return dtype == torch.float32
+        return dtype == torch.float32 and _dtype(base) in (None, torch.float32)
     # symbolic capture (no dtypes): the squared value must be an explicit cast to fp32
-    return base is not x and _casts_to_fp32(base)
+    return base is not x and casts_to_fp32(base)
 
 
 def _last_size(node: fx.Node) -> int | None:

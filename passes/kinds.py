@@ -142,6 +142,15 @@ def node_arg(node: fx.Node, position: int, names: str | tuple[str, ...], default
     return default
 
 
+def casts_to_fp32(node: fx.Node) -> bool:
+    """``node`` is ``x.float()`` or a ``to`` / ``_to_copy`` whose one dtype argument is float32
+    (a model's own ``.float()``, or the cast restoring an output to fp32)."""
+    if target_name(node) == "float":
+        return True
+    dtypes = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
+    return dtypes == [torch.float32]
+
+
 def torch_kind(name: str) -> str:
     """Map a torch function / method / aten packet name to its canonical kind."""
     if name in TORCH_ALIASES:

@@ -13,7 +13,8 @@ Rules:
     K2  the size-only nodes that other nodes read become the outputs of one cached call
         (``SizeCache``): computed on the first call with a given tuple of sizes (and buffer
         versions: a buffer written in place is read afresh), then returned from the cache, at
-        most ``CAPACITY`` shapes (least recently used out); under ``torch.compile`` or
+        most ``CAPACITY`` shapes (least recently used out; a buffer is the same one only while
+        the entry's weak reference to it is alive, so a freed tensor's reused id cannot hit); under ``torch.compile`` or
         ``torch.export`` the subgraph is computed, not looked up;
     K3  a value the graph returns, or that an op writes into, is not cached (the caller or the
         op would change the cache); a region of fewer than ``MIN_OPS`` tensor ops is left (the
@@ -26,6 +27,7 @@ Rules:
 from __future__ import annotations
 
 import operator
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -54,15 +56,16 @@ class SizeCache(nn.Module):
         if _tracing():
             return self.fn(*args)
         sizes, buffers = args[:self.n_sizes], args[self.n_sizes:]
-        key = (tuple(int(s) for s in sizes),
-               tuple((id(b), b._version, b.device) for b in buffers))
+        key = (tuple(int(s) for s in sizes), tuple((id(b), b._version) for b in buffers))
         hit = self._cache.get(key)
-        if hit is not None:
+        # the entry's buffers, by weak reference: an id is only the same tensor while it lives
+        if hit is not None and all(ref() is b for ref, b in zip(hit[0], buffers)):
             self._cache.move_to_end(key)
-            return hit
+            return hit[1]
         with torch.no_grad():
             out = self.fn(*args)
-        self._cache[key] = out
+        self._cache[key] = (tuple(weakref.ref(b) for b in buffers), out)
+        self._cache.move_to_end(key)
         if len(self._cache) > CAPACITY:
             self._cache.popitem(last=False)
         return out
@@ -131,6 +134,17 @@ def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[R
                    f"{len(region)} ops computed from the inputs' sizes and buffers only "
                    f"({', '.join(kinds)}) run once per input shape, then come from a cache of "
                    f"{CAPACITY} shapes: {len(frontier)} values")]
+
+
+def op_count(gm: fx.GraphModule) -> dict[str, int]:
+    """``per_call``: the ops every forward of ``gm`` runs (casts included; sizes and tuple
+    unpacking not counted), ``per_shape``: those its size cache runs once per input shape."""
+    def ops(graph: fx.Graph) -> int:
+        return sum(1 for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
+                   and n.target is not operator.getitem and target_name(n) not in _SIZES
+                   and not (n.op == "call_module" and isinstance(gm.get_submodule(n.target), SizeCache)))
+    caches = [m for m in gm.modules() if isinstance(m, SizeCache)]
+    return {"per_call": ops(gm.graph), "per_shape": sum(ops(m.fn.graph) for m in caches)}
 
 
 def _frozen(gm: fx.GraphModule, node: fx.Node) -> bool:
