@@ -39,7 +39,7 @@ class _Package(_types.ModuleType):
         super().__setattr__(name, value)
 
 
-_SAME_NAME = ("convert", "compare")
+_SAME_NAME = ("convert", "compare", "cuda_graphs")
 _sys.modules[__name__].__class__ = _Package
 
 from amp_compiler.convert import convert  # noqa: E402
@@ -67,6 +67,7 @@ _LAZY = {
     "backend": "amp_compiler.dynamo",
     "save": "amp_compiler.saving",
     "load": "amp_compiler.saving",
+    "cuda_graphs": "amp_compiler.cuda_graphs",
 }
 
 

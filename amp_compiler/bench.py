@@ -648,20 +648,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _ratios(variants: list[Variant]) -> dict[str, dict[str, Any]]:
+    """Each variant against autocast and fp32 run the same way (``amp+compile`` against
+    ``autocast+compile``: the part of the name after the kind), and against eager autocast and
+    eager fp32."""
     by_name = {v.name: v for v in variants}
+
+    def median(v: Variant | None) -> float | None:
+        return v and (_summary(v.times_ms) or {}).get("median")
+
     out: dict[str, dict[str, Any]] = {}
     for v in variants:
-        base = by_name.get("autocast+compile" if v.compiled else "autocast")
-        fp32 = by_name.get("fp32+compile" if v.compiled else "fp32")
-        med = _summary(v.times_ms)
+        runtime = v.name[len(v.kind):] if v.name.startswith(v.kind) else ""
+        base = by_name.get("autocast" + runtime)
+        fp32 = by_name.get("fp32" + runtime)
         out[v.name] = {
             "baseline": base.name if base else None,
-            "time_vs_autocast": _ratio(med and med["median"],
-                                       base and (_summary(base.times_ms) or {}).get("median")),
+            "time_vs_autocast": _ratio(median(v), median(base)),
             "peak_memory_vs_autocast": _ratio(v.peak_bytes, base and base.peak_bytes),
             "error_vs_autocast": _ratio(v.error, base and base.error),
-            "time_vs_fp32": _ratio(med and med["median"],
-                                   fp32 and (_summary(fp32.times_ms) or {}).get("median")),
+            "time_vs_fp32": _ratio(median(v), median(fp32)),
+            "time_vs_autocast_eager": _ratio(median(v), median(by_name.get("autocast"))),
+            "time_vs_fp32_eager": _ratio(median(v), median(by_name.get("fp32"))),
         }
     return out
 

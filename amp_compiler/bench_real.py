@@ -192,16 +192,19 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
 )}
 
 
-def batch_shapes(spec: Spec, mode: str, tiny: bool) -> list[tuple[int, int]]:
-    """(batch, tokens or image side) of each timed run of ``mode``: the training batch, and for
-    inference batch 1 (a 64-token prompt, one image) before it."""
+def batch_shapes(spec: Spec, mode: str, tiny: bool,
+                 infer_batches: tuple[int | str, ...] = (1, "train")) -> list[tuple[int, int]]:
+    """(batch, tokens or image side) of each timed run of ``mode``: the training batch; for
+    inference each of ``infer_batches`` in order (a number: that many 64-token prompts or
+    images; ``"train"``: the training batch)."""
     if tiny:
         train = (TINY_BATCH, TINY_SEQ if spec.text else TINY_IMAGE)
     else:
         train = (spec.batch, spec.length)
     if mode == "train":
         return [train]
-    return [(1, min(PROMPT, train[1]) if spec.text else train[1]), train]
+    length = min(PROMPT, train[1]) if spec.text else train[1]
+    return list(dict.fromkeys(train if b == "train" else (b, length) for b in infer_batches))
 
 
 def _classes(model: nn.Module) -> int:
@@ -287,7 +290,16 @@ def build_parser(prog: str = "amp-compiler bench --suite real") -> argparse.Argu
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (the tests use eager: no kernels generated)")
     p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); a comma list "
+                   "(default,reduce-overhead) times each, as +compile and +compile:<mode>")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="inference: also time each kind replayed from CUDA graphs "
+                   "(amp_compiler.cuda_graphs; autocast inside the graph, its cast cache off), "
+                   "as +cudagraphs")
+    p.add_argument("--infer-batches", default="1,train",
+                   help="inference batch sizes, comma-separated: a number (text models at "
+                   f"{PROMPT} tokens, images at their side) or 'train' (the training batch "
+                   "and length); default 1,train")
     p.add_argument("--variants", default="autocast,amp",
                    help="timed kinds, subset of fp32,autocast,amp (fp32 is always the error "
                    "reference)")
@@ -320,6 +332,8 @@ class SuiteConfig:
     device: torch.device
     tiny: bool
     out: str
+    cuda_graphs: bool = False
+    infer_batches: tuple[int | str, ...] = (1, "train")
 
     def bench_config(self, spec: Spec, mode: str) -> bench.Config:
         """The ``amp_compiler.bench`` Config of one model and mode, for its helpers."""
@@ -338,6 +352,17 @@ def _subset(value: str, choices: tuple[str, ...] | list[str], option: str) -> tu
     return tuple(c for c in choices if c in asked)
 
 
+def _batches(value: str) -> tuple[int | str, ...]:
+    out: list[int | str] = []
+    for item in (v.strip() for v in value.split(",") if v.strip()):
+        if item != "train" and not (item.isdigit() and int(item) >= 1):
+            raise BenchError(f"--infer-batches {value!r}: each entry a batch size >= 1 or 'train'")
+        out.append(item if item == "train" else int(item))
+    if not out:
+        raise BenchError("--infer-batches: give at least one batch size")
+    return tuple(dict.fromkeys(out))
+
+
 def _resolve(argv: list[str]) -> SuiteConfig:
     a = build_parser().parse_args(argv)
     for name, low in (("steps", 1), ("rounds", 0), ("warmup", 0)):
@@ -348,6 +373,7 @@ def _resolve(argv: list[str]) -> SuiteConfig:
                        rounds=a.rounds, warmup=a.warmup, compile=a.compile,
                        compile_backend=a.compile_backend, compile_mode=a.compile_mode,
                        kinds=_subset(a.variants, KINDS, "--variants"),
+                       cuda_graphs=a.cuda_graphs, infer_batches=_batches(a.infer_batches),
                        dtype=None if a.dtype == "auto" else a.dtype,
                        device=bench.resolve_device(a.device), tiny=a.tiny, out=a.out)
 
@@ -389,14 +415,58 @@ def _no_tf32() -> Iterator[None]:
 # ----------------------------------------------------------------------------- variants
 
 
-def _name(kind: str, compiled: bool) -> str:
-    return f"{kind}+compile" if compiled else kind
+def _name(kind: str, runtime: str) -> str:
+    return f"{kind}+{runtime}" if runtime else kind
 
 
-def _build(kind: str, compiled: bool, cfg: bench.Config, suite: SuiteConfig, master: nn.Module,
+def _compile_modes(suite: SuiteConfig) -> list[str | None]:
+    if not suite.compile_mode:
+        return [None]
+    return [m.strip() for m in suite.compile_mode.split(",") if m.strip()] or [None]
+
+
+def _runtimes(suite: SuiteConfig, mode: str) -> list[str]:
+    """How each kind runs: ``""`` eager, ``"compile"`` (the one ``--compile-mode``, or
+    default of a list), ``"compile:<mode>"`` (the others of a list), ``"cudagraphs"``."""
+    out = [""]
+    if suite.compile:
+        modes = _compile_modes(suite)
+        out += (["compile"] if len(modes) == 1 else
+                ["compile" if m in (None, "default") else f"compile:{m}" for m in modes])
+    if suite.cuda_graphs and mode == "infer":
+        out.append("cudagraphs")
+    return out
+
+
+def _mode_of(suite: SuiteConfig, runtime: str) -> str | None:
+    """The torch.compile mode of a ``compile`` runtime."""
+    if runtime.startswith("compile:"):
+        return runtime.split(":", 1)[1]
+    modes = _compile_modes(suite)
+    return modes[0] if len(modes) == 1 else None
+
+
+def _in_cuda_graphs(module: nn.Module, kind: str, cfg: bench.Config):
+    """``amp_compiler.cuda_graphs`` of the module; for autocast, of a call that enters autocast
+    itself with its cast cache off (cached casts made outside a capture would be read by the
+    graph after autocast frees them)."""
+    import amp_compiler
+
+    if kind != "autocast":
+        return amp_compiler.cuda_graphs(module)
+
+    def autocast_call(*args, **kwargs):
+        with torch.autocast(cfg.device.type, dtype=cfg.dtype, cache_enabled=False):
+            return module(*args, **kwargs)
+    return amp_compiler.cuda_graphs(autocast_call)
+
+
+def _build(kind: str, runtime: str, cfg: bench.Config, suite: SuiteConfig, master: nn.Module,
            example: dict, stage: list[str]) -> Variant:
-    """One variant: its own copy of the master (converted for amp, wrapped by torch.compile if
-    asked), its optimizer and loss scaler, and step closures that keep ``stage`` current."""
+    """One variant: its own copy of the master (converted for amp, wrapped by torch.compile or
+    CUDA graphs if asked), its optimizer and loss scaler, and step closures that keep
+    ``stage`` current."""
+    compiled = runtime.startswith("compile")
     t0 = time.perf_counter()
     stage[0] = "copy"
     module = bench._copy(master, cfg, train=cfg.train)
@@ -411,8 +481,11 @@ def _build(kind: str, compiled: bool, cfg: bench.Config, suite: SuiteConfig, mas
         stage[0] = "compile"
         # dynamic=False: inference runs two batch shapes; each gets its own static graph,
         # for autocast and amp alike, instead of one generic dynamic-shape graph
-        module = torch.compile(module, backend=suite.compile_backend, mode=suite.compile_mode,
-                               dynamic=False)
+        module = torch.compile(module, backend=suite.compile_backend,
+                               mode=_mode_of(suite, runtime), dynamic=False)
+    if runtime == "cudagraphs":
+        module = _in_cuda_graphs(module, kind, cfg)
+        ctx = bench._no_ctx  # autocast is inside the graph's call
     call = _caller(module)
     opt = scaler = note = None
     if cfg.train:
@@ -434,7 +507,7 @@ def _build(kind: str, compiled: bool, cfg: bench.Config, suite: SuiteConfig, mas
             return call(inp[0])
 
     stage[0] = "forward"
-    return Variant(name=_name(kind, compiled), kind=kind, compiled=compiled, module=module,
+    return Variant(name=_name(kind, runtime), kind=kind, compiled=compiled, module=module,
                    forward=forward, step=step, inputs=(example,), amp=amp, optimizer=opt,
                    scaler=scaler, scaler_note=note, setup_s=time.perf_counter() - t0)
 
@@ -447,7 +520,7 @@ def _attempt(fn: Callable[[], Any], failures: dict[str, dict], name: str, stage:
         fn()
         return True
     except Exception as e:  # noqa: BLE001 - a failing variant is data; the suite goes on
-        where = stage[0] + (" (compiled)" if name.endswith("+compile") else "")
+        where = stage[0] + (" (compiled)" if "+compile" in name else "")
         failures[name] = failure(where, e)
     _free(cfg)  # after the except block: its traceback no longer holds the tensors
     return False
@@ -481,7 +554,7 @@ class _ModelRun:
 
     def shapes(self, mode: str, device: torch.device) -> list[_Shape]:
         out = []
-        for b, n in batch_shapes(self.spec, mode, self.suite.tiny):
+        for b, n in batch_shapes(self.spec, mode, self.suite.tiny, self.suite.infer_batches):
             label = f"{b}x{n}" if self.spec.text else f"{b}x3x{n}x{n}"
             batch = make_batch(self.spec, self.master, b, n, labels=mode == "train")
             out.append(_Shape(label, b, n, {k: t.to(device) for k, t in batch.items()}))
@@ -512,11 +585,10 @@ class _ModelRun:
         return output_field(self.eval_amp(inputs), "logits").float()
 
 
-def _variant_specs(suite: SuiteConfig) -> list[tuple[str, bool]]:
-    specs = [(k, False) for k in suite.kinds]
-    if suite.compile:
-        specs += [(k, True) for k in suite.kinds]
-    return specs
+def _variant_specs(suite: SuiteConfig, mode: str) -> list[tuple[str, str]]:
+    """(kind, runtime) of every variant of ``mode``, in display order; fp32 (the reference
+    the others are measured against) eager only."""
+    return [(k, r) for r in _runtimes(suite, mode) for k in suite.kinds if k != "fp32" or not r]
 
 
 def _warm(v: Variant, n: int) -> None:
@@ -533,17 +605,18 @@ def _run_mode(run: _ModelRun, mode: str, progress, task) -> list[dict[str, Any]]
     built: dict[str, tuple[Variant, list[str]]] = {}
     failed: dict[str, dict] = {}
     bench._prime(cfg)
-    for kind, compiled in _variant_specs(suite):
-        name = _name(kind, compiled)
+    example = max(runs, key=lambda r: (r.batch * r.length, r.batch))
+    for kind, runtime in _variant_specs(suite, mode):
+        name = _name(kind, runtime)
         bench._tick(progress, task, f"{spec.name} {mode}: building {name}")
         bench._settle(cfg)
         before = bench._allocated(cfg)
         stage, made = ["copy"], []
 
         def make():
-            # converted at the training shape (a batch-1 example could be specialised by
+            # converted at the largest shape (a batch-1 example could be specialised by
             # torch.export), warmed up at the first shape; kept only once it has run
-            v = _build(kind, compiled, cfg, suite, run.master, runs[-1].inputs, stage)
+            v = _build(kind, runtime, cfg, suite, run.master, example.inputs, stage)
             v.inputs = (runs[0].inputs,)
             _warm(v, suite.warmup)
             made.append(v)
@@ -601,7 +674,7 @@ def _run_shape(run: _ModelRun, cfg: bench.Config, shape: _Shape, first: bool,
                             built[v.name][1], cfg):
                 variants.remove(v)
             bench._tick(progress, task, advance=1)
-    return _shape_json(run, shape, variants, failures, notes)
+    return _shape_json(run, shape, variants, failures, notes, cfg.mode)
 
 
 def _errors(run: _ModelRun, cfg: bench.Config, shape: _Shape,
@@ -635,11 +708,12 @@ def _errors(run: _ModelRun, cfg: bench.Config, shape: _Shape,
 
 
 def _shape_json(run: _ModelRun, shape: _Shape, variants: list[Variant],
-                failures: dict[str, dict], notes: dict[str, str]) -> dict[str, Any]:
+                failures: dict[str, dict], notes: dict[str, str], mode: str) -> dict[str, Any]:
     alive = {v.name: v for v in variants}
     # a failed variant keeps its row, with nothing measured and the failure said
-    rows_of = [alive.get(_name(k, c)) or Variant(_name(k, c), k, c, None, None, None, ())
-               for k, c in _variant_specs(run.suite)]
+    rows_of = [alive.get(_name(k, r)) or Variant(_name(k, r), k, r.startswith("compile"), None,
+                                                 None, None, ())
+               for k, r in _variant_specs(run.suite, mode)]
     rows = {}
     for v in rows_of:
         rows[v.name] = {**bench._variant_json(v), "failure": failures.get(v.name),
@@ -727,7 +801,9 @@ def _result(suite: SuiteConfig, spec: Spec, mode: str, master: nn.Module | None,
         "settings": {"steps": suite.steps, "rounds": suite.rounds, "warmup": suite.warmup,
                      "compile": suite.compile, "compile_backend": suite.compile_backend,
                      "compile_mode": suite.compile_mode,
-                     "variants": [_name(k, c) for k, c in _variant_specs(suite)],
+                     "cuda_graphs": suite.cuda_graphs,
+                     "infer_batches": list(suite.infer_batches) if mode == "infer" else None,
+                     "variants": [_name(k, r) for k, r in _variant_specs(suite, mode)],
                      "optimizer": ("AdamW(fused)" if cfg.cuda else "AdamW(foreach)")
                      if mode == "train" else None,
                      "lr": LR if mode == "train" else None,
@@ -742,12 +818,18 @@ def _first_line(f: dict) -> str:
 
 
 def out_path(suite: SuiteConfig, spec: Spec, mode: str) -> str:
-    """Where one model's mode is written:
-    ``real-<model>-<mode>-<dtype>[-compile[-<compile mode>]][-tiny].json``."""
-    compiled = f"-compile-{suite.compile_mode}" if suite.compile_mode else "-compile"
+    """Where one model's mode is written: ``real-<model>-<mode>-<dtype>[-compile[-<compile
+    modes>]][-cudagraphs][-b<batches>][-tiny].json`` (cudagraphs and batches: inference only,
+    batches where not the default 1,train)."""
+    modes = "-".join(m or "default" for m in _compile_modes(suite)) if suite.compile_mode else ""
+    compiled = f"-compile-{modes}" if modes else "-compile"
+    infer = mode == "infer"
+    batches = ("-b" + "-".join(str(b) for b in suite.infer_batches)
+               if infer and suite.infer_batches != (1, "train") else "")
     return os.path.join(suite.out, f"real-{spec.name}-{mode}-{suite.dtype or spec.dtype}"
                                    f"{compiled if suite.compile else ''}"
-                                   f"{'-tiny' if suite.tiny else ''}.json")
+                                   f"{'-cudagraphs' if suite.cuda_graphs and infer else ''}"
+                                   f"{batches}{'-tiny' if suite.tiny else ''}.json")
 
 
 # ----------------------------------------------------------------------------- the suite
@@ -759,8 +841,8 @@ def run(suite: SuiteConfig) -> list[tuple[str, dict[str, Any]]]:
     specs = [SPECS[m] for m in suite.models]
     # inference first: its amp eval conversion is also the training mode's error reference
     modes = [m for m in ("infer", "train") if m in suite.modes]
-    per_shape = len(_variant_specs(suite))
-    units = {(s.name, m): per_shape * (1 + len(batch_shapes(s, m, suite.tiny)) * suite.rounds)
+    units = {(s.name, m): len(_variant_specs(suite, m))
+             * (1 + len(batch_shapes(s, m, suite.tiny, suite.infer_batches)) * suite.rounds)
              for s in specs for m in modes}
     written = []
     done = 0

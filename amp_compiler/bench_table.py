@@ -107,7 +107,7 @@ def real_table(paths: list[str]) -> str:
     file of the same model, mode and dtype are both given, the compile file adds its compiled
     rows only (its eager rows are a second measurement of the eager file's)."""
     files = [json.loads(Path(p).read_text()) for p in paths]
-    files = sorted((d for d in files if d.get("suite") == "real"),
+    files = sorted((d for d in files if d.get("suite") == "real" and not _latency_file(d)),
                    key=lambda d: (*_real_key(d), d["settings"]["compile"]))
     if not files:
         return ""
@@ -134,6 +134,64 @@ def real_table(paths: list[str]) -> str:
                     name += f" ({mode})"
                 lines.append("| " + " | ".join([*head, run["label"], d["dtype"], name, *cells])
                              + " |")
+    return "\n".join(lines) + "\n\n" + _measured(files)
+
+
+def _latency_file(d: dict) -> bool:
+    """A small-batch inference run (``--cuda-graphs`` or ``--infer-batches``): its own table."""
+    settings = d.get("settings", {})
+    return d.get("mode") == "infer" and (
+        bool(settings.get("cuda_graphs"))
+        or settings.get("infer_batches") not in (None, [1, "train"]))
+
+
+# (column, variant, ratio field shown after its time)
+LATENCY_COLUMNS = [
+    ("fp32", "fp32", None),
+    ("autocast", "autocast", None),
+    ("amp", "amp", "time_vs_autocast"),
+    ("autocast CUDA graphs", "autocast+cudagraphs", None),
+    ("amp CUDA graphs", "amp+cudagraphs", "time_vs_autocast_eager"),
+    ("amp CUDA graphs vs fp32", "amp+cudagraphs", "time_vs_fp32_eager"),
+    ("autocast compiled", "autocast+compile", None),
+    ("amp compiled", "amp+compile", "time_vs_autocast"),
+    ("autocast reduce-overhead", "autocast+compile:reduce-overhead", None),
+    ("amp reduce-overhead", "amp+compile:reduce-overhead", "time_vs_autocast"),
+]
+
+
+def latency_table(paths: list[str]) -> str:
+    """Small-batch inference (``--suite real --modes infer --cuda-graphs --infer-batches ...``)
+    as one markdown table: a row per model and batch shape, the median ms of each way of
+    running it, amp's beside its ratio to the autocast run the same way (CUDA graphs: to eager
+    autocast, and to eager fp32), then where it was measured.
+
+        $ python -m amp_compiler.bench_table bench/results/real-*-cudagraphs-*.json
+    """
+    files = sorted((d for d in (json.loads(Path(p).read_text()) for p in paths)
+                    if d.get("suite") == "real" and _latency_file(d) and d["status"] == "ok"),
+                   key=_real_key)
+    if not files:
+        return ""
+    present = [c for c in LATENCY_COLUMNS
+               if any(c[1] in run["variants"] for d in files for run in d["runs"])]
+    head = ["model", "batch", "dtype", *(c[0] for c in present)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in files:
+        for run in d["runs"]:
+            cells = []
+            for _, variant, ratio in present:
+                v = run["variants"].get(variant) or {}
+                r = run["ratios"].get(variant) or {}
+                t, x = v.get("time_ms"), r.get(ratio) if ratio else None
+                ms = f"{t['median']:.2f} ms" if t else "-"
+                if v.get("failure"):
+                    cells.append("failed")
+                elif ratio == "time_vs_fp32_eager":  # the column beside the time
+                    cells.append(_num(x, ".2f", "**", "x**"))
+                else:
+                    cells.append(ms if x is None else f"{ms} (**{x:.2f}x**)")
+            lines.append("| " + " | ".join([d["model"], run["label"], d["dtype"], *cells]) + " |")
     return "\n".join(lines) + "\n\n" + _measured(files)
 
 
@@ -164,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     # the torch table always (even empty, as before), unless every file is a real-suite one
     only_real = all(json.loads(Path(p).read_text()).get("suite") == "real" for p in paths)
     tables = [] if only_real else [table(paths)]
-    tables += [t for t in (onnx_table(paths), real_table(paths)) if t]
+    tables += [t for t in (onnx_table(paths), real_table(paths), latency_table(paths)) if t]
     print("\n\n".join(tables))
     return 0
 

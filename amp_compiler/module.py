@@ -161,6 +161,25 @@ class AmpModule(nn.Module):
         return op_count(self.graph_module)
 
     # -- weights: the user model's keys, folded copies kept current ------------------------
+    def cuda_graphs(self, *, max_shapes: int = 8, warmup: int = 2,
+                    clone_outputs: bool = True):
+        """This module's inference calls replayed from CUDA graphs, one captured per input shape
+        (at most ``max_shapes``; eager past them): at small batches a call costs one graph
+        launch instead of a host round trip per kernel. Weights changed in place are seen by
+        the next replay; moving the module drops the graphs. Rules G1-G6 and when it is wrong
+        to use: ``amp_compiler.cuda_graphs``.
+
+        Example:
+            >>> amp = ac.convert(model, example_kwargs=batch, training=False).cuda()
+            >>> fast = amp.cuda_graphs()
+            >>> with torch.inference_mode():
+            ...     out = fast(**batch)   # the first call of a shape captures, later ones replay
+        """
+        from amp_compiler.cuda_graphs import cuda_graphs
+
+        return cuda_graphs(self, max_shapes=max_shapes, warmup=warmup,
+                           clone_outputs=clone_outputs)
+
     def state_dict(self, *args, destination: dict | None = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, Any]:
         """The state under the user model's keys (``model.state_dict()``'s), not the graph
@@ -381,6 +400,7 @@ class AmpModule(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """Device moves reach the other mode's graph and the tensors the graph does not read."""
         super()._apply(fn, recurse)
+        self._moves = getattr(self, "_moves", 0) + 1  # CUDA graphs of the old tensors are stale
         if recurse:
             seen = {id(self.graph_module)}
             for state in self._other_modes.values():

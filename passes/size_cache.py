@@ -15,7 +15,7 @@ Rules:
         versions: a buffer written in place is read afresh), then returned from the cache, at
         most ``CAPACITY`` shapes (least recently used out; a buffer is the same one only while
         the entry's weak reference to it is alive, so a freed tensor's reused id cannot hit); under ``torch.compile`` or
-        ``torch.export`` the subgraph is computed, not looked up;
+        ``torch.export``, and inside a CUDA graph capture, the subgraph is computed, not looked up;
     K3  a value the graph returns, or that an op writes into, is not cached (the caller or the
         op would change the cache); a region of fewer than ``MIN_OPS`` tensor ops is left (the
         lookup would cost what it saves).
@@ -77,8 +77,11 @@ class SizeCache(nn.Module):
 
 
 def _tracing() -> bool:
+    """Compiled, exported, or captured into a CUDA graph: the subgraph is part of what is
+    recorded (a CUDA graph must not read a cached tensor the cache may free later)."""
     compiler = torch.compiler
-    return compiler.is_compiling() or bool(getattr(compiler, "is_exporting", lambda: False)())
+    return (compiler.is_compiling() or bool(getattr(compiler, "is_exporting", lambda: False)())
+            or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()))
 
 
 def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[Remark]:

@@ -256,6 +256,60 @@ def test_compiled_variants_and_their_table_rows(tmp_path, probes):
     assert sum("+compile |" in line for line in rows) == 6
 
 
+def test_small_batch_runtimes_compile_modes_cuda_graphs_and_batches(tmp_path, probes, caplog):
+    # issue 18's benchmark: batch 1 and 32 beside the training shape, eager, two compile modes
+    # and CUDA graphs (on the CPU the CUDA-graph variants run their eager call, with the reason)
+    run_suite(tmp_path, "--models", "probe", "--modes", "infer", "--variants", "fp32,autocast,amp",
+              "--compile", "--compile-backend", "eager", "--compile-mode",
+              "default,reduce-overhead", "--cuda-graphs", "--infer-batches", "1,32")
+    name = "real-probe-infer-bfloat16-compile-default-reduce-overhead-cudagraphs-b1-32-tiny.json"
+    d = json.loads((tmp_path / name).read_text())
+    assert d["settings"]["cuda_graphs"] and d["settings"]["infer_batches"] == [1, 32]
+    assert [r["label"] for r in d["runs"]] == ["1x3x32x32", "32x3x32x32"]
+    # fp32, the reference, runs eagerly only
+    names = ["fp32"] + [k + r for r in ("", "+compile", "+compile:reduce-overhead",
+                                        "+cudagraphs") for k in ("autocast", "amp")]
+    for run in d["runs"]:
+        v, r = run["variants"], run["ratios"]
+        assert list(v) == names
+        for n in names:
+            assert v[n]["failure"] is None and v[n]["time_ms"]["samples"] == 2, n
+        # each runtime against autocast run the same way, and against eager autocast and fp32
+        for runtime in ("+compile:reduce-overhead", "+cudagraphs"):
+            amp = r["amp" + runtime]
+            assert amp["baseline"] == "autocast" + runtime
+            assert amp["time_vs_autocast_eager"] == pytest.approx(
+                v["amp" + runtime]["time_ms"]["median"] / v["autocast"]["time_ms"]["median"])
+            assert amp["time_vs_fp32_eager"] == pytest.approx(
+                v["amp" + runtime]["time_ms"]["median"] / v["fp32"]["time_ms"]["median"])
+        # CUDA graphs change no number: the same error as the eager call of each kind
+        for k in ("autocast", "amp"):
+            assert v[k + "+cudagraphs"]["max_rel_error"] == v[k]["max_rel_error"]
+    assert "cuda_graphs: eager call: the inputs are not all on one CUDA device" in caplog.text
+    md = bench_table.latency_table([str(tmp_path / name)])
+    rows = md.splitlines()
+    assert rows[0].startswith("| model | batch | dtype | fp32 | autocast | amp | autocast CUDA ")
+    assert [r.split(" | ")[1] for r in rows[2:4]] == ["1x3x32x32", "32x3x32x32"]
+    run = d["runs"][0]
+    ratio = run["ratios"]["amp+cudagraphs"]["time_vs_autocast_eager"]
+    ms = run["variants"]["amp+cudagraphs"]["time_ms"]["median"]
+    assert f"| {ms:.2f} ms (**{ratio:.2f}x**) |" in rows[2]
+    assert rows[-1].startswith("Measured ")
+    assert bench_table.real_table([str(tmp_path / name)]) == ""  # not the suite's table
+    # training has no CUDA-graph variant and the default batches
+    run_suite(tmp_path, "--models", "probe", "--modes", "train", "--cuda-graphs")
+    t = json.loads((tmp_path / "real-probe-train-bfloat16-tiny.json").read_text())
+    assert list(t["runs"][0]["variants"]) == ["autocast", "amp"]
+
+
+def test_inference_batches():
+    shapes = bench_real.batch_shapes
+    assert shapes(SPECS["gpt2"], "infer", False, (1, 32)) == [(1, 64), (32, 64)]
+    assert shapes(SPECS["resnet50"], "infer", False, (1, "train", 32)) == \
+        [(1, 224), (128, 224), (32, 224)]
+    assert shapes(SPECS["gpt2"], "train", False, (1, 32)) == [(8, 1024)]
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -298,6 +352,8 @@ def test_markdown_table(suite, capsys):
     (["--steps", "0"], "--steps"),
     (["--rounds", "-1"], "--rounds"),
     (["--dtype", "int8"], "invalid choice"),
+    (["--infer-batches", "0,8"], "--infer-batches"),
+    (["--infer-batches", "one"], "--infer-batches"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys, tmp_path):
     code = bench.main(["--suite", "real", "--device", "cpu", *args, "--out", str(tmp_path)])
