@@ -212,7 +212,7 @@ class CudaGraphModule(nn.Module):
             torch.set_autocast_cache_enabled(cache)
         out_leaves, out_spec = tree_flatten(out)
         odd = [type(x).__name__ for x in out_leaves
-               if not isinstance(x, torch.Tensor | _PLAIN)]
+               if not isinstance(x, (torch.Tensor, *_PLAIN))]
         if odd:
             self._graphs[key] = None
             self._eager_note(f"the outputs hold {', '.join(sorted(set(odd)))} values, which a "

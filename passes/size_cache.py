@@ -9,7 +9,10 @@ Rules:
 
     K1  a node is size-only when it computes (no side effect, no random numbers) from sizes of
         the inputs (``sym_size``), constants and buffers that need no gradient only; the sizes
-        themselves stay in the graph (they are the key);
+        themselves stay in the graph (they are the key); a higher-order op's body (the
+        ``wrap_with_autocast`` region torch.export keeps for code written under
+        ``torch.autocast(enabled=False)``, as HF's rotary phases are on some torch versions) is
+        such a constant when its own ops are all pure;
     K2  the size-only nodes that other nodes read become the outputs of one cached call
         (``SizeCache``): computed on the first call with a given tuple of sizes (and buffer
         versions: a buffer written in place is read afresh), then returned from the cache, at
@@ -90,7 +93,8 @@ def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[R
     sizes = [n for n in graph.nodes if n.op == "call_function" and target_name(n) in _SIZES
              and all(a.op == "placeholder" for a in n.all_input_nodes)]
     buffers = [n for n in graph.nodes if n.op == "get_attr" and _frozen(gm, n)]
-    inside: set[fx.Node] = set()
+    bodies = {n for n in graph.nodes if n.op == "get_attr" and _pure_body(gm, n)}
+    inside: set[fx.Node] = set(bodies)
     allowed = set(sizes) | set(buffers)
     for node in graph.nodes:  # K1, in graph order: inputs are decided first
         if node.op not in ("call_function", "call_method") or node in allowed or not _pure(node):
@@ -98,9 +102,11 @@ def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[R
         if all(a in allowed or a in inside for a in node.all_input_nodes):
             inside.add(node)
     _drop_written_and_returned(graph, inside)  # K3
+    inside -= {b for b in bodies if any(u not in inside for u in b.users)}  # bodies go along only
     tensor_ops = [n for n in inside if isinstance(n.meta.get("val"), torch.Tensor)
                   and n.target is not operator.getitem]
-    if len(tensor_ops) < MIN_OPS:
+    in_bodies = [m for b in inside & bodies for m in _body_ops(gm, b)]
+    if len(tensor_ops) + len(in_bodies) < MIN_OPS:
         return []
     region = [n for n in graph.nodes if n in inside]
     frontier = [n for n in region if any(u not in inside for u in n.users)]
@@ -115,7 +121,8 @@ def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[R
     for n in region:
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(tuple(env[n] for n in frontier))
-    module = SizeCache(fx.GraphModule(nn.Module(), sub), len(used_sizes))
+    owner = {str(n.target): attribute(gm, str(n.target)) for n in region if n.op == "get_attr"}
+    module = SizeCache(fx.GraphModule(owner, sub), len(used_sizes))
     gm.add_submodule(name, module)
     order = {n: i for i, n in enumerate(graph.nodes)}
     first_reader = min((u for n in frontier for u in n.users if u not in inside), key=order.__getitem__)
@@ -132,7 +139,7 @@ def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[R
         graph.erase_node(n)
     graph.lint()
     gm.recompile()
-    kinds = sorted({target_name(n) for n in tensor_ops})
+    kinds = sorted({target_name(n) for n in tensor_ops + in_bodies})
     return [Remark("size_cache", "K2:cached", name,
                    f"{len(region)} ops computed from the inputs' sizes and buffers only "
                    f"({', '.join(kinds)}) run once per input shape, then come from a cache of "
@@ -153,6 +160,26 @@ def op_count(gm: fx.GraphModule) -> dict[str, int]:
 def _frozen(gm: fx.GraphModule, node: fx.Node) -> bool:
     value = attribute(gm, str(node.target))
     return isinstance(value, torch.Tensor) and not value.requires_grad
+
+
+def _pure_body(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """K1: ``node`` reads a graph (a higher-order op's body) whose ops are all pure and whose
+    own attributes are frozen tensors or such graphs."""
+    body = attribute(gm, str(node.target))
+    if not isinstance(body, fx.GraphModule):
+        return False
+    for m in body.graph.nodes:
+        if m.op == "call_module" or (m.op in ("call_function", "call_method") and not _pure(m)):
+            return False
+        if m.op == "get_attr" and not (_frozen(body, m) or _pure_body(body, m)):
+            return False
+    return True
+
+
+def _body_ops(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    body = attribute(gm, str(node.target))
+    return [m for m in body.graph.nodes if m.op in ("call_function", "call_method")
+            and m.target is not operator.getitem]
 
 
 def _pure(node: fx.Node) -> bool:

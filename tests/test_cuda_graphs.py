@@ -77,7 +77,7 @@ def test_cpu_inputs_run_eagerly_with_the_reason_logged_once(caplog):
             batch = _batch("gpt2", shape)
             assert torch.equal(fast(**batch).logits, amp(**batch).logits)
     assert fast.stats() == {"graphs": 0, "replays": 0, "eager": 2}
-    said = [r.getMessage() for r in caplog.records]
+    said = [r.getMessage() for r in caplog.records if r.name == "amp_compiler.cuda_graphs"]
     assert said == ["cuda_graphs: eager call: the inputs are not all on one CUDA device"]
 
 
@@ -208,4 +208,4 @@ def test_autocast_under_a_graph_for_the_benchmark_baseline():
     with torch.no_grad():
         fast(**batch)
         assert torch.equal(fast(**batch).logits, autocast(**batch).logits)
-    assert fast.stats()["replays"] == 1
+    assert fast.stats()["replays"] == 2  # the capturing call ran by a replay too

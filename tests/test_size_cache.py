@@ -94,6 +94,39 @@ def test_training_gradients_are_the_same_bits_with_the_cache(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+class AutocastOffPhases(nn.Module):
+    """Rotary-style phases written under ``torch.autocast(enabled=False)``, as HF writes them:
+    torch.export keeps that region as a ``wrap_with_autocast`` higher-order op with a body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freq", torch.arange(1.0, 5.0))
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            pos = torch.arange(x.shape[1], dtype=torch.float32, device=x.device)
+            phases = (pos[:, None] * self.freq[None]).cos()
+        return self.lin(x * phases.to(x.dtype))
+
+
+def test_a_higher_order_op_body_of_pure_ops_is_cached_with_the_ops_around_it(monkeypatch):
+    model = AutocastOffPhases().eval()
+    example = (torch.randn(2, 5, 4),)
+    amp = ac.convert(model, example, dtype="bfloat16", training=False)
+    (row,) = [r for r in amp.plan.meta["rewrites"] if r[0] == "size_cache"]
+    assert "cos" in row[3] and "arange" in row[3]  # the ops of the body
+    (cache,) = [m for m in amp.graph_module.modules() if isinstance(m, SizeCache)]
+    assert any(str(n.target).endswith("wrap_with_autocast") for n in cache.fn.graph.nodes)
+    _without_cache(monkeypatch)
+    plain = ac.convert(model, example, dtype="bfloat16", training=False)
+    for n in (5, 9, 5):
+        x = torch.randn(2, n, 4)
+        with torch.no_grad():
+            assert torch.equal(amp(x), plain(x))
+    assert len(cache._cache) == 2
+
+
 class Phases(nn.Module):
     """Positions times a frequency buffer, as rotary embeddings compute them."""
 
