@@ -27,7 +27,10 @@ still cost a kernel launch and a node on every call. Rules:
         (three ops per constant, two constants per layer, on every call) which the dead-code
         rule keeps because a write is impure. Then H4 removes what fed it;
     H7  a slice that keeps everything (start 0, end past any size, step 1: what indexing with
-        ``[:, 0:]`` exports to, Hugging Face's ``logits_to_keep=0``) is its input.
+        ``[:, 0:]`` exports to, Hugging Face's ``logits_to_keep=0``) is its input;
+    H8  the bodies of higher-order ops (the ``wrap_with_autocast`` region torch.export keeps
+        for code under ``torch.autocast(enabled=False)``) are cleaned by the same rules, their
+        remarks named ``<body>.<node>``.
 
 Each removal is a ``Remark``; ``convert`` keeps them in ``plan.meta["rewrites"]``.
 
@@ -68,9 +71,14 @@ def _inert_dropout(node: fx.Node) -> bool:
 
 
 def clean_graph(gm: fx.GraphModule) -> list[Remark]:
-    """Apply H1-H7 to ``gm`` in place (recompiled); returns what was removed."""
+    """Apply H1-H8 to ``gm`` in place (recompiled); returns what was removed."""
     graph = gm.graph
     removals: list[Remark] = []
+    bodies = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    for name, body in gm.named_children():  # H8
+        if name in bodies and isinstance(body, fx.GraphModule):
+            removals += [Remark(r.pass_name, r.rule, f"{name}.{r.node}", r.reason)
+                         for r in clean_graph(body)]
 
     def removed(node: fx.Node, rule: str, reason: str) -> None:
         removals.append(Remark("hygiene", rule, node.name, reason))

@@ -178,6 +178,35 @@ def test_h1_metadata_asserts_removed_and_remarked():
     assert torch.equal(raw(x), model(x))
 
 
+class AutocastOffRegion(nn.Module):
+    """Code under ``torch.autocast(enabled=False)`` with ``.to()`` calls, as HF writes rotary
+    phases: torch.export keeps the region as a ``wrap_with_autocast`` op with a body graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freq", torch.arange(1.0, C + 1.0))
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            pos = torch.arange(x.shape[1], device=x.device).to(torch.float32)
+            phases = (pos[:, None] * self.freq[None].float()).cos()
+        return x * phases.to(x.dtype)
+
+
+def test_h8_bodies_of_higher_order_ops_are_cleaned_too():
+    model = AutocastOffRegion().eval()
+    raw = _raw_export(model, _x())
+    bodies = {name: m for name, m in raw.named_children() if isinstance(m, fx.GraphModule)}
+    inner = {name: _names(m, "_assert_tensor_metadata") for name, m in bodies.items()}
+    assert any(inner.values()), "torch.export keeps no dtype assert in the region's body: moot"
+    remarks = clean_graph(raw)
+    assert all(_names(m, "_assert_tensor_metadata") == [] for m in bodies.values())
+    named = {r.node for r in remarks if r.rule == "H1:metadata-assert"}
+    assert {f"{b}.{n}" for b, names in inner.items() for n in names} <= named
+    x = _x(3, 7, seed=1)
+    assert torch.equal(raw(x), model(x))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_h1_lets_a_low_precision_plan_run_through_a_dtype_cast(dtype):
     """Without H1 the first forward stops at the assert ("Tensor dtype mismatch"): the linear's

@@ -105,8 +105,9 @@ class AutocastOffPhases(nn.Module):
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            pos = torch.arange(x.shape[1], dtype=torch.float32, device=x.device)
-            phases = (pos[:, None] * self.freq[None]).cos()
+            # the .to()s leave dtype asserts in the body (hygiene H8 removes them)
+            pos = torch.arange(x.shape[1], device=x.device).to(torch.float32)
+            phases = (pos[:, None] * self.freq[None].float()).cos()
         return self.lin(x * phases.to(x.dtype))
 
 
