@@ -176,23 +176,29 @@ def latency_table(paths: list[str]) -> str:
     present = [c for c in LATENCY_COLUMNS
                if any(c[1] in run["variants"] for d in files for run in d["runs"])]
     head = ["model", "batch", "dtype", *(c[0] for c in present)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # one row per model, batch and dtype: a later file fills the columns an earlier one lacks
+    rows: dict[tuple, list[str | None]] = {}
     for d in files:
         for run in d["runs"]:
-            cells = []
-            for _, variant, ratio in present:
-                v = run["variants"].get(variant) or {}
-                r = run["ratios"].get(variant) or {}
-                t, x = v.get("time_ms"), r.get(ratio) if ratio else None
-                ms = f"{t['median']:.2f} ms" if t else "-"
-                if v.get("failure"):
-                    cells.append("failed")
-                elif ratio == "time_vs_fp32_eager":  # the column beside the time
-                    cells.append(_num(x, ".2f", "**", "x**"))
-                else:
-                    cells.append(ms if x is None else f"{ms} (**{x:.2f}x**)")
-            lines.append("| " + " | ".join([d["model"], run["label"], d["dtype"], *cells]) + " |")
+            row = rows.setdefault((d["model"], run["label"], d["dtype"]), [None] * len(present))
+            for i, (_, variant, ratio) in enumerate(present):
+                if row[i] is None and variant in run["variants"]:
+                    row[i] = _latency_cell(run["variants"][variant],
+                                           run["ratios"].get(variant) or {}, ratio)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([*key, *(c or "-" for c in cells)]) + " |"
+              for key, cells in rows.items()]
     return "\n".join(lines) + "\n\n" + _measured(files)
+
+
+def _latency_cell(v: dict, r: dict, ratio: str | None) -> str:
+    t, x = v.get("time_ms"), r.get(ratio) if ratio else None
+    ms = f"{t['median']:.2f} ms" if t else "-"
+    if v.get("failure"):
+        return "failed"
+    if ratio == "time_vs_fp32_eager":  # the column beside the time
+        return _num(x, ".2f", "**", "x**")
+    return ms if x is None else f"{ms} (**{x:.2f}x**)"
 
 
 def _measured(files: list[dict]) -> str:
