@@ -448,8 +448,8 @@ def _mode_of(suite: SuiteConfig, runtime: str) -> str | None:
 
 def _in_cuda_graphs(module: nn.Module, kind: str, cfg: bench.Config):
     """``amp_compiler.cuda_graphs`` of the module; for autocast, of a call that enters autocast
-    itself with its cast cache off (cached casts made outside a capture would be read by the
-    graph after autocast frees them)."""
+    itself with its cast cache off: under CUDA graphs autocast is part of what is recorded, and
+    the cache cannot serve a replay (the runner switches it off while capturing either way)."""
     import amp_compiler
 
     if kind != "autocast":

@@ -39,8 +39,8 @@ module or function given to ``cuda_graphs`` has no such check. Training: not sup
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -94,7 +94,7 @@ class CudaGraphModule(nn.Module):
         else:
             object.__setattr__(self, "module", module)
         self.max_shapes, self.warmup, self.clone_outputs = max_shapes, warmup, clone_outputs
-        self._graphs: OrderedDict[Any, _Graph | None] = OrderedDict()  # None: this key is eager
+        self._graphs: dict[Any, _Graph | None] = {}  # None: this key runs eagerly (G6)
         self._pool = None
         self._token = self._state_token()
         self._told: set[str] = set()
@@ -122,12 +122,11 @@ class CudaGraphModule(nn.Module):
             if len(self._graphs) >= self.max_shapes:
                 return self._eager(f"more than max_shapes={self.max_shapes} input shapes; "
                                    f"cuda_graphs(max_shapes=...) raises the cap", args, kwargs)
-            entry = self._capture(key, leaves, spec, args, kwargs)
-            if entry is None:
-                return self.module(*args, **kwargs)
+            entry = self._capture(key, leaves, spec)
+            if isinstance(entry, str):
+                return self._eager(entry, args, kwargs)
         elif entry is None:
-            self._counts["eager"] += 1
-            return self.module(*args, **kwargs)
+            return self._eager(None, args, kwargs)
         return self._replay(entry, leaves)
 
     def reset(self) -> None:
@@ -145,9 +144,13 @@ class CudaGraphModule(nn.Module):
 
     # -- rules ---------------------------------------------------------------------------
     def _state_token(self):
+        """What G5 compares: an AmpModule's mode switch swaps its graph module; a move gives
+        its tensors new addresses (the first one's stands for all: a move moves every one)."""
         m = self.module
-        gm = getattr(m, "graph_module", None)  # an AmpModule's mode switch swaps its graph
-        return (id(gm), getattr(m, "_moves", 0), getattr(m, "training", False))
+        first = (next(itertools.chain(m.parameters(), m.buffers()), None)
+                 if isinstance(m, nn.Module) else None)
+        return (id(getattr(m, "graph_module", None)),
+                None if first is None else first.data_ptr(), getattr(m, "training", False))
 
     def _eager_reason(self, leaves: list) -> str | None:
         """G1: why this call cannot replay, or None."""
@@ -169,17 +172,19 @@ class CudaGraphModule(nn.Module):
             return False
         return any(p.requires_grad for p in self.module.parameters())
 
-    def _eager(self, why: str, args, kwargs):
+    def _eager(self, why: str | None, args, kwargs):
+        """The eager call; ``why`` logged the first time it is the reason (None: said before)."""
         self._counts["eager"] += 1
-        if why not in self._told:
+        if why is not None and why not in self._told:
             self._told.add(why)
             log.warning("cuda_graphs: eager call: %s", why)
         return self.module(*args, **kwargs)
 
     # -- capture and replay ------------------------------------------------------------
-    def _capture(self, key, leaves: list, spec, args, kwargs) -> _Graph | None:
-        """G2-G4, G6: warm up, capture into the shared pool; None (and the key marked eager)
-        when the capture fails or the outputs are not tensors and plain values."""
+    def _capture(self, key, leaves: list, spec) -> _Graph | str:
+        """G2-G4, G6: warm up, capture into the shared pool; when the capture fails or the
+        outputs are not tensors and plain values, the key is marked eager and the reason
+        returned."""
         device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
         # static buffers outside inference mode: later calls copy into them under no_grad too
         with torch.inference_mode(False), torch.no_grad():
@@ -205,9 +210,8 @@ class CudaGraphModule(nn.Module):
         except Exception as exc:  # noqa: BLE001 - G6: this shape stays eager, the reason said
             torch.cuda.synchronize(device)
             self._graphs[key] = None
-            self._eager_note(f"capture failed ({type(exc).__name__}: {str(exc)[:300]}); "
-                             "this input shape runs eagerly")
-            return None
+            return (f"capture failed ({type(exc).__name__}: {str(exc)[:300]}); this input "
+                    "shape runs eagerly")
         finally:
             torch.set_autocast_cache_enabled(cache)
         out_leaves, out_spec = tree_flatten(out)
@@ -215,20 +219,13 @@ class CudaGraphModule(nn.Module):
                if not isinstance(x, (torch.Tensor, *_PLAIN))]
         if odd:
             self._graphs[key] = None
-            self._eager_note(f"the outputs hold {', '.join(sorted(set(odd)))} values, which a "
-                             "graph cannot refresh; this input shape runs eagerly")
-            return None
+            return (f"the outputs hold {', '.join(sorted(set(odd)))} values, which a graph "
+                    "cannot refresh; this input shape runs eagerly")
         entry = _Graph(graph, [x for x in static if isinstance(x, torch.Tensor)], out_leaves,
                        out_spec)
         self._graphs[key] = entry
         log.info("cuda_graphs: captured shape %d of %d", len(self._graphs), self.max_shapes)
         return entry
-
-    def _eager_note(self, why: str) -> None:
-        self._counts["eager"] += 1
-        if why not in self._told:
-            self._told.add(why)
-            log.warning("cuda_graphs: %s", why)
 
     def _replay(self, entry: _Graph, leaves: list):
         refold = getattr(self.module, "_refold_stale", None)

@@ -400,7 +400,6 @@ class AmpModule(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """Device moves reach the other mode's graph and the tensors the graph does not read."""
         super()._apply(fn, recurse)
-        self._moves = getattr(self, "_moves", 0) + 1  # CUDA graphs of the old tensors are stale
         if recurse:
             seen = {id(self.graph_module)}
             for state in self._other_modes.values():
