@@ -9,7 +9,17 @@ Every file comes from one fp32 model and runs in one ONNX Runtime on the same in
 4. ``convert_onnx-mincast``: ours with ``force_low=("add", "layer_norm")``, the residual stream
    and its LayerNorms low too: the fewest casts the plan allows;
 5. ``export_onnx``: ours, exported from the AmpModule (``convert(training=False)`` on the bench
-   device, so the device's policy and the attention rewrite apply).
+   device, so the device's policy and the attention rewrite apply);
+6. ``modelopt``: NVIDIA ModelOpt AutoCast's ``convert_to_mixed_precision(keep_io_types=True)``
+   without calibration data (asked for by name: ``--files ...,modelopt``; ``pip install
+   nvidia-modelopt onnx-graphsurgeon``).
+
+``--model`` takes our reference models (``gpt``, ``mlp``, ...) and the real-model suite's
+(``gpt2``, ``llama``, ``bert``, ``vit``, ``resnet50``, ...; ``--size tiny`` for their small
+configurations): those are exported with the dynamo exporter (what the ONNX converters were
+compared on), batch dynamic, and called as users call them (``input_ids`` and, for BERT, an
+``attention_mask`` with padding); the file's output is the logits. ``--batch 1,8`` times every
+file at each batch (64-token prompts, or images), one set of files.
 
 Measured per file:
 
@@ -19,7 +29,9 @@ Measured per file:
 2. error: ``max|out - ref| / max|ref|`` (``passes.ranges.rel_error``) of the first output against
    the torch fp32 model on the same input (TF32 off);
 3. Cast nodes in the file, and its size;
-4. ratios against onnxconverter-common's file (or against fp32 where there is none).
+4. ratios against onnxconverter-common's file (or against fp32 where there is none), and
+   against the other converters: time over the faster of onnxconverter-common and ModelOpt,
+   error over the smaller of theirs, casts over ModelOpt's, size over onnxconverter-common's.
 
     $ amp-compiler bench --mode onnx --model gpt --size bench --batch 1 --seq-len 64
     $ amp-compiler bench --mode onnx --model mlp --device cpu --rounds 2 --out /tmp/onnx.json
@@ -53,11 +65,14 @@ from amp_compiler.bench import (DTYPES, MODELS, SIZES, BenchError, _fmt, _Parser
 from amp_compiler.onnx_export import ort_providers
 from amp_compiler.passes.ranges import rel_error
 
-__all__ = ["main", "run", "export_fp32", "FILES", "MINCAST"]
+__all__ = ["main", "run", "export_fp32", "build_model", "FILES", "MINCAST"]
 
 # The files, in display order. The first one present is the baseline of the ratios.
-FILES = ("fp32", "onnxconverter-common", "convert_onnx", "convert_onnx-mincast", "export_onnx")
+FILES = ("fp32", "onnxconverter-common", "modelopt", "convert_onnx", "convert_onnx-mincast",
+         "export_onnx")
+DEFAULT_FILES = tuple(f for f in FILES if f != "modelopt")  # ModelOpt: an optional extra
 BASELINES = ("onnxconverter-common", "fp32")
+OTHERS = ("onnxconverter-common", "modelopt")  # the converters we compare against
 # The fewest-casts recipe: the residual stream (add) and the LayerNorms on it low as well.
 MINCAST = ("add", "layer_norm")
 PROVIDERS = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -68,17 +83,17 @@ def build_parser(prog: str = "amp-compiler bench --mode onnx") -> argparse.Argum
     p = _Parser(prog=prog, description="ONNX Runtime latency, error vs torch fp32 and Cast count "
                 "of the fp32 file, onnxconverter-common's fp16 file and ours, side by side.")
     p.add_argument("--mode", choices=("onnx",), default="onnx")
-    p.add_argument("--model", choices=MODELS, default="gpt")
+    p.add_argument("--model", choices=MODELS + tuple(_suite()), default="gpt")
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: cuda when ONNX Runtime has CUDAExecutionProvider and torch sees a GPU")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16")
-    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--batch", default=None, help="a batch size, or several: 1,8")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=20, help="timed runs per file per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--files", default=",".join(FILES), help=f"subset of {','.join(FILES)}")
+    p.add_argument("--files", default=",".join(DEFAULT_FILES), help=f"subset of {','.join(FILES)}")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--out", default=None)
     return p
@@ -92,7 +107,7 @@ class Config:
     device: str
     dtype: torch.dtype
     dtype_name: str
-    batch: int | None
+    batches: tuple[int | None, ...]
     seq_len: int | None
     steps: int
     rounds: int
@@ -102,9 +117,28 @@ class Config:
     out: str
 
 
+def _suite() -> dict:
+    from amp_compiler.bench_real import SPECS
+
+    return {k: v for k, v in SPECS.items() if v.task != "seq2seq"}
+
+
+def _batches(value: str | None) -> tuple[int | None, ...]:
+    if value is None:
+        return (None,)
+    try:
+        out = tuple(dict.fromkeys(int(v) for v in value.split(",") if v.strip()))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise BenchError(f"--batch {value!r}: a positive integer or a comma list of them (1,8)")
+    return out
+
+
 def _resolve(argv: list[str]) -> Config:
     a = build_parser().parse_args(argv)
-    check_counts(a, ("batch", "seq_len", "steps"), ("rounds", "warmup"))
+    check_counts(a, ("seq_len", "steps"), ("rounds", "warmup"))
+    batches = _batches(a.batch)
     cuda_ok = torch.cuda.is_available() and "CUDAExecutionProvider" in ort_providers()
     if a.device == "cuda" and not cuda_ok:
         raise BenchError("--device cuda needs a GPU and onnxruntime-gpu (CUDAExecutionProvider "
@@ -114,37 +148,88 @@ def _resolve(argv: list[str]) -> Config:
     if not asked or set(asked) - set(FILES):
         raise BenchError(f"--files {a.files!r}: choose from {','.join(FILES)}")
     files = tuple(f for f in FILES if f in asked)
-    if a.dtype == "bfloat16":  # onnxconverter-common converts to float16 only
-        files = tuple(f for f in files if f != "onnxconverter-common")
+    if a.dtype == "bfloat16":  # onnxconverter-common and ModelOpt's defaults: float16 only
+        files = tuple(f for f in files if f not in OTHERS)
     out = a.out or f"bench/results/{a.model}-onnx-{device}-{a.dtype}.json"
-    return Config(list(argv), a.model, a.size, device, DTYPES[a.dtype], a.dtype, a.batch,
+    return Config(list(argv), a.model, a.size, device, DTYPES[a.dtype], a.dtype, batches,
                   a.seq_len, a.steps, a.rounds, a.warmup, files, a.opset, out)
 
 
 # ----------------------------------------------------------------------------- the files
 
 
-def export_fp32(model: nn.Module, inputs: tuple, opset: int | None = None) -> onnx.ModelProto:
+def export_fp32(model: nn.Module, inputs: tuple, opset: int | None = None, *,
+                dynamo: bool = False) -> onnx.ModelProto:
     """The fp32 file as users make it: ``torch.onnx.export``, batch dimension dynamic.
 
     The TorchScript exporter is used where torch still has it (8x faster on small models, and
-    the file most users have); otherwise the dynamo exporter.
+    the file most users have) unless ``dynamo``; otherwise the dynamo exporter.
     """
     names = [f"input_{i}" for i in range(len(inputs))]
-    f = io.BytesIO()
     kwargs = {} if opset is None else {"opset_version": opset}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, inputs, f, dynamo=False, input_names=names,
-                              dynamic_axes={n: {0: "batch"} for n in names}, **kwargs)
-        return onnx.load_from_string(f.getvalue())
-    except Exception:  # noqa: BLE001 -- torch without the TorchScript exporter
-        from torch.export import Dim
+    if not dynamo:
+        f = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, inputs, f, dynamo=False, input_names=names,
+                                  dynamic_axes={n: {0: "batch"} for n in names}, **kwargs)
+            return onnx.load_from_string(f.getvalue())
+        except Exception:  # noqa: BLE001 -- torch without the TorchScript exporter
+            pass
+    from torch.export import Dim
 
-        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset,
-                                    dynamic_shapes=tuple({0: Dim.AUTO} for _ in inputs))
-        return program.model_proto
+    shapes = tuple({0: Dim.AUTO} for _ in inputs)
+    if isinstance(model, Positional):  # one *tensors argument
+        shapes = (shapes,)
+    inputs = _batch_of(inputs, max(2, inputs[0].shape[0]))  # a batch of 1 would be specialised
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset or 18,
+                                    input_names=names, verbose=False, dynamic_shapes=shapes)
+    return program.model_proto
+
+
+class Positional(nn.Module):
+    """A suite model called with positional tensors (an exporter's inputs), as users call it
+    (``model(input_ids=..., attention_mask=...)``), returning the logits."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        from amp_compiler.bench_real import output_field
+
+        return output_field(self.model(**dict(zip(self.names, tensors))), "logits")
+
+
+def build_model(name: str, size: str, batch: int | None, seq_len: int | None) -> tuple[nn.Module, tuple]:
+    """(fp32 model in eval mode, positional inputs) of a reference or suite model."""
+    suite = _suite()
+    if name not in suite:
+        from amp_compiler.models import build
+
+        extra = {"seq_len": seq_len} if seq_len is not None else {}
+        model, inputs = build(name, size, batch=batch, **extra)
+        return model.eval(), inputs
+    from amp_compiler.bench_real import PROMPT, make_batch
+
+    spec = suite[name]
+    torch.manual_seed(0)
+    model = spec.build(size == "tiny").eval()
+    length = (seq_len or min(PROMPT, spec.length)) if spec.text else (32 if size == "tiny" else spec.length)
+    feed = make_batch(spec, model, batch or 1, length, labels=False)
+    if spec.task == "classify":  # padding, so the mask matters
+        feed["attention_mask"] = torch.ones_like(feed["input_ids"])
+        feed["attention_mask"][-1, length // 2:] = 0
+    return Positional(model, tuple(feed)).eval(), tuple(feed.values())
+
+
+def _batch_of(inputs: tuple, batch: int) -> tuple:
+    """``inputs`` at another batch size: rows repeated (the same tokens or pixels)."""
+    reps = -(-batch // inputs[0].shape[0])
+    return tuple(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch] for t in inputs)
 
 
 def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[str, onnx.ModelProto]:
@@ -156,10 +241,12 @@ def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[
 
     cpu_inputs = tuple(t.cpu() for t in inputs)
     progress("exporting the fp32 file")
-    fp32 = export_fp32(copy.deepcopy(model).cpu().eval(), cpu_inputs, cfg.opset)
+    fp32 = export_fp32(copy.deepcopy(model).cpu().eval(), cpu_inputs, cfg.opset,
+                       dynamo=isinstance(model, Positional))
     makers: dict[str, Callable[[], onnx.ModelProto]] = {
         "fp32": lambda: fp32,
         "onnxconverter-common": lambda: _occ(fp32),
+        "modelopt": lambda: _modelopt(fp32),
         "convert_onnx": lambda: convert_onnx(fp32, dtype=cfg.dtype_name),
         "convert_onnx-mincast": lambda: convert_onnx(fp32, dtype=cfg.dtype_name, force_low=MINCAST),
     }
@@ -190,21 +277,54 @@ def _occ(fp32: onnx.ModelProto) -> onnx.ModelProto:
         return float16.convert_float_to_float16(fp32, keep_io_types=True)
 
 
+def _modelopt(fp32: onnx.ModelProto) -> onnx.ModelProto:
+    import logging
+    import tempfile
+
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as e:
+        raise BenchError("the modelopt file needs `pip install nvidia-modelopt onnx-graphsurgeon`; "
+                         "or leave it out of --files") from e
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = f"{tmp}/fp32.onnx"
+        onnx.save(fp32, path)
+        loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+                   if n.startswith("modelopt")]  # its INFO lines, one per node
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            return convert_to_mixed_precision(path, keep_io_types=True)
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
 # ----------------------------------------------------------------------------- running
 
 
 @dataclass
 class Runner:
-    """One file in one InferenceSession with its inputs and outputs bound on the device."""
+    """One file in one InferenceSession, its inputs and outputs bound on the device."""
 
     name: str
     session: Any
-    binding: Any
     casts: int
     size_bytes: int
+    binding: Any = None
     times_ms: list[float] = field(default_factory=list)
     error: float | None = None
-    note: str = ""
+
+    def bind(self, feeds: dict[str, np.ndarray], device: str) -> None:
+        import onnxruntime as ort
+
+        self.binding, self.times_ms, self.error = self.session.io_binding(), [], None
+        for i, arr in zip(self.session.get_inputs(), feeds.values()):
+            self.binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, device, 0))
+        for o in self.session.get_outputs():
+            self.binding.bind_output(o.name, device)
 
     def run(self) -> None:
         self.session.run_with_iobinding(self.binding)
@@ -214,20 +334,15 @@ class Runner:
         return self.binding.copy_outputs_to_cpu()[0]
 
 
-def _runner(name: str, model: onnx.ModelProto, feeds: dict[str, np.ndarray], cfg: Config) -> Runner:
+def _runner(name: str, model: onnx.ModelProto, cfg: Config) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the CUDA EP's "some nodes were assigned to CPU" notes
     blob = model.SerializeToString()
     session = ort.InferenceSession(blob, options, providers=PROVIDERS[cfg.device])
-    binding = session.io_binding()
-    for i, arr in zip(session.get_inputs(), feeds.values()):
-        binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, cfg.device, 0))
-    for o in session.get_outputs():
-        binding.bind_output(o.name, cfg.device)
     casts = sum(n.op_type == "Cast" for n in model.graph.node)
-    return Runner(name, session, binding, casts, len(blob))
+    return Runner(name, session, casts, len(blob))
 
 
 def _time(r: Runner, n: int) -> None:
@@ -242,75 +357,98 @@ def _reference(model: nn.Module, inputs: tuple, device: str) -> torch.Tensor:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.no_grad():
-            out = copy.deepcopy(model).to(device).eval()(*(t.to(device) for t in inputs))
+            out = model.to(device)(*(t.to(device) for t in inputs))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        model.cpu()
     first = out[0] if isinstance(out, (tuple, list)) else out
     return first.float().cpu()
 
 
 def run(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Build every file, check its error, time them interleaved; returns the JSON-ready result."""
+    """Build every file once; at each batch check its error and time them interleaved; returns
+    the JSON-ready result."""
     import onnxruntime as ort
 
-    from amp_compiler.models import build
-
-    extra = {"seq_len": cfg.seq_len} if cfg.seq_len is not None else {}
-    model, inputs = build(cfg.model, cfg.size, batch=cfg.batch, **extra)
-    model.eval()
+    model, inputs = build_model(cfg.model, cfg.size, cfg.batches[0], cfg.seq_len)
     files = _make_files(cfg, model, inputs, progress)
-    ref = _reference(model, inputs, cfg.device)
-    feeds = {f"input_{i}": t.cpu().numpy() for i, t in enumerate(inputs)}
     runners: list[Runner] = []
     for name, proto in files.items():
         progress(f"loading {name}")
         try:
-            r = _runner(name, proto, feeds, cfg)
-            for _ in range(max(cfg.warmup, 1)):
-                r.run()
-            r.error = rel_error(torch.from_numpy(np.asarray(r.output(), np.float32)), ref)
+            runners.append(_runner(name, proto, cfg))
         except Exception as exc:  # noqa: BLE001 -- a file ORT refuses is a result, not a crash
             print(f"{name}: ONNX Runtime refuses it: {str(exc).splitlines()[0][:200]}",
                   file=sys.stderr)
-            continue
-        runners.append(r)
     if not runners:
         raise BenchError("ONNX Runtime refused every file (the reasons are printed above)")
-    for k in range(cfg.rounds):
-        for r in runners[k % len(runners):] + runners[:k % len(runners)]:
-            progress(f"round {k + 1}/{cfg.rounds}: {r.name}")
-            _time(r, cfg.steps)
-    return _result(cfg, model, inputs, runners, files, ort.__version__)
+    runs = []
+    for batch in cfg.batches:
+        batch_inputs = inputs if batch is None else _batch_of(inputs, batch)
+        ref = _reference(model, batch_inputs, cfg.device)
+        feeds = {f"input_{i}": t.cpu().numpy() for i, t in enumerate(batch_inputs)}
+        for r in runners:
+            r.bind(feeds, cfg.device)
+            for _ in range(max(cfg.warmup, 1)):
+                r.run()
+            r.error = rel_error(torch.from_numpy(np.asarray(r.output(), np.float32)), ref)
+        for k in range(cfg.rounds):
+            for r in runners[k % len(runners):] + runners[:k % len(runners)]:
+                progress(f"batch {batch_inputs[0].shape[0]}, round {k + 1}/{cfg.rounds}: {r.name}")
+                _time(r, cfg.steps)
+        runs.append(_rows(runners, batch_inputs))
+    return _result(cfg, runs, files, {r.name for r in runners}, ort.__version__)
 
 
-def _result(cfg: Config, model: nn.Module, inputs: tuple, runners: list[Runner],
-            files: dict[str, onnx.ModelProto], ort_version: str) -> dict[str, Any]:
-    import amp_compiler
+def _median(r: Runner) -> float | None:
+    return (_summary(r.times_ms) or {}).get("median")
 
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _rows(runners: list[Runner], inputs: tuple) -> dict[str, Any]:
+    """One batch's measurements, with the ratios."""
     by_name = {r.name: r for r in runners}
     base = next((by_name[b] for b in BASELINES if b in by_name), None)
+    others = [by_name[o] for o in OTHERS if o in by_name]
+    fastest = min((_median(o) for o in others), default=None)
+    smallest_error = min((o.error for o in others if o.error is not None), default=None)
     rows = {}
     for r in runners:
-        med = (_summary(r.times_ms) or {}).get("median")
-        bmed = base and (_summary(base.times_ms) or {}).get("median")
         rows[r.name] = {
             "time_ms": _summary(r.times_ms), "max_rel_error": r.error, "casts": r.casts,
             "size_bytes": r.size_bytes, "provider": r.session.get_providers()[0],
-            "time_vs_baseline": med / bmed if med and bmed else None,
-            "error_vs_baseline": (r.error / base.error if base and base.error else None),
+            "time_vs_baseline": _ratio(_median(r), base and _median(base)),
+            "error_vs_baseline": _ratio(r.error, base and base.error),
+            # against the other converters: the faster, the more accurate, ModelOpt's casts,
+            # onnxconverter-common's size (the issue's targets)
+            "time_vs_fastest_other": _ratio(_median(r), fastest),
+            "error_vs_best_other": _ratio(r.error, smallest_error),
+            "casts_vs_modelopt": _ratio(r.casts, by_name["modelopt"].casts) if "modelopt" in by_name else None,
+            "size_vs_onnxconverter_common": _ratio(r.size_bytes, by_name["onnxconverter-common"].size_bytes)
+            if "onnxconverter-common" in by_name else None,
         }
-    refused = sorted(set(files) - set(by_name))
-    shape = [list(t.shape) for t in inputs]
+    return {"input_shapes": [list(t.shape) for t in inputs],
+            "baseline": base.name if base else None, "files": rows}
+
+
+def _result(cfg: Config, runs: list[dict], files: dict[str, onnx.ModelProto], loaded: set[str],
+            ort_version: str) -> dict[str, Any]:
+    import amp_compiler
+
     device_name = torch.cuda.get_device_name() if cfg.device == "cuda" else (
         platform.processor() or platform.machine())
     return {
         "command": "amp-compiler bench " + shlex.join(cfg.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": cfg.model, "size": cfg.size, "mode": "onnx", "dtype": cfg.dtype_name,
-        "device": cfg.device, "device_name": device_name, "input_shapes": shape,
+        "device": cfg.device, "device_name": device_name,
         "torch": torch.__version__, "onnxruntime": ort_version, "onnx": onnx.__version__,
-        "amp_compiler": amp_compiler.__version__, "baseline": base.name if base else None,
-        "steps": cfg.steps, "rounds": cfg.rounds, "files": rows, "refused_by_ort": refused,
+        "amp_compiler": amp_compiler.__version__, "steps": cfg.steps, "rounds": cfg.rounds,
+        # the first batch's run at the top level (one batch: the whole result), every run in runs
+        **runs[0], "runs": runs, "refused_by_ort": sorted(set(files) - loaded),
     }
 
 
@@ -318,24 +456,27 @@ def print_table(result: dict[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=160)
-    t = Table(title=f"{result['model']} ({result['size']}) ONNX, inputs {result['input_shapes']}, "
-                    f"{result['dtype']}, ONNX Runtime {result['onnxruntime']} on "
-                    f"{result['device_name']}",
-              caption=f"/base: ratio to {result['baseline']}; error: max rel vs torch fp32"
-                      + (f"; ORT refused: {', '.join(result['refused_by_ort'])}"
-                         if result["refused_by_ort"] else ""))
-    for col in ("file", "provider", "ms/run", "IQR", "time/base", "max rel err", "err/base",
-                "Cast nodes", "size"):
-        t.add_column(col, justify="left" if col in ("file", "provider") else "right")
-    for name, r in result["files"].items():
-        tm = r["time_ms"] or {}
-        t.add_row(name, r["provider"].replace("ExecutionProvider", ""),
-                  _fmt(tm.get("median"), ".3f"), _fmt(tm.get("iqr"), ".3f"),
-                  _fmt(r["time_vs_baseline"], ".2f", "x"), _fmt(r["max_rel_error"], ".2e"),
-                  _fmt(r["error_vs_baseline"], ".2f", "x"), str(r["casts"]),
-                  f"{r['size_bytes'] / 2**20:.1f} MB")
-    console.print(t)
+    console = console or Console(width=180)
+    for run_ in result.get("runs", [result]):
+        t = Table(title=f"{result['model']} ({result['size']}) ONNX, inputs {run_['input_shapes']}, "
+                        f"{result['dtype']}, ONNX Runtime {result['onnxruntime']} on "
+                        f"{result['device_name']}",
+                  caption=f"/base: ratio to {run_['baseline']}; /others: to the faster (time) or more "
+                          f"accurate (error) of onnxconverter-common and ModelOpt; error: max rel vs "
+                          f"torch fp32" + (f"; ORT refused: {', '.join(result['refused_by_ort'])}"
+                                           if result["refused_by_ort"] else ""))
+        for col in ("file", "provider", "ms/run", "IQR", "time/base", "time/others", "max rel err",
+                    "err/base", "err/others", "Cast nodes", "size"):
+            t.add_column(col, justify="left" if col in ("file", "provider") else "right")
+        for name, r in run_["files"].items():
+            tm = r["time_ms"] or {}
+            t.add_row(name, r["provider"].replace("ExecutionProvider", ""),
+                      _fmt(tm.get("median"), ".3f"), _fmt(tm.get("iqr"), ".3f"),
+                      _fmt(r["time_vs_baseline"], ".2f", "x"), _fmt(r.get("time_vs_fastest_other"), ".2f", "x"),
+                      _fmt(r["max_rel_error"], ".2e"), _fmt(r["error_vs_baseline"], ".2f", "x"),
+                      _fmt(r.get("error_vs_best_other"), ".2f", "x"), str(r["casts"]),
+                      f"{r['size_bytes'] / 2**20:.1f} MB")
+        console.print(t)
 
 
 def main(argv: list[str] | None = None) -> int:

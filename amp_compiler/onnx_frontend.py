@@ -27,6 +27,25 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         AutoCast's ``max_depth_of_reduction``: for back ends that accumulate in the low dtype,
         such as TensorRT's fp16 tactics). Off by default: cuBLAS and ONNX Runtime's CUDA kernels
         accumulate fp16 products in fp32. A depth shape inference cannot tell is left alone.
+    O6  an additive attention mask -- an initializer whose values beyond the low range are all
+        negative (``finfo(float32).min`` fills) and that reaches only ``Softmax`` inputs, through
+        ``Add`` / ``Where`` and movement ops -- is clamped to the low dtype's lowest value before
+        O4 looks at it: ``Softmax`` weighs those entries ``exp(-65504 - max) = 0`` exactly as it
+        weighs ``exp(-3.4e38 - max)``, and a fully masked row is uniform in both (the scores are
+        absorbed), so the attention runs low with no Cast. The readers' Decisions say so.
+    O7  the cube of the tanh GELU form (``Pow(x, 3)`` whose every path reaches a ``Tanh`` through
+        ``Mul`` / ``Add``, GPT-2's ``NewGELUActivation``) runs low instead of R2's fp32: where
+        ``x**3`` overflows, ``tanh`` of the sum is +-1 either way (the exact limit), so the
+        chain needs no Cast pair (and ONNX Runtime fuses it into its ``FastGelu`` kernel).
+    O8  embedding tables (``embedding_tables=``): a ``Gather`` copies rows, so a table stored in
+        the low dtype changes each looked-up value by one rounding and no more; the rows are cast
+        up where an fp32 op reads them. ``"shared"`` (default): a table that a low node also
+        reads (GPT-2's tied input embedding and LM head) is stored once, low -- the low reader
+        rounds it anyway -- instead of once per dtype; ``"low"``: every table (half the bytes,
+        at one rounding of every embedding); ``"fp32"``: tables fp32, tied ones stored twice.
+    O9  with ``islands="measure"``: an fp32 island (a region fp32 for its neighbours' sake: R3,
+        R5, R7) goes low where ONNX Runtime measures that it removes Casts at an error within
+        ``island_tolerance``; see ``amp_compiler.onnx_islands``.
 
 Edges (``cast`` flag) come from the operator schema: an input is cast to its consumer's
 precision only when it shares the type variable of the node's first floating input
@@ -54,6 +73,7 @@ import torch
 from onnx import TensorProto, helper
 
 from amp_compiler.errors import ConfigError, OnnxError
+from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, TORCH_TO_ONNX, TYPE_STR,
@@ -401,10 +421,13 @@ def build_onnx_dataflow(model: onnx.ModelProto, *, low: torch.dtype,
         graph.add_vertex(name, role=role, kind=kind, dtype=_torch_dtype(et), is_float=is_float,
                          module_path=path, module_type=mtype, target=key)
         # a node made only from scalars (Expand(0.0, shape)) keeps them: it is a fill, and R4
-        # lets it take its consumers' precision instead of casting its output
-        operands = scalars if any(v and v not in scalars and s.inputs[i] == "follow"
-                                  and types.get(v) in FLOAT_TYPES
-                                  for i, v in enumerate(node.input)) else set()
+        # lets it take its consumers' precision instead of casting its output; one that selects
+        # between scalars by a boolean (Where(mask, 0, -65504), BERT's additive mask) drops
+        # them like FX does: its value is exact in the low dtype (propagate's exact values)
+        selects = node.op_type == "Where" and all(v in scalars for v in node.input[1:])
+        operands = scalars if selects or any(v and v not in scalars and s.inputs[i] == "follow"
+                                             and types.get(v) in FLOAT_TYPES
+                                             for i, v in enumerate(node.input)) else set()
         for i, v in enumerate(node.input):
             if v and v in producer and not (v in operands and s.inputs[i] == "follow"):
                 cast = s.inputs[i] == "follow" and types.get(v) in FLOAT_TYPES
@@ -536,6 +559,171 @@ def _init_range_pins(df: OnnxDataflow, model: onnx.ModelProto,
     return pins
 
 
+def _readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """value name -> the top-level nodes that read it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for v in node.input:
+            readers.setdefault(v, []).append(node)
+    return readers
+
+
+# Ops an additive mask passes through on its way to Softmax (O6): it is added, selected or moved,
+# never scaled, so its fill value stays a fill value.
+_MASK_PATH = frozenset({"Add", "Where", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose",
+                        "Slice", "Concat", "Tile", "Identity", "Gather"})
+_MASK_DEPTH = 12
+
+
+def _reaches_only_softmax(value: str, readers: Mapping[str, list], outputs: set[str]) -> bool:
+    """True when every path from ``value`` ends at a Softmax input through ``_MASK_PATH`` ops."""
+    frontier, seen, found = [(value, 0)], set(), False
+    while frontier:
+        v, depth = frontier.pop()
+        if v in outputs or depth > _MASK_DEPTH:
+            return False
+        for node in readers.get(v, ()):
+            if node.domain not in ("", "ai.onnx"):
+                return False
+            if node.op_type == "Softmax" and list(node.input)[:1] == [v]:
+                found = True
+                continue
+            if node.op_type not in _MASK_PATH or (node.op_type == "Where" and node.input[0] == v):
+                return False
+            for o in node.output:
+                if o and o not in seen:
+                    seen.add(o)
+                    frontier.append((o, depth + 1))
+    return found
+
+
+def clamp_masks(model: onnx.ModelProto, low: torch.dtype) -> dict[str, float]:
+    """Rule O6: additive-mask initializers clamped in place to ``low``'s lowest finite value.
+
+    Returns {initializer: its fp32 minimum} for the ones clamped.
+    """
+    from onnx import numpy_helper
+
+    limit = float(torch.finfo(low).max)
+    readers = _readers(model)
+    outputs = {o.name for o in model.graph.output}
+    clamped: dict[str, float] = {}
+    for t in model.graph.initializer:
+        if t.data_type != TensorProto.FLOAT:
+            continue
+        a = numpy_helper.to_array(t)
+        finite = a[np.isfinite(a)]
+        if not finite.size or finite.min() >= -limit or finite.max() > limit:
+            continue
+        if _reaches_only_softmax(t.name, readers, outputs):
+            clamped[t.name] = float(finite.min())
+            t.CopyFrom(numpy_helper.from_array(np.where(np.isfinite(a), np.maximum(a, -limit), a)
+                                               .astype(np.float32), t.name))
+    return clamped
+
+
+def _mask_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex_of: list[str],
+                    clamped: Mapping[str, float], low: torch.dtype) -> dict[str, Decision]:
+    """The Decisions of the ``Add`` nodes that put an O6-clamped mask on Softmax inputs, saying
+    so (their precision as painted)."""
+    lowest = -float(torch.finfo(low).max)
+    nodes = list(model.graph.node)
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for v in node.input:
+            readers.setdefault(v, []).append(i)
+    out: dict[str, Decision] = {}
+    for mask, minimum in clamped.items():
+        frontier, seen = [mask], {mask}
+        while frontier:
+            for i in readers.get(frontier.pop(), ()):
+                node = nodes[i]
+                if node.op_type == "Softmax":
+                    continue
+                d = plan.get(vertex_of[i])
+                feeds_softmax = any(nodes[r].op_type == "Softmax" for o in node.output for r in readers.get(o, ()))
+                if node.op_type == "Add" and feeds_softmax and d is not None and d.precision is not None:
+                    out[vertex_of[i]] = d.with_(rule="O6:mask", reason=(
+                        f"adds mask '{mask}' (min {minimum:.4g}) clamped to {lowest:g}: Softmax "
+                        f"weighs those entries 0 either way; {dtype_name(d.precision)} here: {d.reason}"))
+                for o in node.output:
+                    if o and o not in seen:
+                        seen.add(o)
+                        frontier.append(o)
+    return out
+
+
+_GELU_PATH = frozenset({"Mul", "Add"})
+
+
+def _gelu_cubes(model: onnx.ModelProto, vertex_of: list[str]) -> dict[str, str]:
+    """Rule O7: vertex -> reason for every ``Pow(x, 3)`` that only feeds a ``Tanh``."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    readers = _readers(model)
+    outputs = {o.name for o in model.graph.output}
+    found: dict[str, str] = {}
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type != "Pow" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
+            continue
+        exponent = numpy_helper.to_array(inits[node.input[1]])
+        if exponent.size != 1 or float(exponent.reshape(-1)[0]) != 3.0:
+            continue
+        frontier, ok, tanh = [(node.output[0], 0)], True, False
+        while frontier and ok:
+            v, depth = frontier.pop()
+            for r in readers.get(v, ()):
+                if r.op_type == "Tanh":
+                    tanh = True
+                elif r.op_type in _GELU_PATH and depth < 4 and v not in outputs:
+                    frontier.append((r.output[0], depth + 1))
+                else:
+                    ok = False
+            ok = ok and v not in outputs and bool(readers.get(v))
+        if ok and tanh:
+            found[vertex_of[idx]] = ("x**3 of the tanh GELU form: where it overflows, the Tanh it "
+                                     "feeds is +-1 either way (the exact limit), so it runs low")
+    return found
+
+
+EMBEDDING_TABLES = ("shared", "low", "fp32")
+
+
+def _table_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex_of: list[str],
+                     slots: Mapping[int, NodeSlots], low: torch.dtype, mode: str) -> dict[str, Decision]:
+    """Rule O8: the lookups that read their table in the low dtype."""
+    if mode == "fp32":
+        return {}
+    inits = {t.name for t in model.graph.initializer}
+    low_readers: dict[str, str] = {}  # table -> a low node reading it in a precision slot
+    for idx, node in enumerate(model.graph.node):
+        d = plan.get(vertex_of[idx])
+        if d is not None and d.precision == low:
+            for i, v in enumerate(node.input):
+                if v in inits and i < len(slots[idx].inputs) and slots[idx].inputs[i] == "follow":
+                    low_readers.setdefault(v, vertex_of[idx])
+    out: dict[str, Decision] = {}
+    name = dtype_name(low)
+    for idx, node in enumerate(model.graph.node):
+        d = plan.get(vertex_of[idx])
+        table = node.input[0] if node.op_type == "Gather" and node.input else None
+        if d is None or table not in inits or d.precision == low or d.kind != "embedding" \
+                or d.rule.startswith(("R6:keep_fp32", "O")):
+            continue
+        if table in low_readers:
+            why = (f"table '{table}' is also read by {name} node '{low_readers[table]}': stored "
+                   f"once in {name} (that reader rounds it anyway); the looked-up rows are those "
+                   f"rounded values, cast up where fp32 ops read them")
+        elif mode == "low":
+            why = (f"embedding_tables='low': table '{table}' stored in {name} (half the bytes); "
+                   f"each looked-up value rounded once, cast up where fp32 ops read it")
+        else:
+            continue
+        out[vertex_of[idx]] = d.with_(precision=low, rule="O8:low-table", reason=why)
+    return out
+
+
 def _reduction_depth_pins(model: onnx.ModelProto, vertex_of: list[str],
                           limit: int) -> dict[str, tuple[str, str]]:
     """Rule O5: matrix ops that sum more than ``limit`` products per output stay fp32."""
@@ -582,7 +770,8 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
                  calibration: Iterable | None = None, keep_io_types: bool = True,
                  out: str | os.PathLike | None = None, overwrite: bool = False,
                  return_plan: bool = False, opset: int | None = None,
-                 max_reduction_depth: int | None = None):
+                 max_reduction_depth: int | None = None, embedding_tables: str = "shared",
+                 islands: str = "keep", island_tolerance: float = 0.05):
     """Convert an fp32 ONNX model to mixed precision with the same analyses as ``convert()``.
 
     Args:
@@ -605,6 +794,13 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
             cannot do (or one whose result fails ``onnx.checker``) is an ``OnnxError``.
         max_reduction_depth: MatMul / Gemm / Conv nodes summing more products than this per
             output value stay fp32 (rule O5, ModelOpt's ``max_depth_of_reduction``); None: off.
+        embedding_tables: ``"shared"`` (a Gather table a low node also reads is stored once,
+            low), ``"low"`` (every Gather table low: smallest file, one rounding per embedding)
+            or ``"fp32"`` (rule O8).
+        islands: ``"keep"`` (the plan's fp32 islands stay) or ``"measure"`` (rule O9: each is
+            tried low in ONNX Runtime on ``calibration`` -- or generated -- samples, and goes
+            low where that removes Casts and the error grows by at most ``island_tolerance``,
+            relative; every island's Decisions say what was measured).
 
     Returns:
         The converted ``onnx.ModelProto`` (checked with ``onnx.checker.check_model(full_check=True)``),
@@ -619,6 +815,17 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
 
     low = resolve_dtype(dtype)
     depth_limit = None if max_reduction_depth is None else _depth_limit(max_reduction_depth)
+    if islands not in ISLAND_MODES:
+        raise ConfigError(f"islands must be one of {', '.join(map(repr, ISLAND_MODES))}, got {islands!r}")
+    if isinstance(island_tolerance, bool) or not isinstance(island_tolerance, (int, float)) \
+            or not 0 <= island_tolerance < float("inf"):
+        raise ConfigError(f"island_tolerance must be a finite number >= 0 (0.05: the error may "
+                          f"grow by 5%), got {island_tolerance!r}")
+    if calibration is not None and islands == "measure":
+        calibration = list(calibration)  # read twice: ranges (O3) and the trades (O9)
+    if embedding_tables not in EMBEDDING_TABLES:
+        raise ConfigError(f"embedding_tables must be one of {', '.join(map(repr, EMBEDDING_TABLES))}, "
+                          f"got {embedding_tables!r}")
     if out is not None:
         check_destination(out, overwrite)  # fail before the work, not after
     source = load_model(model_or_path)
@@ -629,6 +836,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     if opset_of(model) is None:
         raise OnnxError("the model imports no default-domain opset; it is not a standard ONNX model")
     # 1. describe it IR-neutrally: the same DataflowGraph the FX front end builds
+    masks = clamp_masks(model, low)  # O6, before O4 reads the initializers' ranges
     df = build_onnx_dataflow(model, low=low, keep_io_types=keep_io_types)
     # 2. initializers beyond the low dtype's range pin their readers fp32 (O4); optional range
     # analysis: values beyond float16's range pin their nodes fp32 (O3)
@@ -640,18 +848,34 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     # 3. classify and paint with the same passes and the CUDA policy; pins ride on keep_fp32
     policy = policy_for("cuda", low)
     pinned = tuple(f"node:{n}" for n in df.pins)
-    classes = classify(df.graph, policy, keep_fp32=_entries(keep_fp32) + pinned,
-                       force_low=_entries(force_low))
-    plan = propagate(df.graph, classes, policy, type_promotion=False)
-    plan = PrecisionPlan({**plan, **{n: _pinned(plan[n], *df.pins[n]) for n in df.pins}},
-                         low_dtype=low, device_type="cuda",
-                         meta={"source": "onnx", "opset": opset_of(model),
-                               "keep_io_types": keep_io_types})
+    cubes = {n: why for n, why in _gelu_cubes(model, df.vertex_of).items() if n not in df.pins}  # O7
+
+    def paint(traded: tuple[str, ...] = ()) -> PrecisionPlan:
+        classes = classify(df.graph, policy, keep_fp32=_entries(keep_fp32) + pinned,
+                           force_low=_entries(force_low) + tuple(f"node:{n}" for n in (*cubes, *traded)))
+        plan = propagate(df.graph, classes, policy, type_promotion=False)
+        return PrecisionPlan({**plan, **{n: _pinned(plan[n], *df.pins[n]) for n in df.pins},
+                              **_mask_decisions(plan, model, df.vertex_of, masks, low),
+                              **{n: plan[n].with_(rule="O7:gelu-cube", reason=why) for n, why in cubes.items()
+                                 if plan[n].rule.startswith("R6:force_low")},
+                              **_table_decisions(plan, model, df.vertex_of, df.slots, low, embedding_tables)},
+                             low_dtype=low, device_type="cuda",
+                             meta={"source": "onnx", "opset": opset_of(model),
+                                   "keep_io_types": keep_io_types})
+
     # 4. rewrite the ONNX graph: Cast nodes, low-precision initializers, outputs restored
-    result = rewrite_onnx(model, df.slots, df.vertex_of, plan, df.source_types,
-                          keep_io_types=keep_io_types)
-    converted = result.model
-    _drop_lifted_key(converted)
+    def build(traded: tuple[str, ...] = ()) -> tuple[PrecisionPlan, onnx.ModelProto]:
+        plan = paint(traded)
+        converted = rewrite_onnx(model, df.slots, df.vertex_of, plan, df.source_types,
+                                 keep_io_types=keep_io_types).model
+        _drop_lifted_key(converted)
+        return plan, converted
+
+    plan, converted = build()
+    if islands == "measure":  # O9: each fp32 island measured against its Casts
+        samples = ([_feeds(source, c) for c in calibration] if calibration is not None
+                   else generated_samples(source))
+        plan, converted = trade(source, plan, df.graph, build, samples, island_tolerance)
     # 5. a file ONNX Runtime will load: the full checker, strict shape inference included
     try:
         onnx.checker.check_model(converted, full_check=True)

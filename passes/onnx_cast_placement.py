@@ -21,6 +21,9 @@ Rules:
         a stored initializer of that type, converted exactly as the Cast converts it (round to
         nearest even; float16 overflow gives inf, as the Cast does -- no clamping here, unlike W4's
         planned conversion). Shared by all such Casts; the original goes when nothing reads it.
+        A widening Cast of an initializer of more than ``SMALL`` elements is kept: storing the
+        wide copy would add its bytes to the file, which the plan (O8's low embedding tables)
+        chose not to store; one Cast node on the looked-up rows costs less.
     C5  ``Cast(Move(x), T)`` where ``Move`` is a pure movement op on its data input (Reshape,
         Transpose, Squeeze, Unsqueeze, Flatten, Expand, Identity, Slice, Gather, GatherElements,
         GatherND, Tile, DepthToSpace, SpaceToDepth) equals ``Move(Cast(x, T))`` element for
@@ -57,6 +60,9 @@ WIDENS = frozenset({(TensorProto.FLOAT16, TensorProto.FLOAT), (TensorProto.FLOAT
 MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Identity",
                       "Slice", "Gather", "GatherElements", "GatherND", "Tile", "DepthToSpace",
                       "SpaceToDepth"})
+# C4: initializers up to this many elements are folded even when that widens them (scales,
+# biases, fill values: a few KiB); larger ones keep their narrow storage and the Cast.
+SMALL = 4096
 SHORT = {TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT: "f32",
          TensorProto.DOUBLE: "f64"}
 
@@ -110,6 +116,12 @@ def cast_exactly(tensor: TensorProto, to: int, name: str) -> TensorProto:
         return TensorProto(name=name, data_type=to, dims=list(tensor.dims), raw_data=raw)
     with np.errstate(over="ignore"):  # overflow to inf is what Cast does
         return numpy_helper.from_array(array.astype(helper.tensor_dtype_to_np_dtype(to)), name)
+
+
+def _foldable(tensor: TensorProto, to: int) -> bool:
+    """C4: storing ``tensor`` as ``to`` adds no more than a small initializer's bytes."""
+    widens = (tensor.data_type, to) in WIDENS
+    return not widens or int(np.prod(tensor.dims, dtype=np.int64)) <= SMALL
 
 
 def _fresh(used: set[str], base: str) -> str:
@@ -213,7 +225,7 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
                 return True
             seen_casts.setdefault((x, to), c)
             if x in inits and x not in graph_inputs and to in FLOATS \
-                    and inits[x].data_type in FLOATS and removable(y):  # C4
+                    and inits[x].data_type in FLOATS and removable(y) and _foldable(inits[x], to):  # C4
                 key = (x, to)
                 if key not in folded:
                     name = _fresh(used, f"{x}_{SHORT[to]}")
@@ -232,7 +244,8 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
                 continue
             data = move.input[0]
             gains = (data in inits and data not in graph_inputs and to in FLOATS
-                     and inits[data].data_type in FLOATS) or types.get(data) == to \
+                     and inits[data].data_type in FLOATS and _foldable(inits[data], to)) \
+                or types.get(data) == to \
                 or any(r.op_type == "Cast" and _to(r) == to and r is not c for r in readers.get(data, [])) \
                 or (producer.get(data) is not None and producer[data].op_type == "Cast"
                     and (types.get(producer[data].input[0]), _to(producer[data])) in WIDENS)

@@ -58,7 +58,8 @@ Every vertex ends with a precision and the number of the rule that set it:
         low-precision value is free to stay low), backwards only into clear ops whose every
         consumer is low (metadata readers such as Shape do not count).
     R5  ``fp32_acc`` ops are low when their producer and every consumer are low (their kernels
-        accumulate in fp32 already), fp32 otherwise; resolved to a fixed point.
+        accumulate in fp32 already), fp32 otherwise; resolved to a fixed point. Readers with no
+        floating output (``isnan``, comparisons) take the value as it comes and do not count.
     R6  user overrides: ``keep_fp32`` wins over everything, ``force_low`` over the rules. They
         are pinned before R1 so the other rules route around them.
     R7  what remains (``infer``/``clear`` ops outside low regions, ``unknown`` ops) is fp32,
@@ -443,8 +444,10 @@ def _neighbours_low(graph, n, paint, tentative, decided, low) -> bool:
         return False
 
     producers = graph.data_inputs(n)
-    consumers = graph.float_consumers(n) + [c for c in graph.consumers(n)
-                                            if graph.vertex(c).role == "output"]
+    # readers with no floating output (IsNaN, comparisons) take the value as it comes, as in R4
+    consumers = [c for c in graph.float_consumers(n)
+                 if decided.get(c) is None or decided[c].category != "non_float"]
+    consumers += [c for c in graph.consumers(n) if graph.vertex(c).role == "output"]
     # a pass-through consumer (getitem) is low if the things it feeds are
     for c in list(consumers):
         d = decided.get(c)

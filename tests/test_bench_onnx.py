@@ -48,7 +48,7 @@ def test_gpt_every_file_measured_and_consistent(tmp_path, capsys):
     result = run(tmp_path, "--model", "gpt")
     assert result["command"].startswith("amp-compiler bench --mode onnx")
     assert result["mode"] == "onnx" and result["baseline"] == "onnxconverter-common"
-    assert list(result["files"]) == list(bench_onnx.FILES) and not result["refused_by_ort"]
+    assert list(result["files"]) == list(bench_onnx.DEFAULT_FILES) and not result["refused_by_ort"]
     files = result["files"]
     for name, r in files.items():
         assert r["provider"] == "CPUExecutionProvider"
@@ -56,7 +56,7 @@ def test_gpt_every_file_measured_and_consistent(tmp_path, capsys):
         assert r["size_bytes"] > 0
     # the fp32 file is exact up to the engine; every fp16 file is float16-accurate, not exact
     assert files["fp32"]["max_rel_error"] < 1e-5
-    for name in bench_onnx.FILES[1:]:
+    for name in bench_onnx.DEFAULT_FILES[1:]:
         err = files[name]["max_rel_error"]
         assert math.isfinite(err) and 1e-5 < err <= 2.0 ** -10, (name, err)
     # the min-cast recipe has onnxconverter-common's cast count; the default plan buys accuracy
@@ -67,6 +67,33 @@ def test_gpt_every_file_measured_and_consistent(tmp_path, capsys):
         assert r["time_vs_baseline"] == pytest.approx(r["time_ms"]["median"] / occ["time_ms"]["median"])
         assert r["error_vs_baseline"] == pytest.approx(r["max_rel_error"] / occ["max_rel_error"])
     assert "convert_onnx-mincast" in capsys.readouterr().out  # the table
+
+
+def test_a_library_model_against_both_converters_at_two_batches(tmp_path):
+    """A suite model (HF GPT-2, tiny config), dynamo-exported, ModelOpt's file beside
+    onnxconverter-common's, one set of files timed at batch 1 and 3; the ratios to the other
+    converters are those of the rows."""
+    pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt is a dev dependency")
+    result = run(tmp_path, "--model", "gpt2", "--size", "tiny", "--batch", "1,3",
+                 "--files", "fp32,onnxconverter-common,modelopt,convert_onnx")
+    assert [r["input_shapes"] for r in result["runs"]] == [[[1, 64]], [[3, 64]]]
+    assert result["files"] == result["runs"][0]["files"]
+    for run_ in result["runs"]:
+        files = run_["files"]
+        assert list(files) == ["fp32", "onnxconverter-common", "modelopt", "convert_onnx"]
+        occ, mo, ours = files["onnxconverter-common"], files["modelopt"], files["convert_onnx"]
+        fastest = min(occ["time_ms"]["median"], mo["time_ms"]["median"])
+        assert ours["time_vs_fastest_other"] == pytest.approx(ours["time_ms"]["median"] / fastest)
+        assert ours["error_vs_best_other"] == pytest.approx(
+            ours["max_rel_error"] / min(occ["max_rel_error"], mo["max_rel_error"]))
+        assert ours["casts_vs_modelopt"] == pytest.approx(ours["casts"] / mo["casts"])
+        assert ours["size_vs_onnxconverter_common"] == pytest.approx(ours["size_bytes"] / occ["size_bytes"])
+        assert 0 < ours["max_rel_error"] < min(occ["max_rel_error"], mo["max_rel_error"])
+
+
+def test_batch_list_must_hold_positive_integers(capsys, tmp_path):
+    assert bench.main([*FAST, "--batch", "1,x", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--batch '1,x'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["mlp", "resnet"])

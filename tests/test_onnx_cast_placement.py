@@ -111,6 +111,29 @@ def test_c4_cast_of_an_initializer_is_stored_in_the_target_type(ort_no_crash):
     assert [t.data_type for t in after.graph.initializer] == [F16]  # the fp32 original went
 
 
+def test_c4_keeps_a_widening_cast_of_a_large_table_and_c5_does_not_move_up_to_it(ort_no_crash):
+    """An fp16 table read by a Gather whose rows are cast up (O8's low embedding table): folding
+    the Cast would store an fp32 copy, twice the table's bytes; a small one is still folded."""
+    from amp_compiler.passes.onnx_cast_placement import SMALL
+
+    rows = SMALL // 8 + 1  # 8 columns: just over SMALL elements
+    table = numpy_helper.from_array(np.random.default_rng(1).standard_normal((rows, 8)).astype(np.float16), "table")
+    ids = helper.make_tensor_value_info("ids", I64, [2, 3])
+    out = helper.make_tensor_value_info("y", F32, [2, 3, 8])
+    m = _model([helper.make_node("Gather", ["table", "ids"], ["rows16"]),
+                helper.make_node("Cast", ["rows16"], ["y"], to=F32)], [ids], [out], inits=[table])
+    feed = {"ids": np.array([[0, 1, 2], [rows - 1, 5, 7]], np.int64)}
+    after, rules = _apply(m, feed, ort_no_crash)
+    assert _casts(after) == 1 and not rules
+    assert [t.data_type for t in after.graph.initializer] == [F16]  # no fp32 copy stored
+    small = numpy_helper.from_array(np.ones((4, 8), np.float16), "table")
+    m = _model([helper.make_node("Gather", ["table", "ids"], ["rows16"]),
+                helper.make_node("Cast", ["rows16"], ["rows"], to=F32),
+                helper.make_node("Relu", ["rows"], ["y"])], [ids], [out], inits=[small])
+    after, rules = _apply(m, {"ids": np.zeros((2, 3), np.int64)}, ort_no_crash)
+    assert _casts(after) == 0 and {"C4", "C5"} <= rules
+
+
 def test_c5_cast_moves_above_a_reshape_to_meet_a_sibling_and_c6_merges_the_moves(ort_no_crash):
     shape = numpy_helper.from_array(np.array([3, 2], np.int64), "shape")
     m = _model([helper.make_node("Cast", ["x"], ["a"], to=F16),

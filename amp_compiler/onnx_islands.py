@@ -1,0 +1,184 @@
+"""Rule O9 of ``convert_onnx(islands="measure")``: an fp32 island stays only where it buys accuracy.
+
+The plan keeps values fp32 for reasons that are about their neighbours, not about the op: an add
+with an fp32 input (R3), a norm whose producer is fp32 (R5), what is not between low ops (R7).
+Those nodes form *islands*: connected fp32 regions of the graph whose borders cost Cast nodes.
+(Nodes fp32 for their own sake -- deny ops (R2), overrides (R6), pins O1-O5 -- are never traded.)
+
+    O9  with ``islands="measure"``, each island (largest Cast saving first) is tried low: the
+        plan is painted again with the island forced low, rewritten, and run in ONNX Runtime
+        (CPU) on the samples beside the fp32 file. The island goes low when that removes Casts
+        and the error against the fp32 file (the mean over the samples of max|out - ref| /
+        max|ref|, every float output) stays within ``tolerance`` (relative) of the error so far;
+        otherwise it stays fp32, and its Decisions say what was measured (a missed trade).
+
+The samples are the ``calibration`` samples, or generated ones (``generated_samples``): token ids
+uniform over the rows of the table they index, masks of ones with padding in the last row, floats
+standard normal; symbolic dimensions 2 (the first) and 32 (the others).
+
+    >>> model, plan = convert_onnx("fp32.onnx", islands="measure", return_plan=True)
+    >>> [d.reason for d in plan.values() if d.rule == "O9:traded"][:1]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import networkx as nx
+import numpy as np
+import onnx
+import torch
+
+from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
+from amp_compiler.passes.plan import Decision, PrecisionPlan
+
+log = logging.getLogger("amp_compiler")
+
+# fp32 for a neighbour's sake: tradable. Everything else fp32 is fp32 for its own sake.
+SOFT_RULES = ("R3:fp32-input", "R3:fp32-consumer", "R5:fp32-acc-fp32", "R7:follow-fp32", "O6:mask")
+ISLAND_MODES = ("keep", "measure")
+BATCH, LENGTH = 2, 32  # generated samples: symbolic dimensions
+
+
+@dataclass(frozen=True)
+class Island:
+    nodes: frozenset[str]
+
+    def describe(self) -> str:
+        first = sorted(self.nodes)[:3]
+        more = f" and {len(self.nodes) - 3} more" if len(self.nodes) > 3 else ""
+        return f"{len(self.nodes)} node{'s' * (len(self.nodes) != 1)} ({', '.join(first)}{more})"
+
+
+def islands(plan: Mapping[str, Decision], graph) -> list[Island]:
+    """Connected regions of tradable fp32 compute nodes (``graph``: the DataflowGraph)."""
+    soft = {n for n, d in plan.items() if d.precision == torch.float32 and d.rule.startswith(SOFT_RULES)
+            and n in graph and graph.vertex(n).role == "compute"}
+    sub = nx.Graph()
+    sub.add_nodes_from(soft)
+    sub.add_edges_from((a, b) for a, b in graph.nx.edges if a in soft and b in soft)
+    return [Island(frozenset(c)) for c in nx.connected_components(sub)]
+
+
+def generated_samples(model: onnx.ModelProto, count: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Inputs the model can run on when no calibration data is given (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name: t for t in model.graph.initializer}
+    rows = _index_ranges(model, inits)
+    samples = []
+    for _ in range(count):
+        feed = {}
+        for vi in model.graph.input:
+            if vi.name in inits:
+                continue
+            tt = vi.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else (BATCH if i == 0 else LENGTH)
+                     for i, d in enumerate(tt.shape.dim)]
+            np_type = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            if tt.elem_type in FLOAT_TYPES:
+                feed[vi.name] = rng.standard_normal(shape).astype(np_type)
+            elif tt.elem_type == onnx.TensorProto.BOOL:
+                feed[vi.name] = np.ones(shape, bool)
+            elif "mask" in vi.name.lower():
+                mask = np.ones(shape, np_type)
+                if mask.ndim >= 2:
+                    mask[-1, mask.shape[1] // 2:] = 0
+                feed[vi.name] = mask
+            else:
+                feed[vi.name] = rng.integers(0, rows.get(vi.name, 2), size=shape).astype(np_type)
+        samples.append(feed)
+    return samples
+
+
+def _index_ranges(model: onnx.ModelProto, inits: Mapping[str, onnx.TensorProto]) -> dict[str, int]:
+    """Graph input -> rows of the table a Gather indexes with it (through movement ops)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in inits or len(node.input) < 2:
+            continue
+        v, hops = node.input[1], 0
+        while v in producer and hops < 6 and producer[v].op_type in (
+                "Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity", "Expand", "Flatten"):
+            v, hops = producer[v].input[0], hops + 1
+        rows = int(inits[node.input[0]].dims[0]) if inits[node.input[0]].dims else 1
+        out[v] = min(out.get(v, rows), rows)
+    return out
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    names = {i.name for i in session.get_inputs()}
+    return [session.run(None, {k: v for k, v in s.items() if k in names}) for s in samples]
+
+
+def mean_error(outs: list[list[np.ndarray]], refs: list[list[np.ndarray]]) -> float:
+    """Mean over samples of the worst float output's max|out - ref| / max|ref|."""
+    errors = []
+    for out, ref in zip(outs, refs):
+        worst = 0.0
+        for o, r in zip(out, ref):
+            if r.dtype.kind != "f" or not r.size:
+                continue
+            o, r = np.asarray(o, np.float64), np.asarray(r, np.float64)
+            if not np.isfinite(o[np.isfinite(r)]).all():
+                return float("inf")
+            scale = np.abs(r[np.isfinite(r)]).max() if np.isfinite(r).any() else 0.0
+            diff = np.abs(o - r)[np.isfinite(r)]
+            worst = max(worst, float(diff.max() / scale) if scale else float(diff.max()))
+        errors.append(worst)
+    return float(np.mean(errors))
+
+
+def casts(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "Cast" for n in model.graph.node)
+
+
+def trade(source: onnx.ModelProto, plan: PrecisionPlan, graph,
+          build: Callable[[tuple[str, ...]], tuple[PrecisionPlan, onnx.ModelProto]],
+          samples: Iterable, tolerance: float) -> tuple[PrecisionPlan, onnx.ModelProto]:
+    """Rule O9. ``build(force_low_nodes)`` paints and rewrites with those nodes forced low;
+    returns the plan (O9 Decisions on every island) and the converted model."""
+    samples = list(samples)
+    refs = _run(_session(source), samples)
+    current_plan, current = build(())
+    error = mean_error(_run(_session(current), samples), refs)
+    lowered: tuple[str, ...] = ()
+    remarks: dict[str, tuple[bool, str]] = {}  # node -> (traded, reason)
+    found = islands(plan, graph)
+    log.info("O9: %d fp32 islands, error %.3g with all of them fp32", len(found), error)
+    for island in sorted(found, key=lambda i: -len(i.nodes)):
+        trial = lowered + tuple(sorted(island.nodes))
+        try:
+            trial_plan, trial_model = build(trial)
+        except Exception as exc:  # noqa: BLE001 -- a trade that makes an invalid file is not taken
+            why = f"lowering it does not make a valid file ({' '.join(str(exc).split())[:120]})"
+            remarks.update({n: (False, why) for n in island.nodes})
+            continue
+        saved = casts(current) - casts(trial_model)
+        trial_error = mean_error(_run(_session(trial_model), samples), refs)
+        what = (f"O9 measured on {len(samples)} samples: with the fp32 island of {island.describe()} "
+                f"low the file has {casts(trial_model)} Casts instead of {casts(current)}, and the "
+                f"error vs the fp32 file goes from {error:.3g} to {trial_error:.3g}")
+        if saved > 0 and trial_error <= error * (1 + tolerance):
+            lowered, current, current_plan, error = trial, trial_model, trial_plan, trial_error
+            remarks.update({n: (True, f"{what} (within tolerance {tolerance:g}): traded, low")
+                            for n in island.nodes})
+        else:
+            verdict = "no Cast saved" if saved <= 0 else f"beyond tolerance {tolerance:g}"
+            remarks.update({n: (False, f"{what} ({verdict}): kept fp32") for n in island.nodes})
+    decisions = {}
+    for n, (traded, why) in remarks.items():
+        d = current_plan[n]
+        decisions[n] = d.with_(rule="O9:traded", reason=why) if traded else d.with_(reason=f"{d.reason}; {why}")
+    return current_plan.replace(decisions), current
+
