@@ -47,6 +47,7 @@ import argparse
 import copy
 import datetime
 import io
+import os
 import platform
 import shlex
 import sys
@@ -95,6 +96,11 @@ def build_parser(prog: str = "amp-compiler bench --mode onnx") -> argparse.Argum
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--files", default=",".join(DEFAULT_FILES), help=f"subset of {','.join(FILES)}")
     p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--files-dir", default=None,
+                   help="keep the built files there and reuse them on the next run (same model, "
+                        "size, dtype and opset)")
+    p.add_argument("--build-only", action="store_true",
+                   help="build (or find) the files in --files-dir and stop: no ONNX Runtime run")
     p.add_argument("--out", default=None)
     return p
 
@@ -115,6 +121,8 @@ class Config:
     files: tuple[str, ...]
     opset: int | None
     out: str
+    files_dir: str | None = None
+    build_only: bool = False
 
 
 def _suite() -> dict:
@@ -151,8 +159,11 @@ def _resolve(argv: list[str]) -> Config:
     if a.dtype == "bfloat16":  # onnxconverter-common and ModelOpt's defaults: float16 only
         files = tuple(f for f in files if f not in OTHERS)
     out = a.out or f"bench/results/{a.model}-onnx-{device}-{a.dtype}.json"
+    if a.build_only and not a.files_dir:
+        raise BenchError("--build-only needs --files-dir (where the files are kept)")
     return Config(list(argv), a.model, a.size, device, DTYPES[a.dtype], a.dtype, batches,
-                  a.seq_len, a.steps, a.rounds, a.warmup, files, a.opset, out)
+                  a.seq_len, a.steps, a.rounds, a.warmup, files, a.opset, out, a.files_dir,
+                  a.build_only)
 
 
 # ----------------------------------------------------------------------------- the files
@@ -240,9 +251,23 @@ def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[
     from amp_compiler.onnx_frontend import convert_onnx
 
     cpu_inputs = tuple(t.cpu() for t in inputs)
+
+    def kept(name: str, make: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
+        if cfg.files_dir is None:
+            return make()
+        path = os.path.join(cfg.files_dir, f"{cfg.model}-{cfg.size}-{cfg.dtype_name}-"
+                                           f"opset{cfg.opset or 'default'}-{name}.onnx")
+        if os.path.exists(path):
+            return onnx.load(path)
+        proto = make()
+        os.makedirs(cfg.files_dir, exist_ok=True)
+        onnx.save(proto, path + ".part")
+        os.replace(path + ".part", path)
+        return proto
+
     progress("exporting the fp32 file")
-    fp32 = export_fp32(copy.deepcopy(model).cpu().eval(), cpu_inputs, cfg.opset,
-                       dynamo=isinstance(model, Positional))
+    fp32 = kept("fp32", lambda: export_fp32(copy.deepcopy(model).cpu().eval(), cpu_inputs, cfg.opset,
+                                            dynamo=isinstance(model, Positional)))
     makers: dict[str, Callable[[], onnx.ModelProto]] = {
         "fp32": lambda: fp32,
         "onnxconverter-common": lambda: _occ(fp32),
@@ -262,7 +287,7 @@ def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[
                                       f"{tmp}/amp.onnx", opset=cfg.opset)
                 files[name] = onnx.load(path)
         else:
-            files[name] = makers[name]()
+            files[name] = kept(name, makers[name])
     return files
 
 
@@ -372,6 +397,8 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> dict[s
 
     model, inputs = build_model(cfg.model, cfg.size, cfg.batches[0], cfg.seq_len)
     files = _make_files(cfg, model, inputs, progress)
+    if cfg.build_only:
+        return {"built": sorted(files), "files_dir": cfg.files_dir}
     runners: list[Runner] = []
     for name, proto in files.items():
         progress(f"loading {name}")
@@ -505,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     except AmpCompilerError as e:
         print(f"amp-compiler bench: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    if cfg.build_only:
+        print(f"built {', '.join(result['built'])} in {cfg.files_dir}")
+        return 0
     write_json(result, cfg.out)
     print_table(result)
     print(f"wrote {cfg.out}")

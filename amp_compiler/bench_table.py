@@ -63,21 +63,32 @@ def table(paths: list[str]) -> str:
 
 
 def onnx_table(paths: list[str]) -> str:
-    """One markdown row per file of every ``--mode onnx`` run."""
-    lines = ["| run | inputs | file | ms/run | time vs base | max rel err vs torch fp32 | "
-             "error vs base | Cast nodes |", "|---|---|---|---|---|---|---|---|"]
+    """One markdown row per file and batch of every ``--mode onnx`` run; the last four columns
+    compare with the other converters (the faster / more accurate of onnxconverter-common and
+    ModelOpt, ModelOpt's Casts, onnxconverter-common's size) where the run had them."""
+    lines = ["| run | inputs | file | ms/run | time vs base | time vs faster other | max rel err vs "
+             "torch fp32 | error vs base | error vs better other | Cast nodes | vs ModelOpt's | "
+             "MB | size vs onnxconverter-common |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(paths):
         d = json.loads(Path(p).read_text())
         if d.get("mode") != "onnx":
             continue
-        shape = "x".join(str(n) for n in d["input_shapes"][0])
-        for f, r in d["files"].items():
-            base = f == d["baseline"]
-            lines.append(f"| `{Path(p).stem}` | {shape} | {f}{' (base)' if base else ''} | "
-                         f"{r['time_ms']['median']:.2f} (IQR {r['time_ms']['iqr']:.2f}) | "
-                         f"**{r['time_vs_baseline']:.2f}x** | {r['max_rel_error']:.2e} | "
-                         f"**{r['error_vs_baseline']:.2f}x** | {r['casts']} |")
+        for run in d.get("runs", [d]):
+            shape = "x".join(str(n) for n in run["input_shapes"][0])
+            for f, r in run["files"].items():
+                base = f == run["baseline"]
+                lines.append(
+                    f"| `{Path(p).stem}` | {shape} | {f}{' (base)' if base else ''} | "
+                    f"{r['time_ms']['median']:.2f} (IQR {r['time_ms']['iqr']:.2f}) | "
+                    f"**{r['time_vs_baseline']:.2f}x** | {_x(r.get('time_vs_fastest_other'))} | "
+                    f"{r['max_rel_error']:.2e} | **{r['error_vs_baseline']:.2f}x** | "
+                    f"{_x(r.get('error_vs_best_other'))} | {r['casts']} | {_x(r.get('casts_vs_modelopt'))} | "
+                    f"{r['size_bytes'] / 1e6:.1f} | {_x(r.get('size_vs_onnxconverter_common'))} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 REAL_HEADER = ["model", "mode", "batch", "dtype", "variant", "ms/step", "time vs autocast",

@@ -83,6 +83,17 @@ def _depth_arg(text: str) -> int:
                                      f"products summed per output value, such as 4096")
 
 
+def _tolerance_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value >= 0 and value != float("inf"):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid island tolerance {text!r}: give the relative error "
+                                     f"growth allowed, such as 0.05")
+
+
 def _opset_arg(text: str) -> int:
     if text.strip().isdigit() and int(text) >= 1:
         return int(text)
@@ -166,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="MatMul / Gemm / Conv nodes that sum more than N products per "
                                 "output value stay fp32 (rule O5; for back ends that accumulate "
                                 "in float16, such as TensorRT); default: off")
+    onnx_opts.add_argument("--embedding-tables", choices=("shared", "low", "fp32"), default=None,
+                           help="Gather tables: shared (default: a table a low node also reads, "
+                                "GPT-2's tied embedding, stored once low), low (every table low: "
+                                "the smallest file), fp32 (rule O8)")
+    onnx_opts.add_argument("--islands", choices=("keep", "measure"), default=None,
+                           help="measure: each fp32 island goes low where ONNX Runtime measures "
+                                "that it saves Casts within --island-tolerance of the error, on "
+                                "--calibration or generated samples (rule O9); default keep")
+    onnx_opts.add_argument("--island-tolerance", type=_tolerance_arg, default=None, metavar="R",
+                           help="relative error growth an island trade may cost (default 0.05)")
 
     parser = _Parser(prog=PROG,
                      description="Compiler-pass automatic mixed precision for PyTorch: plan the "
@@ -406,7 +427,10 @@ def _convert(args, loaded: Loaded):
         used = [flag for flag, value in (("--calibration", args.calibration),
                                          ("--opset", args.opset),
                                          ("--max-reduction-depth", args.max_reduction_depth),
-                                         ("--keep-io-types / --no-keep-io-types", args.keep_io_types))
+                                         ("--keep-io-types / --no-keep-io-types", args.keep_io_types),
+                                         ("--embedding-tables", args.embedding_tables),
+                                         ("--islands", args.islands),
+                                         ("--island-tolerance", args.island_tolerance))
                 if value is not None]
         if used:
             raise ConfigError(f"{used[0]} applies to .onnx targets only; {args.target!r} is a "
@@ -463,7 +487,10 @@ def _convert_onnx(args, loaded: Loaded) -> OnnxConversion:
                                keep_fp32=_overrides(args.keep_fp32),
                                force_low=_overrides(args.force_low), calibration=calibration,
                                keep_io_types=keep_io, opset=args.opset, return_plan=True,
-                               max_reduction_depth=args.max_reduction_depth)
+                               max_reduction_depth=args.max_reduction_depth,
+                               embedding_tables=args.embedding_tables or "shared",
+                               islands=args.islands or "keep",
+                               island_tolerance=0.05 if args.island_tolerance is None else args.island_tolerance)
     # the front end's own description of the source file: the same vertex names as the plan
     source = load_model(str(loaded.onnx_path))
     if args.opset is not None:

@@ -43,6 +43,12 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         reads (GPT-2's tied input embedding and LM head) is stored once, low -- the low reader
         rounds it anyway -- instead of once per dtype; ``"low"``: every table (half the bytes,
         at one rounding of every embedding); ``"fp32"``: tables fp32, tied ones stored twice.
+    O10 a value computed from initializers and input shapes only (no input's values) by some
+        arithmetic -- HF Llama's rotary ``cos``/``sin`` -- is a table the graph computes at run
+        time (a weight only moved, ``Transpose(W)``, is not: W4 stores W low): it is computed
+        fp32 and cast once per dtype its readers need, like a weight, and
+        its readers do not stay fp32 for it (R3). Only where one run on a generated sample finds
+        it within a quarter of the low dtype's range (as O3); beyond, it stays an fp32 value.
     O9  with ``islands="measure"``: an fp32 island (a region fp32 for its neighbours' sake: R3,
         R5, R7) goes low where ONNX Runtime measures that it removes Casts at an error within
         ``island_tolerance``; see ``amp_compiler.onnx_islands``.
@@ -368,11 +374,12 @@ def _module_info(node: onnx.NodeProto) -> tuple[str, str | None]:
     return "", None
 
 
-def build_onnx_dataflow(model: onnx.ModelProto, *, low: torch.dtype,
-                        keep_io_types: bool = True) -> OnnxDataflow:
+def build_onnx_dataflow(model: onnx.ModelProto, *, low: torch.dtype, keep_io_types: bool = True,
+                        tables: Iterable[int] = ()) -> OnnxDataflow:
     """One vertex per graph input, initializer and node, one ``output:<name>`` per graph output,
     for a model ``prepare`` has seen (initializers it lifted from ``Constant`` nodes get the role
-    "const", the others "param")."""
+    "const", the others "param"; so do the nodes at the positions in ``tables``, O10)."""
+    tables = set(tables)
     g = model.graph
     constants = {name for p in model.metadata_props if p.key == _LIFTED_KEY for name in p.value.split("\n")}
     types = value_types(g)
@@ -417,7 +424,7 @@ def build_onnx_dataflow(model: onnx.ModelProto, *, low: torch.dtype,
         et = types.get(first) if first else None
         is_float = None if et is None else (et in FLOAT_TYPES or any(types.get(o) in FLOAT_TYPES for o in node.output if o))
         path, mtype = _module_info(node)
-        role = "const" if node.op_type == "Constant" else "compute"
+        role = "const" if node.op_type == "Constant" or idx in tables else "compute"
         graph.add_vertex(name, role=role, kind=kind, dtype=_torch_dtype(et), is_float=is_float,
                          module_path=path, module_type=mtype, target=key)
         # a node made only from scalars (Expand(0.0, shape)) keeps them: it is a fill, and R4
@@ -653,6 +660,79 @@ def _mask_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex
     return out
 
 
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                         "Bernoulli", "Multinomial", "Dropout"})
+
+
+def constant_tables(model: onnx.ModelProto, low: torch.dtype) -> dict[int, float]:
+    """Rule O10: node position -> max|value| for the float nodes computed from initializers and
+    shapes only whose values (one run on a generated sample) stay within a quarter of ``low``'s
+    range. Empty when no such node has a float output, or when the sample cannot run."""
+    from amp_compiler.onnx_islands import generated_samples
+
+    from amp_compiler.passes.onnx_cast_placement import MOVEMENT
+
+    const = {t.name for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input} - const
+    computed: set[str] = set()  # constant values some arithmetic made (not a weight moved)
+    readers, outputs = _readers(model), {o.name for o in model.graph.output}
+    types = value_types(model.graph)
+    found: dict[int, str] = {}
+    for idx, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type in _RANDOM_OPS \
+                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        if node.op_type in _SHAPE_OPS or all(v in const for v in node.input if v):
+            const.update(o for o in node.output if o)
+            # a weight only moved (Transpose(W) of a linear) stays an initializer's business (W4)
+            moved = node.op_type in MOVEMENT and node.input[0] not in computed
+            fill = ONNX_OPS.get(node.op_type) == "factory"  # R0:factory / W8 already fold those
+            read = node.output[0] in readers and node.output[0] not in outputs  # a table is read
+            if node.op_type != "Constant" and not fill and read and types.get(node.output[0]) in FLOAT_TYPES \
+                    and not inputs & set(node.input) and not moved:
+                found[idx] = node.output[0]
+                computed.update(o for o in node.output if o)
+    if not found:
+        return {}
+    try:
+        ranges = _value_ranges(model, list(found.values()), generated_samples(model, count=1))
+    except Exception as exc:  # noqa: BLE001 -- no sample the model runs on: O10 is left out
+        log.info("O10 skipped: the fp32 model does not run on a generated sample (%s)", exc)
+        return {}
+    limit = float(torch.finfo(low).max) / _RANGE_HEADROOM
+    return {idx: ranges[v] for idx, v in found.items() if v in ranges and ranges[v] <= limit}
+
+
+def _value_ranges(model: onnx.ModelProto, values: list[str], samples) -> dict[str, float]:
+    """max|x| of ``values`` over ``samples`` (ONNX Runtime CPU, the values made outputs)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    types = value_types(model.graph)
+    probe.graph.output.extend(helper.make_tensor_value_info(v, types[v], None) for v in values)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    out: dict[str, float] = {}
+    for sample in samples:
+        for v, a in zip(values, session.run(values, {k: x for k, x in sample.items() if k in names})):
+            a = np.asarray(a, np.float64)
+            m = float(np.abs(a).max()) if a.size else 0.0
+            out[v] = max(out.get(v, 0.0), m if np.isfinite(m) else float("inf"))
+    return out
+
+
+def _table_note(d: Decision, value_max: float, low: torch.dtype) -> Decision:
+    return d.with_(rule="O10:constant-table", reason=(
+        f"computed from initializers and shapes only (max|x| {value_max:.4g} on a generated sample): "
+        f"a table the graph computes at run time, fp32 and cast once per dtype its readers need, "
+        f"like a weight; its {dtype_name(low)} readers do not stay fp32 for it"))
+
+
 _GELU_PATH = frozenset({"Mul", "Add"})
 
 
@@ -837,7 +917,8 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
         raise OnnxError("the model imports no default-domain opset; it is not a standard ONNX model")
     # 1. describe it IR-neutrally: the same DataflowGraph the FX front end builds
     masks = clamp_masks(model, low)  # O6, before O4 reads the initializers' ranges
-    df = build_onnx_dataflow(model, low=low, keep_io_types=keep_io_types)
+    tables = constant_tables(model, low)  # O10
+    df = build_onnx_dataflow(model, low=low, keep_io_types=keep_io_types, tables=tables)
     # 2. initializers beyond the low dtype's range pin their readers fp32 (O4); optional range
     # analysis: values beyond float16's range pin their nodes fp32 (O3)
     df.pins.update(_init_range_pins(df, model, low))
@@ -858,7 +939,9 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
                               **_mask_decisions(plan, model, df.vertex_of, masks, low),
                               **{n: plan[n].with_(rule="O7:gelu-cube", reason=why) for n, why in cubes.items()
                                  if plan[n].rule.startswith("R6:force_low")},
-                              **_table_decisions(plan, model, df.vertex_of, df.slots, low, embedding_tables)},
+                              **_table_decisions(plan, model, df.vertex_of, df.slots, low, embedding_tables),
+                              **{df.vertex_of[i]: _table_note(plan[df.vertex_of[i]], m, low)
+                                 for i, m in tables.items()}},
                              low_dtype=low, device_type="cuda",
                              meta={"source": "onnx", "opset": opset_of(model),
                                    "keep_io_types": keep_io_types})

@@ -15,7 +15,7 @@ import torch
 
 import amp_compiler as ac
 
-from amp_compiler import bench, bench_onnx
+from amp_compiler import bench, bench_onnx, bench_table
 from amp_compiler.models import build
 from amp_compiler.onnx_frontend import convert_onnx
 
@@ -89,6 +89,35 @@ def test_a_library_model_against_both_converters_at_two_batches(tmp_path):
         assert ours["casts_vs_modelopt"] == pytest.approx(ours["casts"] / mo["casts"])
         assert ours["size_vs_onnxconverter_common"] == pytest.approx(ours["size_bytes"] / occ["size_bytes"])
         assert 0 < ours["max_rel_error"] < min(occ["max_rel_error"], mo["max_rel_error"])
+    md = bench_table.onnx_table([str(tmp_path / "onnx.json")]).splitlines()
+    assert len(md) == 2 + 2 * 4  # header, rule, a row per file and batch
+    ours = result["runs"][1]["files"]["convert_onnx"]
+    row = next(line for line in md if "| 3x64 | convert_onnx |" in line)
+    assert f"| {ours['time_vs_fastest_other']:.2f}x |" in row and f"| {ours['casts_vs_modelopt']:.2f}x |" in row
+
+
+def test_files_dir_builds_once_and_the_run_reads_those_files(tmp_path, capsys):
+    """--build-only writes the files (the slow part, on many CPU cores at once); the timed run
+    with the same --files-dir reads them: a file changed on disk is the one measured."""
+    keep = tmp_path / "files"
+    assert bench.main([*FAST, "--model", "mlp", "--files", "fp32,convert_onnx", "--files-dir", str(keep),
+                       "--build-only"]) == 0
+    assert "built convert_onnx, fp32" in capsys.readouterr().out
+    ours = keep / "mlp-tiny-float16-opsetdefault-convert_onnx.onnx"
+    proto = onnx.load(ours)
+    casts = sum(n.op_type == "Cast" for n in proto.graph.node)
+    # one more (identity) Cast in the stored file: the run must count it
+    last = proto.graph.output[0].name
+    proto.graph.node[-1].output[0] = "pre_" + last
+    proto.graph.node.append(onnx.helper.make_node("Cast", ["pre_" + last], [last], to=1))
+    onnx.save(proto, ours)
+    result = run(tmp_path, "--model", "mlp", "--files", "fp32,convert_onnx", "--files-dir", str(keep))
+    assert result["files"]["convert_onnx"]["casts"] == casts + 1
+
+
+def test_build_only_needs_a_files_dir(capsys, tmp_path):
+    assert bench.main([*FAST, "--build-only", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--files-dir" in capsys.readouterr().err
 
 
 def test_batch_list_must_hold_positive_integers(capsys, tmp_path):

@@ -142,6 +142,9 @@ def test_bad_onnx_option_values_are_one_line_errors(tmp_path, src, capsys):
         (["--opset", "6"], ("cannot convert", "to opset 6")),
         (["--max-reduction-depth", "0"], ("invalid reduction depth '0'",)),
         (["--max-reduction-depth", "many"], ("invalid reduction depth 'many'",)),
+        (["--island-tolerance", "-1"], ("invalid island tolerance '-1'",)),
+        (["--island-tolerance", "nan"], ("invalid island tolerance 'nan'",)),
+        (["--embedding-tables", "half"], ("invalid choice: 'half'",)),
     ):
         code, _, err = run(capsys, "convert", str(src), *argv, "--out", out)
         assert_one_line_error(code, err, *needles)
@@ -161,3 +164,32 @@ def test_max_reduction_depth_on_the_command_line(tmp_path, src, capsys):
     code, _, err = run(capsys, "convert", str(src), "--max-reduction-depth", "8", "--out", str(tmp_path / "e"))
     assert code == 0, err
     assert _plan(tmp_path / "e")["mm1"].precision == torch.float16
+
+
+def test_embedding_tables_and_islands_on_the_command_line(tmp_path, capsys):
+    """--islands measure --island-tolerance R reach convert_onnx (rule O9): the fp32 Add that
+    reads the graph input is an island; at a generous tolerance it is traded; the flags are
+    ONNX-only."""
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float32) * 0.5, "w")
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32), "table")
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["x"], name="lookup"),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm1"),
+         helper.make_node("Add", ["y", "x"], ["r"], name="residual"),
+         helper.make_node("MatMul", ["r", "w"], ["z"], name="mm2")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 8])], initializer=[w, table])
+    src = tmp_path / "island.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), src)
+    code, _, err = run(capsys, "convert", str(src), "--embedding-tables", "low", "--islands", "measure",
+                       "--island-tolerance", "100", "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    plan = _plan(tmp_path / "t")
+    assert plan["residual"].rule == "O9:traded" and plan["residual"].precision == torch.float16
+    assert plan.meta["keep_io_types"] is True
+    code, _, err = run(capsys, "convert", str(src), "--islands", "measure", "--island-tolerance", "0",
+                       "--out", str(tmp_path / "k"))
+    assert code == 0, err
+    assert _plan(tmp_path / "k")["residual"].precision == torch.float32
+    code, _, err = run(capsys, "convert", "mlp", "--islands", "measure", "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "--islands applies to .onnx targets only")

@@ -47,7 +47,8 @@ HAS_CUDA_EP = "CUDAExecutionProvider" in ort_providers()  # preloads onnxruntime
 
 MODELS = ("mlp", "resnet", "gpt", "bert", "lstm", "mf")
 FP16 = TensorProto.FLOAT16
-RULE_PREFIXES = ("R0:", "R1:", "R2:", "R3:", "R4:", "R5:", "R6:", "R7:", "O1:", "O2:", "O3:", "O4:", "O5:")
+RULE_PREFIXES = ("R0:", "R1:", "R2:", "R3:", "R4:", "R5:", "R6:", "R7:", "O1:", "O2:", "O3:", "O4:", "O5:",
+                 "O6:", "O7:", "O8:", "O9:", "O10:")
 
 
 @pytest.fixture(scope="module")

@@ -276,3 +276,44 @@ def test_o7_a_cube_read_elsewhere_stays_fp32():
     _, plan = convert_onnx(_gelu_tanh(tail=True), return_plan=True)
     pow_ = next(k for k, d in plan.items() if d.kind == "pow")
     assert plan[pow_].rule == "R2:deny" and plan[pow_].precision == torch.float32
+
+
+def _rotary(scale: float):
+    """(x @ w) * table @ w, table = Cos(inv_freq * positions) * scale: computed from
+    initializers only, as HF Llama's rotary phases are in a static export."""
+    inits = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
+             numpy_helper.from_array(np.linspace(0.1, 1.0, 4, dtype=np.float32), "inv_freq"),
+             numpy_helper.from_array(np.array([[0.0], [1.0]], np.float32), "pos"),
+             numpy_helper.from_array(np.array(scale, np.float32), "scale")]
+    return _graph([helper.make_node("Mul", ["pos", "inv_freq"], ["phase"]),
+                   helper.make_node("Cos", ["phase"], ["cos"]),
+                   helper.make_node("Mul", ["cos", "scale"], ["table"]),
+                   helper.make_node("MatMul", ["x", "w"], ["h"]),
+                   helper.make_node("Mul", ["h", "table"], ["r"]),
+                   helper.make_node("MatMul", ["r", "w"], ["y"])], inits)
+
+
+def test_o10_a_table_computed_from_initializers_does_not_hold_its_readers_fp32(ort_no_crash):
+    model = _rotary(1.0)
+    ours, plan = convert_onnx(model, return_plan=True)
+    cos = next(n.name for n in ours.graph.node if n.op_type == "Cos")
+    assert plan[cos].rule == "O10:constant-table" and "max|x| 1 " in plan[cos].reason
+    rotate = next(k for k, d in plan.items() if d.kind == "mul" and d.precision == torch.float16)
+    assert plan[rotate].rule == "R3:between-low"
+    assert len(_casts(ours)) == 3  # input down, output up, the table down once
+    x = torch.randn(2, 4)
+    np.testing.assert_allclose(_run(ours, (x,), ort_no_crash), _run(model, (x,), ort_no_crash),
+                               rtol=2.0 ** -9, atol=2.0 ** -11)
+
+
+def test_o10_leaves_a_table_beyond_the_low_range_and_a_moved_weight_alone():
+    big, plan = convert_onnx(_rotary(1e5), return_plan=True)  # 1e5 > 65504 / 4
+    table = next(n.name for n in big.graph.node if n.output[0] == "table")
+    assert plan[table].rule != "O10:constant-table"  # the phases and their Cos still are (max 1)
+    reader = next(k for k, d in plan.items() if d.rule == "R3:fp32-input")
+    assert plan[reader].kind == "mul" and plan[reader].precision == torch.float32
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    moved = _graph([helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])], [w])
+    ours, plan = convert_onnx(moved, return_plan=True)
+    assert not [d for d in plan.values() if d.rule.startswith("O10")]
+    assert [t.data_type for t in ours.graph.initializer] == [F16]  # W4 stores the weight low
