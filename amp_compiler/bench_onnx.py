@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.util
 import io
 import os
 import platform
@@ -227,6 +228,8 @@ def build_model(name: str, size: str, batch: int | None, seq_len: int | None) ->
     from amp_compiler.bench_real import PROMPT, make_batch
 
     spec = suite[name]
+    if importlib.util.find_spec(spec.library) is None:
+        raise BenchError(f"--model {name} needs {spec.library} (pip install {spec.library})")
     torch.manual_seed(0)
     model = spec.build(size == "tiny").eval()
     length = (seq_len or min(PROMPT, spec.length)) if spec.text else (32 if size == "tiny" else spec.length)
