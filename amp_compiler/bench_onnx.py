@@ -67,7 +67,7 @@ from amp_compiler.bench import (DTYPES, MODELS, SIZES, BenchError, _fmt, _Parser
 from amp_compiler.onnx_export import ort_providers
 from amp_compiler.passes.ranges import rel_error
 
-__all__ = ["main", "run", "export_fp32", "build_model", "FILES", "MINCAST"]
+__all__ = ["main", "run", "export_fp32", "build_model", "example_inputs", "FILES", "MINCAST"]
 
 # The files, in display order. The first one present is the baseline of the ratios.
 FILES = ("fp32", "onnxconverter-common", "modelopt", "convert_onnx", "convert_onnx-mincast",
@@ -91,6 +91,10 @@ def build_parser(prog: str = "amp-compiler bench --mode onnx") -> argparse.Argum
                    help="auto: cuda when ONNX Runtime has CUDAExecutionProvider and torch sees a GPU")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16")
     p.add_argument("--batch", default=None, help="a batch size, or several: 1,8")
+    p.add_argument("--error-batch", type=int, default=32,
+                   help="distinct samples the errors are also measured on (max and RMS relative "
+                        "error; a classifier's few logits per sample make one batch's maximum "
+                        "coarse); 0: off")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=20, help="timed runs per file per round")
     p.add_argument("--rounds", type=int, default=5)
@@ -124,6 +128,7 @@ class Config:
     out: str
     files_dir: str | None = None
     build_only: bool = False
+    error_batch: int = 32
 
 
 def _suite() -> dict:
@@ -146,7 +151,7 @@ def _batches(value: str | None) -> tuple[int | None, ...]:
 
 def _resolve(argv: list[str]) -> Config:
     a = build_parser().parse_args(argv)
-    check_counts(a, ("seq_len", "steps"), ("rounds", "warmup"))
+    check_counts(a, ("seq_len", "steps"), ("rounds", "warmup", "error_batch"))
     batches = _batches(a.batch)
     cuda_ok = torch.cuda.is_available() and "CUDAExecutionProvider" in ort_providers()
     if a.device == "cuda" and not cuda_ok:
@@ -164,7 +169,7 @@ def _resolve(argv: list[str]) -> Config:
         raise BenchError("--build-only needs --files-dir (where the files are kept)")
     return Config(list(argv), a.model, a.size, device, DTYPES[a.dtype], a.dtype, batches,
                   a.seq_len, a.steps, a.rounds, a.warmup, files, a.opset, out, a.files_dir,
-                  a.build_only)
+                  a.build_only, a.error_batch)
 
 
 # ----------------------------------------------------------------------------- the files
@@ -225,19 +230,33 @@ def build_model(name: str, size: str, batch: int | None, seq_len: int | None) ->
         extra = {"seq_len": seq_len} if seq_len is not None else {}
         model, inputs = build(name, size, batch=batch, **extra)
         return model.eval(), inputs
-    from amp_compiler.bench_real import PROMPT, make_batch
-
     spec = suite[name]
     if importlib.util.find_spec(spec.library) is None:
         raise BenchError(f"--model {name} needs {spec.library} (pip install {spec.library})")
     torch.manual_seed(0)
     model = spec.build(size == "tiny").eval()
+    names, inputs = _suite_inputs(name, size, model, batch or 1, seq_len)
+    return Positional(model, names).eval(), inputs
+
+
+def example_inputs(name: str, size: str, model: nn.Module, batch: int, seq_len: int | None) -> tuple:
+    """``batch`` distinct samples for ``model`` (as ``build_model`` built it)."""
+    if name not in _suite():
+        return build_model(name, size, batch, seq_len)[1]
+    return _suite_inputs(name, size, model.model, batch, seq_len)[1]
+
+
+def _suite_inputs(name: str, size: str, model: nn.Module, batch: int,
+                  seq_len: int | None) -> tuple[tuple[str, ...], tuple]:
+    from amp_compiler.bench_real import PROMPT, make_batch
+
+    spec = _suite()[name]
     length = (seq_len or min(PROMPT, spec.length)) if spec.text else (32 if size == "tiny" else spec.length)
-    feed = make_batch(spec, model, batch or 1, length, labels=False)
+    feed = make_batch(spec, model, batch, length, labels=False)
     if spec.task == "classify":  # padding, so the mask matters
         feed["attention_mask"] = torch.ones_like(feed["input_ids"])
         feed["attention_mask"][-1, length // 2:] = 0
-    return Positional(model, tuple(feed)).eval(), tuple(feed.values())
+    return tuple(feed), tuple(feed.values())
 
 
 def _batch_of(inputs: tuple, batch: int) -> tuple:
@@ -427,7 +446,31 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> dict[s
                 progress(f"batch {batch_inputs[0].shape[0]}, round {k + 1}/{cfg.rounds}: {r.name}")
                 _time(r, cfg.steps)
         runs.append(_rows(runners, batch_inputs))
-    return _result(cfg, runs, files, {r.name for r in runners}, ort.__version__)
+    result = _result(cfg, runs, files, {r.name for r in runners}, ort.__version__)
+    if cfg.error_batch:
+        progress(f"errors on {cfg.error_batch} samples")
+        result["errors"] = _errors(cfg, model, runners)
+    return result
+
+
+def _errors(cfg: Config, model: nn.Module, runners: list[Runner]) -> dict[str, Any]:
+    """Max and RMS relative error of every file on ``cfg.error_batch`` distinct samples, with
+    their ratios to the more accurate of the other converters."""
+    inputs = example_inputs(cfg.model, cfg.size, model, cfg.error_batch, cfg.seq_len)
+    ref = _reference(model, inputs, cfg.device).double()
+    feeds = {f"input_{i}": t.cpu().numpy() for i, t in enumerate(inputs)}
+    rows: dict[str, dict[str, float]] = {}
+    for r in runners:
+        r.bind(feeds, cfg.device)
+        r.run()
+        out = torch.from_numpy(np.asarray(r.output(), np.float64))
+        rms = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+        rows[r.name] = {"max_rel_error": rel_error(out, ref), "rms_rel_error": rms}
+    for key in ("max_rel_error", "rms_rel_error"):
+        best = min((rows[o][key] for o in OTHERS if o in rows), default=None)
+        for row in rows.values():
+            row[key.replace("_error", "_vs_best_other")] = _ratio(row[key], best)
+    return {"batch": cfg.error_batch, "input_shapes": [list(t.shape) for t in inputs], "files": rows}
 
 
 def _median(r: Runner) -> float | None:
@@ -506,6 +549,16 @@ def print_table(result: dict[str, Any], console=None) -> None:
                       _fmt(r["max_rel_error"], ".2e"), _fmt(r["error_vs_baseline"], ".2f", "x"),
                       _fmt(r.get("error_vs_best_other"), ".2f", "x"), str(r["casts"]),
                       f"{r['size_bytes'] / 2**20:.1f} MB")
+        console.print(t)
+    if result.get("errors"):
+        e = result["errors"]
+        t = Table(title=f"errors vs torch fp32 on {e['batch']} samples, inputs {e['input_shapes']}",
+                  caption="/others: to the more accurate of onnxconverter-common and ModelOpt")
+        for col in ("file", "max rel err", "/others", "RMS rel err", "/others "):
+            t.add_column(col, justify="left" if col == "file" else "right")
+        for name, r in e["files"].items():
+            t.add_row(name, _fmt(r["max_rel_error"], ".2e"), _fmt(r["max_rel_vs_best_other"], ".2f", "x"),
+                      _fmt(r["rms_rel_error"], ".2e"), _fmt(r["rms_rel_vs_best_other"], ".2f", "x"))
         console.print(t)
 
 

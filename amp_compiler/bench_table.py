@@ -87,6 +87,23 @@ def onnx_table(paths: list[str]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def onnx_errors_table(paths: list[str]) -> str:
+    """The ``--mode onnx`` runs' errors on their error batch (distinct samples): max and RMS
+    relative error per file, each against the more accurate of the other converters."""
+    lines = ["| run | error batch | file | max rel err | vs better other | RMS rel err | "
+             "vs better other |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(paths):
+        d = json.loads(Path(p).read_text())
+        if d.get("mode") != "onnx" or not d.get("errors"):
+            continue
+        e = d["errors"]
+        for f, r in e["files"].items():
+            lines.append(f"| `{Path(p).stem}` | {e['batch']} | {f} | {r['max_rel_error']:.2e} | "
+                         f"{_x(r['max_rel_vs_best_other'])} | {r['rms_rel_error']:.2e} | "
+                         f"{_x(r['rms_rel_vs_best_other'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
 
@@ -239,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     # the torch table always (even empty, as before), unless every file is a real-suite one
     only_real = all(json.loads(Path(p).read_text()).get("suite") == "real" for p in paths)
     tables = [] if only_real else [table(paths)]
-    tables += [t for t in (onnx_table(paths), real_table(paths), latency_table(paths)) if t]
+    tables += [t for t in (onnx_table(paths), onnx_errors_table(paths), real_table(paths),
+                           latency_table(paths)) if t]
     print("\n\n".join(tables))
     return 0
 

@@ -19,7 +19,8 @@ from amp_compiler import bench, bench_onnx, bench_table
 from amp_compiler.models import build
 from amp_compiler.onnx_frontend import convert_onnx
 
-FAST = ["--mode", "onnx", "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup", "1"]
+FAST = ["--mode", "onnx", "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup", "1",
+        "--error-batch", "0"]
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +75,7 @@ def test_a_library_model_against_both_converters_at_two_batches(tmp_path):
     onnxconverter-common's, one set of files timed at batch 1 and 3; the ratios to the other
     converters are those of the rows."""
     pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt is a dev dependency")
-    result = run(tmp_path, "--model", "gpt2", "--size", "tiny", "--batch", "1,3",
+    result = run(tmp_path, "--model", "gpt2", "--size", "tiny", "--batch", "1,3", "--error-batch", "32",
                  "--files", "fp32,onnxconverter-common,modelopt,convert_onnx")
     assert [r["input_shapes"] for r in result["runs"]] == [[[1, 64]], [[3, 64]]]
     assert result["files"] == result["runs"][0]["files"]
@@ -89,6 +90,16 @@ def test_a_library_model_against_both_converters_at_two_batches(tmp_path):
         assert ours["casts_vs_modelopt"] == pytest.approx(ours["casts"] / mo["casts"])
         assert ours["size_vs_onnxconverter_common"] == pytest.approx(ours["size_bytes"] / occ["size_bytes"])
         assert 0 < ours["max_rel_error"] < min(occ["max_rel_error"], mo["max_rel_error"])
+    errors = result["errors"]  # on 32 distinct samples, beside the timed batches
+    assert errors["batch"] == 32 and errors["input_shapes"] == [[32, 64]]
+    e_occ, e_mo, e_ours = (errors["files"][k] for k in ("onnxconverter-common", "modelopt", "convert_onnx"))
+    for key in ("max_rel", "rms_rel"):
+        best = min(e_occ[f"{key}_error"], e_mo[f"{key}_error"])
+        assert e_ours[f"{key}_vs_best_other"] == pytest.approx(e_ours[f"{key}_error"] / best)
+        assert 0 < e_ours[f"{key}_error"] < best
+    assert e_ours["rms_rel_error"] <= e_ours["max_rel_error"] * 2  # RMS of the same differences
+    err_md = bench_table.onnx_errors_table([str(tmp_path / "onnx.json")])
+    assert f"| 32 | convert_onnx | {e_ours['max_rel_error']:.2e} |" in err_md
     md = bench_table.onnx_table([str(tmp_path / "onnx.json")]).splitlines()
     assert len(md) == 2 + 2 * 4  # header, rule, a row per file and batch
     ours = result["runs"][1]["files"]["convert_onnx"]
