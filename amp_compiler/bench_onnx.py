@@ -7,7 +7,10 @@ Every file comes from one fp32 model and runs in one ONNX Runtime on the same in
 2. ``onnxconverter-common``: ``convert_float_to_float16(fp32, keep_io_types=True)`` (float16 only);
 3. ``convert_onnx``: ours, on the same fp32 file, default plan;
 4. ``convert_onnx-mincast``: ours with ``force_low=("add", "layer_norm")``, the residual stream
-   and its LayerNorms low too: the fewest casts the plan allows;
+   and its LayerNorms low too: the fewest casts the plan allows; asked for by name:
+   ``convert_onnx-lowtables`` (``embedding_tables="low"``: every Gather table low, the smallest
+   file) and ``convert_onnx-islands`` (``islands="measure"`` at a 10% tolerance: fp32 islands
+   traded for Casts where the error allows, rule O9);
 5. ``export_onnx``: ours, exported from the AmpModule (``convert(training=False)`` on the bench
    device, so the device's policy and the attention rewrite apply);
 6. ``modelopt``: NVIDIA ModelOpt AutoCast's ``convert_to_mixed_precision(keep_io_types=True)``
@@ -70,9 +73,12 @@ from amp_compiler.passes.ranges import rel_error
 __all__ = ["main", "run", "export_fp32", "build_model", "example_inputs", "FILES", "MINCAST"]
 
 # The files, in display order. The first one present is the baseline of the ratios.
-FILES = ("fp32", "onnxconverter-common", "modelopt", "convert_onnx", "convert_onnx-mincast",
-         "export_onnx")
-DEFAULT_FILES = tuple(f for f in FILES if f != "modelopt")  # ModelOpt: an optional extra
+FILES = ("fp32", "onnxconverter-common", "modelopt", "convert_onnx", "convert_onnx-lowtables",
+         "convert_onnx-islands", "convert_onnx-mincast", "export_onnx")
+# ModelOpt: an optional extra; the other two: choices of ours beside the default, asked for by name
+DEFAULT_FILES = tuple(f for f in FILES if f not in ("modelopt", "convert_onnx-lowtables",
+                                                     "convert_onnx-islands"))
+ISLAND_TOLERANCE = 0.1  # convert_onnx-islands: the error may grow by 10% for fewer Casts
 BASELINES = ("onnxconverter-common", "fp32")
 OTHERS = ("onnxconverter-common", "modelopt")  # the converters we compare against
 # The fewest-casts recipe: the residual stream (add) and the LayerNorms on it low as well.
@@ -296,6 +302,9 @@ def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[
         "modelopt": lambda: _modelopt(fp32),
         "convert_onnx": lambda: convert_onnx(fp32, dtype=cfg.dtype_name),
         "convert_onnx-mincast": lambda: convert_onnx(fp32, dtype=cfg.dtype_name, force_low=MINCAST),
+        "convert_onnx-lowtables": lambda: convert_onnx(fp32, dtype=cfg.dtype_name, embedding_tables="low"),
+        "convert_onnx-islands": lambda: convert_onnx(fp32, dtype=cfg.dtype_name, islands="measure",
+                                                     island_tolerance=ISLAND_TOLERANCE),
     }
     files: dict[str, onnx.ModelProto] = {}
     for name in cfg.files:

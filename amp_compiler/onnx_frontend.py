@@ -931,8 +931,9 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     pinned = tuple(f"node:{n}" for n in df.pins)
     cubes = {n: why for n, why in _gelu_cubes(model, df.vertex_of).items() if n not in df.pins}  # O7
 
-    def paint(traded: tuple[str, ...] = ()) -> PrecisionPlan:
-        classes = classify(df.graph, policy, keep_fp32=_entries(keep_fp32) + pinned,
+    def paint(traded: tuple[str, ...] = (), kept: tuple[str, ...] = ()) -> PrecisionPlan:
+        classes = classify(df.graph, policy,
+                           keep_fp32=_entries(keep_fp32) + pinned + tuple(f"node:{n}" for n in kept),
                            force_low=_entries(force_low) + tuple(f"node:{n}" for n in (*cubes, *traded)))
         plan = propagate(df.graph, classes, policy, type_promotion=False)
         return PrecisionPlan({**plan, **{n: _pinned(plan[n], *df.pins[n]) for n in df.pins},
@@ -947,8 +948,8 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
                                    "keep_io_types": keep_io_types})
 
     # 4. rewrite the ONNX graph: Cast nodes, low-precision initializers, outputs restored
-    def build(traded: tuple[str, ...] = ()) -> tuple[PrecisionPlan, onnx.ModelProto]:
-        plan = paint(traded)
+    def build(traded: tuple[str, ...] = (), kept: tuple[str, ...] = ()) -> tuple[PrecisionPlan, onnx.ModelProto]:
+        plan = paint(traded, kept)
         converted = rewrite_onnx(model, df.slots, df.vertex_of, plan, df.source_types,
                                  keep_io_types=keep_io_types).model
         _drop_lifted_key(converted)

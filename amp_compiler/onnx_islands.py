@@ -5,12 +5,14 @@ with an fp32 input (R3), a norm whose producer is fp32 (R5), what is not between
 Those nodes form *islands*: connected fp32 regions of the graph whose borders cost Cast nodes.
 (Nodes fp32 for their own sake -- deny ops (R2), overrides (R6), pins O1-O5 -- are never traded.)
 
-    O9  with ``islands="measure"``, each island (largest Cast saving first) is tried low: the
-        plan is painted again with the island forced low, rewritten, and run in ONNX Runtime
-        (CPU) on the samples beside the fp32 file. The island goes low when that removes Casts
-        and the error against the fp32 file (the mean over the samples of max|out - ref| /
-        max|ref|, every float output) stays within ``tolerance`` (relative) of the error so far;
-        otherwise it stays fp32, and its Decisions say what was measured (a missed trade).
+    O9  with ``islands="measure"``, each island (the largest first) is tried low: the plan is
+        painted again with the island forced low, rewritten, and run in ONNX Runtime (CPU) on
+        the samples beside the fp32 file. The island goes low when that removes Casts and the
+        error against the fp32 file (the mean over the samples of max|out - ref| / max|ref|,
+        every float output) stays within ``tolerance`` (relative) of the error with every
+        island fp32. An island refused whole is tried in halves of its nodes in topological
+        order (the residual stream of the last layers, or of the first), down to eighths. What
+        stays fp32 says in its Decisions what was measured (a missed trade).
 
 The samples are the ``calibration`` samples, or generated ones (``generated_samples``): token ids
 uniform over the rows of the table they index, masks of ones with padding in the last row, floats
@@ -40,6 +42,7 @@ log = logging.getLogger("amp_compiler")
 SOFT_RULES = ("R3:fp32-input", "R3:fp32-consumer", "R5:fp32-acc-fp32", "R7:follow-fp32", "O6:mask")
 ISLAND_MODES = ("keep", "measure")
 BATCH, LENGTH = 2, 32  # generated samples: symbolic dimensions
+SPLITS = 3  # an island refused whole is tried in halves, quarters, eighths
 
 
 @dataclass(frozen=True)
@@ -144,41 +147,60 @@ def casts(model: onnx.ModelProto) -> int:
 
 
 def trade(source: onnx.ModelProto, plan: PrecisionPlan, graph,
-          build: Callable[[tuple[str, ...]], tuple[PrecisionPlan, onnx.ModelProto]],
+          build: Callable[[tuple[str, ...], tuple[str, ...]], tuple[PrecisionPlan, onnx.ModelProto]],
           samples: Iterable, tolerance: float) -> tuple[PrecisionPlan, onnx.ModelProto]:
-    """Rule O9. ``build(force_low_nodes)`` paints and rewrites with those nodes forced low;
-    returns the plan (O9 Decisions on every island) and the converted model."""
+    """Rule O9. ``build(low_nodes, fp32_nodes)`` paints and rewrites with those nodes forced
+    low / kept fp32; returns the plan (O9 Decisions on every island node tried) and the model.
+
+    A trial lowers one island (or part) and pins every other island node fp32, so that a part
+    low does not carry the rest of its island with it (R3 would paint the residual stream after
+    a low add low as well): each trial measures exactly what it lowers.
+    """
     samples = list(samples)
     refs = _run(_session(source), samples)
-    current_plan, current = build(())
-    error = mean_error(_run(_session(current), samples), refs)
-    lowered: tuple[str, ...] = ()
-    remarks: dict[str, tuple[bool, str]] = {}  # node -> (traded, reason)
+    current_plan, current = build((), ())
+    base = error = mean_error(_run(_session(current), samples), refs)
+    budget = base * (1 + tolerance)
+    order = {n: i for i, n in enumerate(graph.topological())}
     found = islands(plan, graph)
-    log.info("O9: %d fp32 islands, error %.3g with all of them fp32", len(found), error)
-    for island in sorted(found, key=lambda i: -len(i.nodes)):
-        trial = lowered + tuple(sorted(island.nodes))
+    every = {n for i in found for n in i.nodes}
+    lowered: tuple[str, ...] = ()
+    remarks: dict[str, tuple[bool, str]] = {}  # node -> (traded, reason); the last try wins
+    log.info("O9: %d fp32 islands, error %.3g with all of them fp32", len(found), base)
+    # the largest islands first; an island refused whole is tried in halves (topological order)
+    pending = [(sorted(i.nodes, key=order.get), 0) for i in sorted(found, key=lambda i: -len(i.nodes))]
+    while pending:
+        nodes, depth = pending.pop(0)
+        part = Island(frozenset(nodes))
+        low = lowered + tuple(nodes)
         try:
-            trial_plan, trial_model = build(trial)
+            trial_plan, trial_model = build(low, tuple(sorted(every - set(low))))
         except Exception as exc:  # noqa: BLE001 -- a trade that makes an invalid file is not taken
             why = f"lowering it does not make a valid file ({' '.join(str(exc).split())[:120]})"
-            remarks.update({n: (False, why) for n in island.nodes})
+            remarks.update({n: (False, why) for n in nodes})
             continue
         saved = casts(current) - casts(trial_model)
         trial_error = mean_error(_run(_session(trial_model), samples), refs)
-        what = (f"O9 measured on {len(samples)} samples: with the fp32 island of {island.describe()} "
-                f"low the file has {casts(trial_model)} Casts instead of {casts(current)}, and the "
-                f"error vs the fp32 file goes from {error:.3g} to {trial_error:.3g}")
-        if saved > 0 and trial_error <= error * (1 + tolerance):
-            lowered, current, current_plan, error = trial, trial_model, trial_plan, trial_error
-            remarks.update({n: (True, f"{what} (within tolerance {tolerance:g}): traded, low")
-                            for n in island.nodes})
-        else:
-            verdict = "no Cast saved" if saved <= 0 else f"beyond tolerance {tolerance:g}"
-            remarks.update({n: (False, f"{what} ({verdict}): kept fp32") for n in island.nodes})
+        what = (f"O9 measured on {len(samples)} samples: with the fp32 island{' part' * (depth > 0)} of "
+                f"{part.describe()} low the file has {casts(trial_model)} Casts instead of "
+                f"{casts(current)}, and the error vs the fp32 file goes from {error:.3g} to "
+                f"{trial_error:.3g}")
+        if saved > 0 and trial_error <= budget:
+            lowered, current, current_plan, error = low, trial_model, trial_plan, trial_error
+            remarks.update({n: (True, f"{what} (within tolerance {tolerance:g} of {base:.3g}): "
+                                      f"traded, low") for n in nodes})
+            continue
+        verdict = "no Cast saved" if saved <= 0 else f"beyond tolerance {tolerance:g} of {base:.3g}"
+        remarks.update({n: (False, f"{what} ({verdict}): kept fp32") for n in nodes})
+        if saved > 0 and depth < SPLITS and len(nodes) > 1:
+            half = len(nodes) // 2
+            pending += [(nodes[:half], depth + 1), (nodes[half:], depth + 1)]
+    if lowered:  # the final plan: what was traded low, the rest of every island pinned fp32
+        current_plan, current = build(lowered, tuple(sorted(every - set(lowered))))
     decisions = {}
     for n, (traded, why) in remarks.items():
-        d = current_plan[n]
-        decisions[n] = d.with_(rule="O9:traded", reason=why) if traded else d.with_(reason=f"{d.reason}; {why}")
+        if traded:
+            decisions[n] = current_plan[n].with_(rule="O9:traded", reason=why)
+        else:  # as the plan without trades decided it (not the pin's R6), with what was measured
+            decisions[n] = plan[n].with_(reason=f"{plan[n].reason}; {why}")
     return current_plan.replace(decisions), current
-
