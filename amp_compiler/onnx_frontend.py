@@ -79,7 +79,7 @@ import torch
 from onnx import TensorProto, helper
 
 from amp_compiler.errors import ConfigError, OnnxError
-from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade
+from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade, trial_providers
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, TORCH_TO_ONNX, TYPE_STR,
@@ -901,6 +901,11 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
             or not 0 <= island_tolerance < float("inf"):
         raise ConfigError(f"island_tolerance must be a finite number >= 0 (0.05: the error may "
                           f"grow by 5%), got {island_tolerance!r}")
+    if islands == "measure" and resolve_dtype(dtype) == torch.bfloat16 \
+            and "CUDAExecutionProvider" not in trial_providers():
+        raise ConfigError("islands='measure' with bfloat16 needs ONNX Runtime's "
+                          "CUDAExecutionProvider (onnxruntime-gpu): its CPU provider has no "
+                          "bfloat16 kernels to measure the trades on; use float16 or islands='keep'")
     if calibration is not None and islands == "measure":
         calibration = list(calibration)  # read twice: ranges (O3) and the trades (O9)
     if embedding_tables not in EMBEDDING_TABLES:

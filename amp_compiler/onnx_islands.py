@@ -6,8 +6,10 @@ Those nodes form *islands*: connected fp32 regions of the graph whose borders co
 (Nodes fp32 for their own sake -- deny ops (R2), overrides (R6), pins O1-O5 -- are never traded.)
 
     O9  with ``islands="measure"``, each island (the largest first) is tried low: the plan is
-        painted again with the island forced low, rewritten, and run in ONNX Runtime (CPU) on
-        the samples beside the fp32 file. The island goes low when that removes Casts and the
+        painted again with the island forced low, rewritten, and run in ONNX Runtime on the
+        samples -- on its CUDA provider where installed (float16 kernels as deployed, and the
+        only bfloat16 ones), else the CPU provider -- against the fp32 file on the CPU provider
+        (no TF32 there). The island goes low when that removes Casts and the
         error against the fp32 file (the mean over the samples of max|out - ref| / max|ref|,
         every float output) stays within ``tolerance`` (relative) of the error with every
         island fp32. An island refused whole is tried in halves of its nodes in topological
@@ -111,12 +113,22 @@ def _index_ranges(model: onnx.ModelProto, inits: Mapping[str, onnx.TensorProto])
     return out
 
 
-def _session(model: onnx.ModelProto):
+def trial_providers() -> list[str]:
+    """Where trials run: ONNX Runtime's CUDA provider when it has one (float16 kernels as
+    deployed, and the only bfloat16 ones), else the CPU provider."""
+    from amp_compiler.onnx_export import ort_providers
+
+    cuda = "CUDAExecutionProvider" in ort_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+def _session(model: onnx.ModelProto, providers: list[str] | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=providers or ["CPUExecutionProvider"])
 
 
 def _run(session, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -157,9 +169,15 @@ def trade(source: onnx.ModelProto, plan: PrecisionPlan, graph,
     a low add low as well): each trial measures exactly what it lowers.
     """
     samples = list(samples)
-    refs = _run(_session(source), samples)
+    refs = _run(_session(source), samples)  # the fp32 file on the CPU provider: no TF32 there
+    providers = trial_providers()
+    where = providers[0].replace("ExecutionProvider", "")
+
+    def measure(model: onnx.ModelProto) -> float:
+        return mean_error(_run(_session(model, providers), samples), refs)
+
     current_plan, current = build((), ())
-    base = error = mean_error(_run(_session(current), samples), refs)
+    base = error = measure(current)
     budget = base * (1 + tolerance)
     order = {n: i for i, n in enumerate(graph.topological())}
     found = islands(plan, graph)
@@ -180,8 +198,8 @@ def trade(source: onnx.ModelProto, plan: PrecisionPlan, graph,
             remarks.update({n: (False, why) for n in nodes})
             continue
         saved = casts(current) - casts(trial_model)
-        trial_error = mean_error(_run(_session(trial_model), samples), refs)
-        what = (f"O9 measured on {len(samples)} samples: with the fp32 island{' part' * (depth > 0)} of "
+        trial_error = measure(trial_model)
+        what = (f"O9 measured on {len(samples)} samples ({where}): with the fp32 island{' part' * (depth > 0)} of "
                 f"{part.describe()} low the file has {casts(trial_model)} Casts instead of "
                 f"{casts(current)}, and the error vs the fp32 file goes from {error:.3g} to "
                 f"{trial_error:.3g}")

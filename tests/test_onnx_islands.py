@@ -117,3 +117,12 @@ def test_calibration_samples_are_the_ones_measured(gpt2):
 def test_bad_island_arguments_are_config_errors(gpt2, kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
         convert_onnx(gpt2, **kwargs)
+
+
+def test_bfloat16_trades_need_the_cuda_provider(gpt2):
+    from amp_compiler.onnx_islands import trial_providers
+
+    if "CUDAExecutionProvider" in trial_providers():
+        pytest.skip("ONNX Runtime has its CUDA provider here: bfloat16 trades are measured on it")
+    with pytest.raises(ConfigError, match="bfloat16 needs ONNX Runtime's CUDAExecutionProvider"):
+        convert_onnx(gpt2, dtype="bfloat16", islands="measure")
