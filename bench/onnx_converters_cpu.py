@@ -6,7 +6,7 @@ computes many fp16 ops in fp32, so the sum reads finite there; on a GPU it is in
 The files are the dynamo exports (opset 18, random weights) users have of: Hugging Face GPT-2,
 BERT (with an attention mask) and Llama, 4 layers of width 256 and a vocabulary of 8192, at
 4 x 256 tokens; a BatchNorm-ReLU-Conv CNN; and the big sum. Converters: ``convert_onnx``
-(default, ``embedding_tables="low"``, and the min-cast recipe ``force_low=("add",
+(default, ``embedding_tables="low"``, ``islands="measure"`` at 10%, and the min-cast recipe ``force_low=("add",
 "layer_norm")``), onnxconverter-common's
 ``convert_float_to_float16(keep_io_types=True)`` and NVIDIA ModelOpt AutoCast's
 ``convert_to_mixed_precision(keep_io_types=True)``, without data and with a calibration batch;
@@ -96,6 +96,8 @@ def converters(fp32_path: str, feed: dict[str, np.ndarray], workdir: str):
 
     out = {"convert_onnx": lambda: convert_onnx(fp32_path),
            "convert_onnx low tables": lambda: convert_onnx(fp32_path, embedding_tables="low"),
+           "convert_onnx islands 10%": lambda: convert_onnx(fp32_path, islands="measure",
+                                                             island_tolerance=0.1),
            "convert_onnx min-cast": lambda: convert_onnx(fp32_path, force_low=("add", "layer_norm"))}
     try:
         from onnxconverter_common import float16
