@@ -49,6 +49,10 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         fp32 and cast once per dtype its readers need, like a weight, and
         its readers do not stay fp32 for it (R3). Only where one run on a generated sample finds
         it within a quarter of the low dtype's range (as O3); beyond, it stays an fp32 value.
+    O11 a LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add;
+        exporters before opset 17) is fused into one ``LayerNormalization`` at opset >= 17
+        (``passes.onnx_layer_norm``, rules L1-L7), which computes in fp32 inside: it runs low
+        with no Cast instead of an fp32 island around its ``Pow``.
     O9  with ``islands="measure"``: an fp32 island (a region fp32 for its neighbours' sake: R3,
         R5, R7) goes low where ONNX Runtime measures that it removes Casts at an error within
         ``island_tolerance``; see ``amp_compiler.onnx_islands``.
@@ -82,6 +86,7 @@ from amp_compiler.errors import ConfigError, OnnxError
 from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade, trial_providers
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.onnx_layer_norm import fuse_layer_norms
 from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, TORCH_TO_ONNX, TYPE_STR,
                                               NodeSlots, outer_references, rewrite_onnx,
                                               slot_type_vars, value_types)
@@ -660,6 +665,8 @@ def _mask_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex
     return out
 
 
+_FUSED = ("O11: fused from its written-out form (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, "
+          "Div, Mul, Add): one LayerNormalization computes in fp32 inside (stash_type=1)")
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                          "Bernoulli", "Multinomial", "Dropout"})
@@ -920,6 +927,12 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     model = prepare(source)
     if opset_of(model) is None:
         raise OnnxError("the model imports no default-domain opset; it is not a standard ONNX model")
+    model, fused_norms = fuse_layer_norms(model)  # O11
+    if fused_norms:
+        made = {o for n in model.graph.node for o in n.output}
+        keep = [v for v in model.graph.value_info if v.name in made]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
     # 1. describe it IR-neutrally: the same DataflowGraph the FX front end builds
     masks = clamp_masks(model, low)  # O6, before O4 reads the initializers' ranges
     tables = constant_tables(model, low)  # O10
@@ -947,7 +960,9 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
                                  if plan[n].rule.startswith("R6:force_low")},
                               **_table_decisions(plan, model, df.vertex_of, df.slots, low, embedding_tables),
                               **{df.vertex_of[i]: _table_note(plan[df.vertex_of[i]], m, low)
-                                 for i, m in tables.items()}},
+                                 for i, m in tables.items()},
+                              **{n: plan[n].with_(reason=f"{plan[n].reason}; {_FUSED}")
+                                 for n in fused_norms if n in plan}},
                              low_dtype=low, device_type="cuda",
                              meta={"source": "onnx", "opset": opset_of(model),
                                    "keep_io_types": keep_io_types})
