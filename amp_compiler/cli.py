@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="measure: each fp32 island goes low where ONNX Runtime measures "
                                 "that it saves Casts within --island-tolerance of the error, on "
                                 "--calibration or generated samples (rule O9); default keep")
+    onnx_opts.add_argument("--fp64", choices=("keep", "fp32"), default=None,
+                           help="fp32: float64 values computed in float32, float64 inputs and "
+                                "outputs cast at the border (rule O12; ModelOpt's clean-up); "
+                                "default keep")
     onnx_opts.add_argument("--island-tolerance", type=_tolerance_arg, default=None, metavar="R",
                            help="relative error growth an island trade may cost (default 0.05)")
 
@@ -430,7 +434,8 @@ def _convert(args, loaded: Loaded):
                                          ("--keep-io-types / --no-keep-io-types", args.keep_io_types),
                                          ("--embedding-tables", args.embedding_tables),
                                          ("--islands", args.islands),
-                                         ("--island-tolerance", args.island_tolerance))
+                                         ("--island-tolerance", args.island_tolerance),
+                                         ("--fp64", args.fp64))
                 if value is not None]
         if used:
             raise ConfigError(f"{used[0]} applies to .onnx targets only; {args.target!r} is a "
@@ -490,7 +495,8 @@ def _convert_onnx(args, loaded: Loaded) -> OnnxConversion:
                                max_reduction_depth=args.max_reduction_depth,
                                embedding_tables=args.embedding_tables or "shared",
                                islands=args.islands or "keep",
-                               island_tolerance=0.05 if args.island_tolerance is None else args.island_tolerance)
+                               island_tolerance=0.05 if args.island_tolerance is None else args.island_tolerance,
+                               fp64=args.fp64 or "keep")
     # the front end's own description of the source file: the same vertex names as the plan
     source = load_model(str(loaded.onnx_path))
     if args.opset is not None:

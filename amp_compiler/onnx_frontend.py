@@ -53,6 +53,8 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         exporters before opset 17) is fused into one ``LayerNormalization`` at opset >= 17
         (``passes.onnx_layer_norm``, rules L1-L7), which computes in fp32 inside: it runs low
         with no Cast instead of an fp32 island around its ``Pow``.
+    O12 with ``fp64="fp32"``: float64 initializers, casts and dtype attributes become float32,
+        float64 inputs and outputs keep their type at the border (``passes.onnx_fp64``, D1-D3).
     O9  with ``islands="measure"``: an fp32 island (a region fp32 for its neighbours' sake: R3,
         R5, R7) goes low where ONNX Runtime measures that it removes Casts at an error within
         ``island_tolerance``; see ``amp_compiler.onnx_islands``.
@@ -86,6 +88,7 @@ from amp_compiler.errors import ConfigError, OnnxError
 from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade, trial_providers
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.onnx_fp64 import fp64_to_fp32
 from amp_compiler.passes.onnx_layer_norm import fuse_layer_norms
 from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, TORCH_TO_ONNX, TYPE_STR,
                                               NodeSlots, outer_references, rewrite_onnx,
@@ -858,7 +861,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
                  out: str | os.PathLike | None = None, overwrite: bool = False,
                  return_plan: bool = False, opset: int | None = None,
                  max_reduction_depth: int | None = None, embedding_tables: str = "shared",
-                 islands: str = "keep", island_tolerance: float = 0.05):
+                 islands: str = "keep", island_tolerance: float = 0.05, fp64: str = "keep"):
     """Convert an fp32 ONNX model to mixed precision with the same analyses as ``convert()``.
 
     Args:
@@ -888,6 +891,9 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
             tried low in ONNX Runtime on ``calibration`` -- or generated -- samples, and goes
             low where that removes Casts and the error grows by at most ``island_tolerance``,
             relative; every island's Decisions say what was measured).
+        fp64: ``"keep"`` (float64 ops stay as written) or ``"fp32"`` (rule O12: float64
+            initializers, casts and dtype attributes become float32; float64 inputs and outputs
+            keep their type, cast at the border -- ModelOpt's clean-up).
 
     Returns:
         The converted ``onnx.ModelProto`` (checked with ``onnx.checker.check_model(full_check=True)``),
@@ -902,6 +908,8 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
 
     low = resolve_dtype(dtype)
     depth_limit = None if max_reduction_depth is None else _depth_limit(max_reduction_depth)
+    if fp64 not in ("keep", "fp32"):
+        raise ConfigError(f"fp64 must be 'keep' or 'fp32', got {fp64!r}")
     if islands not in ISLAND_MODES:
         raise ConfigError(f"islands must be one of {', '.join(map(repr, ISLAND_MODES))}, got {islands!r}")
     if isinstance(island_tolerance, bool) or not isinstance(island_tolerance, (int, float)) \
@@ -927,6 +935,11 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     model = prepare(source)
     if opset_of(model) is None:
         raise OnnxError("the model imports no default-domain opset; it is not a standard ONNX model")
+    if fp64 == "fp32":  # O12: float64 computed in float32 (ModelOpt's clean-up)
+        model, widened = fp64_to_fp32(model)
+        if widened:
+            log.info("O12: float64 -> float32 for %d values (%s...)", len(widened), ", ".join(widened[:3]))
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     model, fused_norms = fuse_layer_norms(model)  # O11
     if fused_norms:
         made = {o for n in model.graph.node for o in n.output}
@@ -965,7 +978,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
                                  for n in fused_norms if n in plan}},
                              low_dtype=low, device_type="cuda",
                              meta={"source": "onnx", "opset": opset_of(model),
-                                   "keep_io_types": keep_io_types})
+                                   "keep_io_types": keep_io_types, "fp64": fp64})
 
     # 4. rewrite the ONNX graph: Cast nodes, low-precision initializers, outputs restored
     def build(traded: tuple[str, ...] = (), kept: tuple[str, ...] = ()) -> tuple[PrecisionPlan, onnx.ModelProto]:

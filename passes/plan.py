@@ -135,7 +135,7 @@ _RULE = re.compile(r"[A-Z][0-9]+:[A-Za-z0-9_-]+\Z")
 # known meta entries and their JSON types (others are kept as the user stored them)
 _META_TYPES = {"casts": list, "rewrite_attention": bool, "capture": str, "tolerance": dict,
                "range_findings": list, "rewrites": list, "graph": int, "graphs": int,
-               "source": str, "opset": int, "keep_io_types": bool}
+               "source": str, "opset": int, "keep_io_types": bool, "fp64": str}
 _CAST_FIELDS = {"node": str, "source": str, "dtype": str, "consumers": list, "is_param": bool}
 
 

@@ -145,6 +145,7 @@ def test_bad_onnx_option_values_are_one_line_errors(tmp_path, src, capsys):
         (["--island-tolerance", "-1"], ("invalid island tolerance '-1'",)),
         (["--island-tolerance", "nan"], ("invalid island tolerance 'nan'",)),
         (["--embedding-tables", "half"], ("invalid choice: 'half'",)),
+        (["--fp64", "double"], ("invalid choice: 'double'",)),
     ):
         code, _, err = run(capsys, "convert", str(src), *argv, "--out", out)
         assert_one_line_error(code, err, *needles)
@@ -193,3 +194,6 @@ def test_embedding_tables_and_islands_on_the_command_line(tmp_path, capsys):
     assert _plan(tmp_path / "k")["residual"].precision == torch.float32
     code, _, err = run(capsys, "convert", "mlp", "--islands", "measure", "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, "--islands applies to .onnx targets only")
+    code, _, err = run(capsys, "convert", str(src), "--fp64", "fp32", "--out", str(tmp_path / "f"))
+    assert code == 0, err
+    assert _plan(tmp_path / "f").meta["fp64"] == "fp32"
