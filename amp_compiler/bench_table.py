@@ -9,7 +9,6 @@ and one for the real-model suite (``--suite real``, files ``real-*.json``).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 

@@ -85,6 +85,9 @@ import torch
 from onnx import TensorProto, helper
 
 from amp_compiler.errors import ConfigError, OnnxError
+from amp_compiler.onnx_rules import (EMBEDDING_TABLES, FUSED_NOTE, RANGE_HEADROOM, clamp_masks,
+                                     constant_tables, gelu_cubes, mask_decisions, table_decisions,
+                                     table_note)
 from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade, trial_providers
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
@@ -528,12 +531,11 @@ def calibration_ranges(model: onnx.ModelProto, calibration: Iterable) -> dict[st
 
 
 # O3: calibration maxima may be exceeded on other data; keep a factor 4 below the dtype's max.
-_RANGE_HEADROOM = 4.0
 
 
 def _range_pins(df: OnnxDataflow, model: onnx.ModelProto, ranges: Mapping[str, float],
                 low: torch.dtype) -> dict[str, tuple[str, str]]:
-    limit = float(torch.finfo(low).max) / _RANGE_HEADROOM
+    limit = float(torch.finfo(low).max) / RANGE_HEADROOM
     pins: dict[str, tuple[str, str]] = {}
     for idx, node in enumerate(model.graph.node):
         big = [(o, ranges[o]) for o in node.output if ranges.get(o, 0.0) > limit]
@@ -572,246 +574,6 @@ def _init_range_pins(df: OnnxDataflow, model: onnx.ModelProto,
                                        f"max|x| = {big[reads[0]]:.4g} > {limit:g} ({dtype_name(low)}'s "
                                        f"largest value): stays fp32, the initializer unclamped")
     return pins
-
-
-def _readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """value name -> the top-level nodes that read it."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for v in node.input:
-            readers.setdefault(v, []).append(node)
-    return readers
-
-
-# Ops an additive mask passes through on its way to Softmax (O6): it is added, selected or moved,
-# never scaled, so its fill value stays a fill value.
-_MASK_PATH = frozenset({"Add", "Where", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose",
-                        "Slice", "Concat", "Tile", "Identity", "Gather"})
-_MASK_DEPTH = 12
-
-
-def _reaches_only_softmax(value: str, readers: Mapping[str, list], outputs: set[str]) -> bool:
-    """True when every path from ``value`` ends at a Softmax input through ``_MASK_PATH`` ops."""
-    frontier, seen, found = [(value, 0)], set(), False
-    while frontier:
-        v, depth = frontier.pop()
-        if v in outputs or depth > _MASK_DEPTH:
-            return False
-        for node in readers.get(v, ()):
-            if node.domain not in ("", "ai.onnx"):
-                return False
-            if node.op_type == "Softmax" and list(node.input)[:1] == [v]:
-                found = True
-                continue
-            if node.op_type not in _MASK_PATH or (node.op_type == "Where" and node.input[0] == v):
-                return False
-            for o in node.output:
-                if o and o not in seen:
-                    seen.add(o)
-                    frontier.append((o, depth + 1))
-    return found
-
-
-def clamp_masks(model: onnx.ModelProto, low: torch.dtype) -> dict[str, float]:
-    """Rule O6: additive-mask initializers clamped in place to ``low``'s lowest finite value.
-
-    Returns {initializer: its fp32 minimum} for the ones clamped.
-    """
-    from onnx import numpy_helper
-
-    limit = float(torch.finfo(low).max)
-    readers = _readers(model)
-    outputs = {o.name for o in model.graph.output}
-    clamped: dict[str, float] = {}
-    for t in model.graph.initializer:
-        if t.data_type != TensorProto.FLOAT:
-            continue
-        a = numpy_helper.to_array(t)
-        finite = a[np.isfinite(a)]
-        if not finite.size or finite.min() >= -limit or finite.max() > limit:
-            continue
-        if _reaches_only_softmax(t.name, readers, outputs):
-            clamped[t.name] = float(finite.min())
-            t.CopyFrom(numpy_helper.from_array(np.where(np.isfinite(a), np.maximum(a, -limit), a)
-                                               .astype(np.float32), t.name))
-    return clamped
-
-
-def _mask_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex_of: list[str],
-                    clamped: Mapping[str, float], low: torch.dtype) -> dict[str, Decision]:
-    """The Decisions of the ``Add`` nodes that put an O6-clamped mask on Softmax inputs, saying
-    so (their precision as painted)."""
-    lowest = -float(torch.finfo(low).max)
-    nodes = list(model.graph.node)
-    readers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for v in node.input:
-            readers.setdefault(v, []).append(i)
-    out: dict[str, Decision] = {}
-    for mask, minimum in clamped.items():
-        frontier, seen = [mask], {mask}
-        while frontier:
-            for i in readers.get(frontier.pop(), ()):
-                node = nodes[i]
-                if node.op_type == "Softmax":
-                    continue
-                d = plan.get(vertex_of[i])
-                feeds_softmax = any(nodes[r].op_type == "Softmax" for o in node.output for r in readers.get(o, ()))
-                if node.op_type == "Add" and feeds_softmax and d is not None and d.precision is not None:
-                    out[vertex_of[i]] = d.with_(rule="O6:mask", reason=(
-                        f"adds mask '{mask}' (min {minimum:.4g}) clamped to {lowest:g}: Softmax "
-                        f"weighs those entries 0 either way; {dtype_name(d.precision)} here: {d.reason}"))
-                for o in node.output:
-                    if o and o not in seen:
-                        seen.add(o)
-                        frontier.append(o)
-    return out
-
-
-_FUSED = ("O11: fused from its written-out form (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, "
-          "Div, Mul, Add): one LayerNormalization computes in fp32 inside (stash_type=1)")
-_SHAPE_OPS = frozenset({"Shape", "Size"})
-_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                         "Bernoulli", "Multinomial", "Dropout"})
-
-
-def constant_tables(model: onnx.ModelProto, low: torch.dtype) -> dict[int, float]:
-    """Rule O10: node position -> max|value| for the float nodes computed from initializers and
-    shapes only whose values (one run on a generated sample) stay within a quarter of ``low``'s
-    range. Empty when no such node has a float output, or when the sample cannot run."""
-    from amp_compiler.onnx_islands import generated_samples
-
-    from amp_compiler.passes.onnx_cast_placement import MOVEMENT
-
-    const = {t.name for t in model.graph.initializer}
-    inputs = {i.name for i in model.graph.input} - const
-    computed: set[str] = set()  # constant values some arithmetic made (not a weight moved)
-    readers, outputs = _readers(model), {o.name for o in model.graph.output}
-    types = value_types(model.graph)
-    found: dict[int, str] = {}
-    for idx, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type in _RANDOM_OPS \
-                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            continue
-        if node.op_type in _SHAPE_OPS or all(v in const for v in node.input if v):
-            const.update(o for o in node.output if o)
-            # a weight only moved (Transpose(W) of a linear) stays an initializer's business (W4)
-            moved = node.op_type in MOVEMENT and node.input[0] not in computed
-            fill = ONNX_OPS.get(node.op_type) == "factory"  # R0:factory / W8 already fold those
-            read = node.output[0] in readers and node.output[0] not in outputs  # a table is read
-            if node.op_type != "Constant" and not fill and read and types.get(node.output[0]) in FLOAT_TYPES \
-                    and not inputs & set(node.input) and not moved:
-                found[idx] = node.output[0]
-                computed.update(o for o in node.output if o)
-    if not found:
-        return {}
-    try:
-        ranges = _value_ranges(model, list(found.values()), generated_samples(model, count=1))
-    except Exception as exc:  # noqa: BLE001 -- no sample the model runs on: O10 is left out
-        log.info("O10 skipped: the fp32 model does not run on a generated sample (%s)", exc)
-        return {}
-    limit = float(torch.finfo(low).max) / _RANGE_HEADROOM
-    return {idx: ranges[v] for idx, v in found.items() if v in ranges and ranges[v] <= limit}
-
-
-def _value_ranges(model: onnx.ModelProto, values: list[str], samples) -> dict[str, float]:
-    """max|x| of ``values`` over ``samples`` (ONNX Runtime CPU, the values made outputs)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    types = value_types(model.graph)
-    probe.graph.output.extend(helper.make_tensor_value_info(v, types[v], None) for v in values)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    out: dict[str, float] = {}
-    for sample in samples:
-        for v, a in zip(values, session.run(values, {k: x for k, x in sample.items() if k in names})):
-            a = np.asarray(a, np.float64)
-            m = float(np.abs(a).max()) if a.size else 0.0
-            out[v] = max(out.get(v, 0.0), m if np.isfinite(m) else float("inf"))
-    return out
-
-
-def _table_note(d: Decision, value_max: float, low: torch.dtype) -> Decision:
-    return d.with_(rule="O10:constant-table", reason=(
-        f"computed from initializers and shapes only (max|x| {value_max:.4g} on a generated sample): "
-        f"a table the graph computes at run time, fp32 and cast once per dtype its readers need, "
-        f"like a weight; its {dtype_name(low)} readers do not stay fp32 for it"))
-
-
-_GELU_PATH = frozenset({"Mul", "Add"})
-
-
-def _gelu_cubes(model: onnx.ModelProto, vertex_of: list[str]) -> dict[str, str]:
-    """Rule O7: vertex -> reason for every ``Pow(x, 3)`` that only feeds a ``Tanh``."""
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    readers = _readers(model)
-    outputs = {o.name for o in model.graph.output}
-    found: dict[str, str] = {}
-    for idx, node in enumerate(model.graph.node):
-        if node.op_type != "Pow" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
-            continue
-        exponent = numpy_helper.to_array(inits[node.input[1]])
-        if exponent.size != 1 or float(exponent.reshape(-1)[0]) != 3.0:
-            continue
-        frontier, ok, tanh = [(node.output[0], 0)], True, False
-        while frontier and ok:
-            v, depth = frontier.pop()
-            for r in readers.get(v, ()):
-                if r.op_type == "Tanh":
-                    tanh = True
-                elif r.op_type in _GELU_PATH and depth < 4 and v not in outputs:
-                    frontier.append((r.output[0], depth + 1))
-                else:
-                    ok = False
-            ok = ok and v not in outputs and bool(readers.get(v))
-        if ok and tanh:
-            found[vertex_of[idx]] = ("x**3 of the tanh GELU form: where it overflows, the Tanh it "
-                                     "feeds is +-1 either way (the exact limit), so it runs low")
-    return found
-
-
-EMBEDDING_TABLES = ("shared", "low", "fp32")
-
-
-def _table_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex_of: list[str],
-                     slots: Mapping[int, NodeSlots], low: torch.dtype, mode: str) -> dict[str, Decision]:
-    """Rule O8: the lookups that read their table in the low dtype."""
-    if mode == "fp32":
-        return {}
-    inits = {t.name for t in model.graph.initializer}
-    low_readers: dict[str, str] = {}  # table -> a low node reading it in a precision slot
-    for idx, node in enumerate(model.graph.node):
-        d = plan.get(vertex_of[idx])
-        if d is not None and d.precision == low:
-            for i, v in enumerate(node.input):
-                if v in inits and i < len(slots[idx].inputs) and slots[idx].inputs[i] == "follow":
-                    low_readers.setdefault(v, vertex_of[idx])
-    out: dict[str, Decision] = {}
-    name = dtype_name(low)
-    for idx, node in enumerate(model.graph.node):
-        d = plan.get(vertex_of[idx])
-        table = node.input[0] if node.op_type == "Gather" and node.input else None
-        if d is None or table not in inits or d.precision == low or d.kind != "embedding" \
-                or d.rule.startswith(("R6:keep_fp32", "O")):
-            continue
-        if table in low_readers:
-            why = (f"table '{table}' is also read by {name} node '{low_readers[table]}': stored "
-                   f"once in {name} (that reader rounds it anyway); the looked-up rows are those "
-                   f"rounded values, cast up where fp32 ops read them")
-        elif mode == "low":
-            why = (f"embedding_tables='low': table '{table}' stored in {name} (half the bytes); "
-                   f"each looked-up value rounded once, cast up where fp32 ops read it")
-        else:
-            continue
-        out[vertex_of[idx]] = d.with_(precision=low, rule="O8:low-table", reason=why)
-    return out
 
 
 def _reduction_depth_pins(model: onnx.ModelProto, vertex_of: list[str],
@@ -948,7 +710,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
         model.graph.value_info.extend(keep)
     # 1. describe it IR-neutrally: the same DataflowGraph the FX front end builds
     masks = clamp_masks(model, low)  # O6, before O4 reads the initializers' ranges
-    tables = constant_tables(model, low)  # O10
+    tables = constant_tables(model, low, ONNX_OPS)  # O10
     df = build_onnx_dataflow(model, low=low, keep_io_types=keep_io_types, tables=tables)
     # 2. initializers beyond the low dtype's range pin their readers fp32 (O4); optional range
     # analysis: values beyond float16's range pin their nodes fp32 (O3)
@@ -960,7 +722,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
     # 3. classify and paint with the same passes and the CUDA policy; pins ride on keep_fp32
     policy = policy_for("cuda", low)
     pinned = tuple(f"node:{n}" for n in df.pins)
-    cubes = {n: why for n, why in _gelu_cubes(model, df.vertex_of).items() if n not in df.pins}  # O7
+    cubes = {n: why for n, why in gelu_cubes(model, df.vertex_of).items() if n not in df.pins}  # O7
 
     def paint(traded: tuple[str, ...] = (), kept: tuple[str, ...] = ()) -> PrecisionPlan:
         classes = classify(df.graph, policy,
@@ -968,13 +730,13 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
                            force_low=_entries(force_low) + tuple(f"node:{n}" for n in (*cubes, *traded)))
         plan = propagate(df.graph, classes, policy, type_promotion=False)
         return PrecisionPlan({**plan, **{n: _pinned(plan[n], *df.pins[n]) for n in df.pins},
-                              **_mask_decisions(plan, model, df.vertex_of, masks, low),
+                              **mask_decisions(plan, model, df.vertex_of, masks, low),
                               **{n: plan[n].with_(rule="O7:gelu-cube", reason=why) for n, why in cubes.items()
                                  if plan[n].rule.startswith("R6:force_low")},
-                              **_table_decisions(plan, model, df.vertex_of, df.slots, low, embedding_tables),
-                              **{df.vertex_of[i]: _table_note(plan[df.vertex_of[i]], m, low)
+                              **table_decisions(plan, model, df.vertex_of, df.slots, low, embedding_tables),
+                              **{df.vertex_of[i]: table_note(plan[df.vertex_of[i]], m, low)
                                  for i, m in tables.items()},
-                              **{n: plan[n].with_(reason=f"{plan[n].reason}; {_FUSED}")
+                              **{n: plan[n].with_(reason=f"{plan[n].reason}; {FUSED_NOTE}")
                                  for n in fused_norms if n in plan}},
                              low_dtype=low, device_type="cuda",
                              meta={"source": "onnx", "opset": opset_of(model),
