@@ -10,8 +10,8 @@ Those nodes form *islands*: connected fp32 regions of the graph whose borders co
         samples -- on its CUDA provider where installed (float16 kernels as deployed, and the
         only bfloat16 ones), else the CPU provider -- against the fp32 file on the CPU provider
         (no TF32 there). The island goes low when that removes Casts and the
-        error against the fp32 file (the mean over the samples of max|out - ref| / max|ref|,
-        every float output) stays within ``tolerance`` (relative) of the error with every
+        error against the fp32 file (the mean over the samples of max|out - ref| / max|ref|
+        over every float output) stays within ``tolerance`` (relative) of the error with every
         island fp32. An island refused whole is tried in halves of its nodes in topological
         order (the residual stream of the last layers, or of the first), down to eighths. What
         stays fp32 says in its Decisions what was measured (a missed trade).
@@ -37,6 +37,7 @@ import torch
 
 from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
 from amp_compiler.passes.plan import Decision, PrecisionPlan
+from amp_compiler.passes.ranges import rel_error
 
 log = logging.getLogger("amp_compiler")
 
@@ -137,21 +138,12 @@ def _run(session, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]
 
 
 def mean_error(outs: list[list[np.ndarray]], refs: list[list[np.ndarray]]) -> float:
-    """Mean over samples of the worst float output's max|out - ref| / max|ref|."""
-    errors = []
-    for out, ref in zip(outs, refs):
-        worst = 0.0
-        for o, r in zip(out, ref):
-            if r.dtype.kind != "f" or not r.size:
-                continue
-            o, r = np.asarray(o, np.float64), np.asarray(r, np.float64)
-            if not np.isfinite(o[np.isfinite(r)]).all():
-                return float("inf")
-            scale = np.abs(r[np.isfinite(r)]).max() if np.isfinite(r).any() else 0.0
-            diff = np.abs(o - r)[np.isfinite(r)]
-            worst = max(worst, float(diff.max() / scale) if scale else float(diff.max()))
-        errors.append(worst)
-    return float(np.mean(errors))
+    """Mean over samples of the project's relative error (``passes.ranges.rel_error``: max|out -
+    ref| / max|ref| over every float output of the sample)."""
+    def tensors(arrays):
+        return [torch.from_numpy(np.asarray(a)) for a in arrays if np.asarray(a).dtype.kind == "f"]
+
+    return float(np.mean([rel_error(tensors(out), tensors(ref)) for out, ref in zip(outs, refs)]))
 
 
 def casts(model: onnx.ModelProto) -> int:
