@@ -43,6 +43,9 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         reads (GPT-2's tied input embedding and LM head) is stored once, low -- the low reader
         rounds it anyway -- instead of once per dtype; ``"low"``: every table (half the bytes,
         at one rounding of every embedding); ``"fp32"``: tables fp32, tied ones stored twice.
+    O9  with ``islands="measure"``: an fp32 island (a region fp32 for its neighbours' sake: R3,
+        R5, R7) goes low where ONNX Runtime measures that it removes Casts at an error within
+        ``island_tolerance``; see ``amp_compiler.onnx_islands``.
     O10 a value computed from initializers and input shapes only (no input's values) by some
         arithmetic -- HF Llama's rotary ``cos``/``sin`` -- is a table the graph computes at run
         time (a weight only moved, ``Transpose(W)``, is not: W4 stores W low): it is computed
@@ -55,9 +58,6 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         with no Cast instead of an fp32 island around its ``Pow``.
     O12 with ``fp64="fp32"``: float64 initializers, casts and dtype attributes become float32,
         float64 inputs and outputs keep their type at the border (``passes.onnx_fp64``, D1-D3).
-    O9  with ``islands="measure"``: an fp32 island (a region fp32 for its neighbours' sake: R3,
-        R5, R7) goes low where ONNX Runtime measures that it removes Casts at an error within
-        ``island_tolerance``; see ``amp_compiler.onnx_islands``.
 
 Edges (``cast`` flag) come from the operator schema: an input is cast to its consumer's
 precision only when it shares the type variable of the node's first floating input
@@ -530,9 +530,6 @@ def calibration_ranges(model: onnx.ModelProto, calibration: Iterable) -> dict[st
     return ranges
 
 
-# O3: calibration maxima may be exceeded on other data; keep a factor 4 below the dtype's max.
-
-
 def _range_pins(df: OnnxDataflow, model: onnx.ModelProto, ranges: Mapping[str, float],
                 low: torch.dtype) -> dict[str, tuple[str, str]]:
     limit = float(torch.finfo(low).max) / RANGE_HEADROOM
@@ -678,7 +675,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
             or not 0 <= island_tolerance < float("inf"):
         raise ConfigError(f"island_tolerance must be a finite number >= 0 (0.05: the error may "
                           f"grow by 5%), got {island_tolerance!r}")
-    if islands == "measure" and resolve_dtype(dtype) == torch.bfloat16 \
+    if islands == "measure" and low == torch.bfloat16 \
             and "CUDAExecutionProvider" not in trial_providers():
         raise ConfigError("islands='measure' with bfloat16 needs ONNX Runtime's "
                           "CUDAExecutionProvider (onnxruntime-gpu): its CPU provider has no "
@@ -703,11 +700,6 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
             log.info("O12: float64 -> float32 for %d values (%s...)", len(widened), ", ".join(widened[:3]))
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     model, fused_norms = fuse_layer_norms(model)  # O11
-    if fused_norms:
-        made = {o for n in model.graph.node for o in n.output}
-        keep = [v for v in model.graph.value_info if v.name in made]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(keep)
     # 1. describe it IR-neutrally: the same DataflowGraph the FX front end builds
     masks = clamp_masks(model, low)  # O6, before O4 reads the initializers' ranges
     tables = constant_tables(model, low, ONNX_OPS)  # O10

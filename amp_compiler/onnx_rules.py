@@ -17,6 +17,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from amp_compiler.passes.onnx_cast_placement import value_readers
 from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES, NodeSlots, value_types
 from amp_compiler.passes.plan import Decision, dtype_name
 
@@ -25,15 +26,6 @@ log = logging.getLogger("amp_compiler")
 # O3 / O10: values within a quarter of the low dtype's range count as in range (the FX range
 # analysis measured held-out maxima up to 1.9x the calibration maxima)
 RANGE_HEADROOM = 4.0
-
-
-def _readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """value name -> the top-level nodes that read it."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for v in node.input:
-            readers.setdefault(v, []).append(node)
-    return readers
 
 
 # Ops an additive mask passes through on its way to Softmax (O6): it is added, selected or moved,
@@ -73,7 +65,7 @@ def clamp_masks(model: onnx.ModelProto, low: torch.dtype) -> dict[str, float]:
     from onnx import numpy_helper
 
     limit = float(torch.finfo(low).max)
-    readers = _readers(model)
+    readers = value_readers(model.graph.node)
     outputs = {o.name for o in model.graph.output}
     clamped: dict[str, float] = {}
     for t in model.graph.initializer:
@@ -96,10 +88,8 @@ def mask_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex_
     so (their precision as painted)."""
     lowest = -float(torch.finfo(low).max)
     nodes = list(model.graph.node)
-    readers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for v in node.input:
-            readers.setdefault(v, []).append(i)
+    position = {id(n): i for i, n in enumerate(nodes)}  # the same wrapper objects below
+    readers = {v: [position[id(n)] for n in ns] for v, ns in value_readers(nodes).items()}
     out: dict[str, Decision] = {}
     for mask, minimum in clamped.items():
         frontier, seen = [mask], {mask}
@@ -141,7 +131,7 @@ def constant_tables(model: onnx.ModelProto, low: torch.dtype,
     const = {t.name for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input} - const
     computed: set[str] = set()  # constant values some arithmetic made (not a weight moved)
-    readers, outputs = _readers(model), {o.name for o in model.graph.output}
+    readers, outputs = value_readers(model.graph.node), {o.name for o in model.graph.output}
     types = value_types(model.graph)
     found: dict[int, str] = {}
     for idx, node in enumerate(model.graph.node):
@@ -206,7 +196,7 @@ def gelu_cubes(model: onnx.ModelProto, vertex_of: list[str]) -> dict[str, str]:
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    readers = _readers(model)
+    readers = value_readers(model.graph.node)
     outputs = {o.name for o in model.graph.output}
     found: dict[str, str] = {}
     for idx, node in enumerate(model.graph.node):

@@ -118,13 +118,23 @@ def cast_exactly(tensor: TensorProto, to: int, name: str) -> TensorProto:
         return numpy_helper.from_array(array.astype(helper.tensor_dtype_to_np_dtype(to)), name)
 
 
+def value_readers(nodes) -> dict[str, list[onnx.NodeProto]]:
+    """value name -> the nodes (of ``nodes``, in order) that read it; a node reading a value
+    twice (``Mul(d, d)``) is listed twice."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for v in node.input:
+            readers.setdefault(v, []).append(node)
+    return readers
+
+
 def _foldable(tensor: TensorProto, to: int) -> bool:
     """C4: storing ``tensor`` as ``to`` adds no more than a small initializer's bytes."""
     widens = (tensor.data_type, to) in WIDENS
     return not widens or int(np.prod(tensor.dims, dtype=np.int64)) <= SMALL
 
 
-def _fresh(used: set[str], base: str) -> str:
+def fresh_name(used: set[str], base: str) -> str:
     name, k = base, 1
     while name in used:
         k += 1
@@ -177,10 +187,7 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
 
     def one_pass() -> bool:
         producer = {o: n for n in nodes for o in n.output if o}
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for n in nodes:
-            for v in n.input:
-                readers.setdefault(v, []).append(n)
+        readers = value_readers(nodes)
         seen_casts: dict[tuple[str, int], onnx.NodeProto] = {}
         seen_moves: dict[tuple, onnx.NodeProto] = {}
         for c in nodes:
@@ -228,7 +235,7 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
                     and inits[x].data_type in FLOATS and removable(y) and _foldable(inits[x], to):  # C4
                 key = (x, to)
                 if key not in folded:
-                    name = _fresh(used, f"{x}_{SHORT[to]}")
+                    name = fresh_name(used, f"{x}_{SHORT[to]}")
                     g.initializer.append(cast_exactly(inits[x], to, name))
                     inits[name] = g.initializer[-1]
                     types[name] = to
@@ -252,8 +259,8 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
             if not gains:
                 continue
             # C5: Cast(Move(x)) -> Move(Cast(x)); the new Cast reads x, the Move reads it
-            cast_out = _fresh(used, f"{data}_{SHORT.get(to, to)}")
-            new_cast = helper.make_node("Cast", [data], [cast_out], to=to, name=_fresh(used, f"amp_cast_{cast_out}"))
+            cast_out = fresh_name(used, f"{data}_{SHORT.get(to, to)}")
+            new_cast = helper.make_node("Cast", [data], [cast_out], to=to, name=fresh_name(used, f"amp_cast_{cast_out}"))
             types[cast_out] = to
             sole = readers.get(move.output[0], []) == [c] and removable(move.output[0])
             if sole:  # the Move only fed the Cast: it now reads the cast value and makes y
@@ -264,7 +271,7 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
             else:
                 copy = onnx.NodeProto()
                 copy.CopyFrom(move)
-                copy.name = _fresh(used, f"{move.name or move.op_type}_{SHORT.get(to, to)}")
+                copy.name = fresh_name(used, f"{move.name or move.op_type}_{SHORT.get(to, to)}")
                 copy.input[0] = cast_out
                 copy.output[0] = y
                 at = nodes.index(c)

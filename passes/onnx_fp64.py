@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from amp_compiler.passes.onnx_cast_placement import _fresh
+from amp_compiler.passes.onnx_cast_placement import fresh_name
 
 F64, F32 = TensorProto.DOUBLE, TensorProto.FLOAT
 _DTYPE_ATTRS = {"EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype",
@@ -58,17 +58,17 @@ def fp64_to_fp32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     entering = []
     for vi in g.input:  # D3: inputs
         if _elem(vi) == F64 and vi.name not in inits:
-            inner = _fresh(used, f"{vi.name}_f32")
+            inner = fresh_name(used, f"{vi.name}_f32")
             for node in g.node:
                 for k, v in enumerate(node.input):
                     if v == vi.name:
                         node.input[k] = inner
-            entering.append(helper.make_node("Cast", [vi.name], [inner], to=F32, name=_fresh(used, f"amp_fp64_{inner}")))
+            entering.append(helper.make_node("Cast", [vi.name], [inner], to=F32, name=fresh_name(used, f"amp_fp64_{inner}")))
             changed.append(f"input '{vi.name}'")
     leaving = []
     for vo in g.output:  # D3: outputs
         if _elem(vo) == F64:
-            inner = _fresh(used, f"{vo.name}_f32")
+            inner = fresh_name(used, f"{vo.name}_f32")
             for node in g.node:
                 for k, v in enumerate(node.output):
                     if v == vo.name:
@@ -76,7 +76,7 @@ def fp64_to_fp32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
                 for k, v in enumerate(node.input):
                     if v == vo.name:
                         node.input[k] = inner
-            leaving.append(helper.make_node("Cast", [inner], [vo.name], to=F64, name=_fresh(used, f"amp_fp64_{vo.name}")))
+            leaving.append(helper.make_node("Cast", [inner], [vo.name], to=F64, name=fresh_name(used, f"amp_fp64_{vo.name}")))
             changed.append(f"output '{vo.name}'")
     if entering or leaving:
         nodes = entering + list(g.node) + leaving

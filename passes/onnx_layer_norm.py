@@ -27,6 +27,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_cast_placement import value_readers
+
 MIN_OPSET = 17
 
 
@@ -63,10 +65,7 @@ def fuse_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
         changed = False
         nodes = list(g.node)
         producer = {o: n for n in nodes for o in n.output}
-        readers: dict[str, list] = {}
-        for n in nodes:
-            for v in n.input:
-                readers.setdefault(v, []).append(n)
+        readers = value_readers(nodes)
 
         def only(value: str, op_types: tuple[str, ...]):
             """The single reader of ``value`` if it is one of ``op_types`` and ``value`` is not
@@ -89,6 +88,11 @@ def fuse_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
             fused.append(name)
             changed = True
             break
+    if fused:  # the removed intermediates' value_info describes nothing any more
+        made = {o for n in g.node for o in n.output}
+        keep = [v for v in g.value_info if v.name in made]
+        del g.value_info[:]
+        g.value_info.extend(keep)
     return model, fused
 
 

@@ -69,7 +69,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_cast_placement import PlacementRemark, place_casts
+from .onnx_cast_placement import PlacementRemark, place_casts, value_readers
 from .plan import PrecisionPlan
 
 # ONNX element types <-> torch dtypes (float types are the ones we ever cast between).
@@ -663,10 +663,7 @@ def _sink(model: onnx.ModelProto, h: TransposeHazard, mm: onnx.NodeProto, tr: on
     untransposed shape (the others keep their shapes, or are new)."""
     g = model.graph
     outputs = {o.name for o in g.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for v in n.input:
-            readers.setdefault(v, []).append(n)
+    readers = value_readers(g.node)
     rank, ranks, types = len(h.perm), facts.ranks, facts.types
     after: dict[int, onnx.NodeProto] = {}  # id(node) -> the node placed right after it
 

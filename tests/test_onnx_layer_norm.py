@@ -70,7 +70,6 @@ def test_the_fused_fp32_graph_computes_the_same_values(ort_no_crash):
     written = prepare(convert_opset(source, 17))
     fused, names = fuse_layer_norms(onnx.load_from_string(written.SerializeToString()))
     assert len(names) == 1
-    del fused.graph.value_info[:]
     onnx.checker.check_model(fused, full_check=True)
     x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32) * 3
     a, b = _run(written, x, ort_no_crash), _run(fused, x, ort_no_crash)
