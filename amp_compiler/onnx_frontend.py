@@ -85,14 +85,14 @@ import torch
 from onnx import TensorProto, helper
 
 from amp_compiler.errors import ConfigError, OnnxError
-from amp_compiler.onnx_rules import (EMBEDDING_TABLES, FUSED_NOTE, RANGE_HEADROOM, clamp_masks,
+from amp_compiler.onnx_rules import (EMBEDDING_TABLES, RANGE_HEADROOM, clamp_masks,
                                      constant_tables, gelu_cubes, mask_decisions, table_decisions,
                                      table_note)
 from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade, trial_providers
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.onnx_fp64 import fp64_to_fp32
-from amp_compiler.passes.onnx_layer_norm import fuse_layer_norms
+from amp_compiler.passes.onnx_layer_norm import FUSED_NOTE, fuse_layer_norms
 from amp_compiler.passes.onnx_rewrite import (FLOAT_TYPES, ONNX_TO_TORCH, TORCH_TO_ONNX, TYPE_STR,
                                               NodeSlots, outer_references, rewrite_onnx,
                                               slot_type_vars, value_types)

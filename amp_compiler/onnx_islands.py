@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import torch
 
+from amp_compiler.onnx_export import ort_providers
 from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 from amp_compiler.passes.ranges import rel_error
@@ -117,8 +118,6 @@ def _index_ranges(model: onnx.ModelProto, inits: Mapping[str, onnx.TensorProto])
 def trial_providers() -> list[str]:
     """Where trials run: ONNX Runtime's CUDA provider when it has one (float16 kernels as
     deployed, and the only bfloat16 ones), else the CPU provider."""
-    from amp_compiler.onnx_export import ort_providers
-
     cuda = "CUDAExecutionProvider" in ort_providers()
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
 

@@ -15,9 +15,10 @@ from typing import Mapping
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from amp_compiler.passes.onnx_cast_placement import value_readers
+from amp_compiler.onnx_islands import generated_samples
+from amp_compiler.passes.onnx_cast_placement import MOVEMENT, value_readers
 from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES, NodeSlots, value_types
 from amp_compiler.passes.plan import Decision, dtype_name
 
@@ -62,8 +63,6 @@ def clamp_masks(model: onnx.ModelProto, low: torch.dtype) -> dict[str, float]:
 
     Returns {initializer: its fp32 minimum} for the ones clamped.
     """
-    from onnx import numpy_helper
-
     limit = float(torch.finfo(low).max)
     readers = value_readers(model.graph.node)
     outputs = {o.name for o in model.graph.output}
@@ -111,8 +110,6 @@ def mask_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex_
     return out
 
 
-FUSED_NOTE = ("O11: fused from its written-out form (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, "
-          "Div, Mul, Add): one LayerNormalization computes in fp32 inside (stash_type=1)")
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                          "Bernoulli", "Multinomial", "Dropout"})
@@ -124,10 +121,6 @@ def constant_tables(model: onnx.ModelProto, low: torch.dtype,
     shapes only whose values (one run on a generated sample) stay within a quarter of ``low``'s
     range. Empty when no such node has a float output, or when the sample cannot run.
     ``kinds``: ONNX op type -> canonical kind (fills, kind "factory", are left to R0 / W8)."""
-    from amp_compiler.onnx_islands import generated_samples
-
-    from amp_compiler.passes.onnx_cast_placement import MOVEMENT
-
     const = {t.name for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input} - const
     computed: set[str] = set()  # constant values some arithmetic made (not a weight moved)
@@ -193,8 +186,6 @@ _GELU_PATH = frozenset({"Mul", "Add"})
 
 def gelu_cubes(model: onnx.ModelProto, vertex_of: list[str]) -> dict[str, str]:
     """Rule O7: vertex -> reason for every ``Pow(x, 3)`` that only feeds a ``Tanh``."""
-    from onnx import numpy_helper
-
     inits = {t.name: t for t in model.graph.initializer}
     readers = value_readers(model.graph.node)
     outputs = {o.name for o in model.graph.output}

@@ -30,6 +30,9 @@ from onnx import helper, numpy_helper
 from .onnx_cast_placement import value_readers
 
 MIN_OPSET = 17
+# what a fused node's Decision adds to its reason
+FUSED_NOTE = ("O11: fused from its written-out form (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, "
+              "Div, Mul, Add): one LayerNormalization computes in fp32 inside (stash_type=1)")
 
 
 def _opset(model: onnx.ModelProto) -> int | None:
