@@ -87,7 +87,7 @@ from onnx import TensorProto, helper
 from amp_compiler.errors import ConfigError, OnnxError
 from amp_compiler.onnx_rules import (EMBEDDING_TABLES, RANGE_HEADROOM, clamp_masks,
                                      constant_tables, gelu_cubes, mask_decisions, table_decisions,
-                                     table_note)
+                                     table_note, value_ranges)
 from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade, trial_providers
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
@@ -498,36 +498,17 @@ def _feeds(model: onnx.ModelProto, sample) -> dict[str, np.ndarray]:
 
 def calibration_ranges(model: onnx.ModelProto, calibration: Iterable) -> dict[str, float]:
     """max|x| of every float value of the fp32 model over the calibration samples (ORT CPU)."""
-    import onnxruntime as ort
+    types = value_types(model.graph)
+    values = list(dict.fromkeys(o for n in model.graph.node for o in n.output
+                                if o and types.get(o) in FLOAT_TYPES))
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    types = value_types(probe.graph)
-    existing = {o.name for o in probe.graph.output}
-    for node in probe.graph.node:
-        for o in node.output:
-            if o and o not in existing and types.get(o) in FLOAT_TYPES:
-                probe.graph.output.append(helper.make_tensor_value_info(o, types[o], None))
-                existing.add(o)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    ranges: dict[str, float] = {}
-    for i, sample in enumerate(calibration):
-        feeds = _feeds(probe, sample)
-        try:
-            values = session.run(None, feeds)
-        except Exception as exc:  # noqa: BLE001 -- wrong dtype / rank / shape for an input
-            first = " ".join(str(exc).split())[:300]
-            raise ConfigError(f"calibration sample {i}: ONNX Runtime cannot run the fp32 model on "
-                              f"it ({', '.join(f'{k}: {v.dtype}{list(v.shape)}' for k, v in feeds.items())}): "
-                              f"{first}") from exc
-        for name, value in zip(names, values):
-            value = np.asarray(value)
-            if value.dtype.kind == "f" and value.size:
-                finite = np.abs(value[np.isfinite(value)])
-                m = float(finite.max()) if finite.size else float("inf")
-                ranges[name] = max(ranges.get(name, 0.0), m)
-    return ranges
+    def failed(i: int, feeds: dict, exc: Exception) -> ConfigError:
+        first = " ".join(str(exc).split())[:300]
+        return ConfigError(f"calibration sample {i}: ONNX Runtime cannot run the fp32 model on "
+                           f"it ({', '.join(f'{k}: {v.dtype}{list(v.shape)}' for k, v in feeds.items())}): "
+                           f"{first}")
+
+    return value_ranges(model, values, [_feeds(model, s) for s in calibration], failed=failed)
 
 
 def _range_pins(df: OnnxDataflow, model: onnx.ModelProto, ranges: Mapping[str, float],

@@ -144,7 +144,7 @@ def constant_tables(model: onnx.ModelProto, low: torch.dtype,
     if not found:
         return {}
     try:
-        ranges = _value_ranges(model, list(found.values()), generated_samples(model, count=1))
+        ranges = value_ranges(model, list(found.values()), generated_samples(model, count=1))
     except Exception as exc:  # noqa: BLE001 -- no sample the model runs on: O10 is left out
         log.info("O10 skipped: the fp32 model does not run on a generated sample (%s)", exc)
         return {}
@@ -152,25 +152,38 @@ def constant_tables(model: onnx.ModelProto, low: torch.dtype,
     return {idx: ranges[v] for idx, v in found.items() if v in ranges and ranges[v] <= limit}
 
 
-def _value_ranges(model: onnx.ModelProto, values: list[str], samples) -> dict[str, float]:
-    """max|x| of ``values`` over ``samples`` (ONNX Runtime CPU, the values made outputs)."""
+def value_ranges(model: onnx.ModelProto, values: list[str], samples, *,
+                 failed=None) -> dict[str, float]:
+    """max|x| over the finite elements (inf where none is finite) of ``values`` of ``model``,
+    over ``samples`` (dicts input name -> array), on ONNX Runtime's CPU provider with those values
+    made outputs. ``failed(i, feeds, exc)`` makes the exception raised for a sample that does
+    not run (default: ONNX Runtime's own)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    del probe.graph.output[:]
     types = value_types(model.graph)
-    probe.graph.output.extend(helper.make_tensor_value_info(v, types[v], None) for v in values)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(v, types[v], None)
+                              for v in values if v not in existing)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     out: dict[str, float] = {}
-    for sample in samples:
-        for v, a in zip(values, session.run(values, {k: x for k, x in sample.items() if k in names})):
-            a = np.asarray(a, np.float64)
-            m = float(np.abs(a).max()) if a.size else 0.0
-            out[v] = max(out.get(v, 0.0), m if np.isfinite(m) else float("inf"))
+    for i, sample in enumerate(samples):
+        feeds = {k: x for k, x in sample.items() if k in names}
+        try:
+            arrays = session.run(values, feeds)
+        except Exception as exc:  # noqa: BLE001 -- wrong dtype / rank / shape for an input
+            if failed is None:
+                raise
+            raise failed(i, feeds, exc) from exc
+        for v, a in zip(values, arrays):
+            a = np.asarray(a)
+            if a.dtype.kind == "f" and a.size:
+                finite = np.abs(a[np.isfinite(a)])
+                out[v] = max(out.get(v, 0.0), float(finite.max()) if finite.size else float("inf"))
     return out
 
 
