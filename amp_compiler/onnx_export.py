@@ -625,12 +625,13 @@ def ort_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-def onnx_session(path, providers: list[str] | None = None):
+def onnx_session(path, providers: list[str] | None = None, *, quiet: bool = False):
     """An ``onnxruntime.InferenceSession``: CUDAExecutionProvider when ORT has it, else CPU.
 
     ``path`` may also be an ``onnx.ModelProto`` or serialized bytes. The session is built in this
     process: a file that crashes ONNX Runtime takes the process with it
-    (``amp_compiler.onnx_check.probe_onnx`` opens a file in a child process first).
+    (``amp_compiler.onnx_check.probe_onnx`` opens a file in a child process first). ``quiet``:
+    errors only in ONNX Runtime's log (not the CUDA provider's "nodes placed on the CPU" notes).
 
         >>> onnx_session("model.onnx").get_providers()[0]
         'CPUExecutionProvider'
@@ -642,8 +643,11 @@ def onnx_session(path, providers: list[str] | None = None):
         providers = [p for p in ("CUDAExecutionProvider",) if p in available] + ["CPUExecutionProvider"]
     source = path.SerializeToString() if isinstance(path, onnx.ModelProto) else (
         path if isinstance(path, (bytes, bytearray)) else os.fspath(path))
+    options = ort.SessionOptions()
+    if quiet:
+        options.log_severity_level = 3
     try:
-        return ort.InferenceSession(source, providers=providers)
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # noqa: BLE001
         raise OnnxError(f"ONNX Runtime cannot load the model ({type(exc).__name__}: {exc})") from exc
 

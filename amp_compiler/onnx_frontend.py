@@ -85,10 +85,11 @@ import torch
 from onnx import TensorProto, helper
 
 from amp_compiler.errors import ConfigError, OnnxError
+from amp_compiler.onnx_export import check_destination, ort_providers, save_model
+from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade
 from amp_compiler.onnx_rules import (EMBEDDING_TABLES, RANGE_HEADROOM, clamp_masks,
                                      constant_tables, gelu_cubes, mask_decisions, table_decisions,
                                      table_note, value_ranges)
-from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade, trial_providers
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.onnx_fp64 import fp64_to_fp32
@@ -644,7 +645,6 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
         >>> sum(n.op_type == "Cast" for n in model.graph.node), plan.counts()["low"]
     """
     from amp_compiler.convert import resolve_dtype
-    from amp_compiler.onnx_export import check_destination, save_model
 
     low = resolve_dtype(dtype)
     depth_limit = None if max_reduction_depth is None else _depth_limit(max_reduction_depth)
@@ -657,7 +657,7 @@ def convert_onnx(model_or_path, *, dtype="float16", keep_fp32: Iterable = (), fo
         raise ConfigError(f"island_tolerance must be a finite number >= 0 (0.05: the error may "
                           f"grow by 5%), got {island_tolerance!r}")
     if islands == "measure" and low == torch.bfloat16 \
-            and "CUDAExecutionProvider" not in trial_providers():
+            and "CUDAExecutionProvider" not in ort_providers():
         raise ConfigError("islands='measure' with bfloat16 needs ONNX Runtime's "
                           "CUDAExecutionProvider (onnxruntime-gpu): its CPU provider has no "
                           "bfloat16 kernels to measure the trades on; use float16 or islands='keep'")

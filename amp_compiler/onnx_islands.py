@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 
-from amp_compiler.onnx_export import ort_providers
+from amp_compiler.onnx_export import onnx_session
 from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 from amp_compiler.passes.ranges import rel_error
@@ -115,22 +115,6 @@ def _index_ranges(model: onnx.ModelProto, inits: Mapping[str, onnx.TensorProto])
     return out
 
 
-def trial_providers() -> list[str]:
-    """Where trials run: ONNX Runtime's CUDA provider when it has one (float16 kernels as
-    deployed, and the only bfloat16 ones), else the CPU provider."""
-    cuda = "CUDAExecutionProvider" in ort_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-
-
-def _session(model: onnx.ModelProto, providers: list[str] | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=providers or ["CPUExecutionProvider"])
-
-
 def _run(session, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     names = {i.name for i in session.get_inputs()}
     return [session.run(None, {k: v for k, v in s.items() if k in names}) for s in samples]
@@ -160,12 +144,13 @@ def trade(source: onnx.ModelProto, plan: PrecisionPlan, graph,
     a low add low as well): each trial measures exactly what it lowers.
     """
     samples = list(samples)
-    refs = _run(_session(source), samples)  # the fp32 file on the CPU provider: no TF32 there
-    providers = trial_providers()
-    where = providers[0].replace("ExecutionProvider", "")
+    # the fp32 file on the CPU provider (no TF32 there); the trials where they will run: the
+    # CUDA provider when ONNX Runtime has it (float16 kernels as deployed; the only bfloat16 ones)
+    refs = _run(onnx_session(source, ["CPUExecutionProvider"], quiet=True), samples)
+    where = onnx_session(source, quiet=True).get_providers()[0].replace("ExecutionProvider", "")
 
     def measure(model: onnx.ModelProto) -> float:
-        return mean_error(_run(_session(model, providers), samples), refs)
+        return mean_error(_run(onnx_session(model, quiet=True), samples), refs)
 
     current_plan, current = build((), ())
     base = error = measure(current)

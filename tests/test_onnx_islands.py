@@ -121,9 +121,9 @@ def test_bad_island_arguments_are_config_errors(gpt2, kwargs, fragment):
 
 
 def test_bfloat16_trades_need_the_cuda_provider(gpt2):
-    from amp_compiler.onnx_islands import trial_providers
+    from amp_compiler.onnx_export import ort_providers
 
-    if "CUDAExecutionProvider" in trial_providers():
+    if "CUDAExecutionProvider" in ort_providers():
         pytest.skip("ONNX Runtime has its CUDA provider here: bfloat16 trades are measured on it")
     with pytest.raises(ConfigError, match="bfloat16 needs ONNX Runtime's CUDAExecutionProvider"):
         convert_onnx(gpt2, dtype="bfloat16", islands="measure")
