@@ -14,8 +14,8 @@ Every file comes from one fp32 model and runs in one ONNX Runtime on the same in
 5. ``export_onnx``: ours, exported from the AmpModule (``convert(training=False)`` on the bench
    device, so the device's policy and the attention rewrite apply);
 6. ``modelopt``: NVIDIA ModelOpt AutoCast's ``convert_to_mixed_precision(keep_io_types=True)``
-   without calibration data (asked for by name: ``--files ...,modelopt``; ``pip install
-   nvidia-modelopt onnx-graphsurgeon``).
+   without calibration data (asked for by name: ``--files ...,modelopt``; the ``dev`` extra
+   installs it).
 
 ``--model`` takes our reference models (``gpt``, ``mlp``, ...) and the real-model suite's
 (``gpt2``, ``llama``, ``bert``, ``vit``, ``resnet50``, ...; ``--size tiny`` for their small
@@ -67,7 +67,7 @@ from torch import nn
 
 from amp_compiler.bench import (DTYPES, MODELS, SIZES, BenchError, _fmt, _Parser, _summary,
                                 check_counts, write_json)
-from amp_compiler.onnx_export import ort_providers
+from amp_compiler.onnx_export import onnx_session, ort_providers
 from amp_compiler.passes.ranges import rel_error
 
 __all__ = ["main", "run", "export_fp32", "build_model", "example_inputs", "FILES", "MINCAST"]
@@ -340,8 +340,8 @@ def _modelopt(fp32: onnx.ModelProto) -> onnx.ModelProto:
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision
     except ImportError as e:
-        raise BenchError("the modelopt file needs `pip install nvidia-modelopt onnx-graphsurgeon`; "
-                         "or leave it out of --files") from e
+        raise BenchError("the modelopt file needs `pip install nvidia-modelopt onnx-graphsurgeon onnxslim "
+                         "polygraphy lief` (the dev extra has them); or leave it out of --files") from e
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = f"{tmp}/fp32.onnx"
@@ -391,12 +391,8 @@ class Runner:
 
 
 def _runner(name: str, model: onnx.ModelProto, cfg: Config) -> Runner:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the CUDA EP's "some nodes were assigned to CPU" notes
     blob = model.SerializeToString()
-    session = ort.InferenceSession(blob, options, providers=PROVIDERS[cfg.device])
+    session = onnx_session(blob, PROVIDERS[cfg.device], quiet=True)
     casts = sum(n.op_type == "Cast" for n in model.graph.node)
     return Runner(name, session, casts, len(blob))
 
