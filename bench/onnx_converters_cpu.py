@@ -10,8 +10,7 @@ BERT (with an attention mask) and Llama, 4 layers of width 256 and a vocabulary 
 "layer_norm")``), onnxconverter-common's
 ``convert_float_to_float16(keep_io_types=True)`` and NVIDIA ModelOpt AutoCast's
 ``convert_to_mixed_precision(keep_io_types=True)``, without data and with a calibration batch;
-the last two only where installed (``pip install onnxconverter-common nvidia-modelopt
-onnx-graphsurgeon``). A converter that fails on a model is recorded with its error.
+the last two only where installed (the ``dev`` extra: ``pip install -e ".[dev]"``). A converter that fails on a model is recorded with its error.
 
     $ python bench/onnx_converters_cpu.py --json bench/results/onnx-converters-cpu.json
 """

@@ -67,7 +67,6 @@ def fuse_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     while changed:
         changed = False
         nodes = list(g.node)
-        producer = {o: n for n in nodes for o in n.output}
         readers = value_readers(nodes)
 
         def only(value: str, op_types: tuple[str, ...]):
@@ -77,7 +76,7 @@ def fuse_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
             return rs[0] if len(rs) == 1 and rs[0].op_type in op_types and value not in outputs else None
 
         for mean in nodes:
-            match = _match(mean, producer, readers, only, inits, outputs)
+            match = _match(mean, readers, only, inits, outputs)
             if match is None:
                 continue
             x, eps, gamma, beta, last, dead = match
@@ -99,7 +98,7 @@ def fuse_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     return model, fused
 
 
-def _match(mean, producer, readers, only, inits, outputs):
+def _match(mean, readers, only, inits, outputs):
     """(x, eps, gamma, beta, output, nodes to remove) when ``mean`` starts rules L1-L7."""
     if mean.op_type != "ReduceMean" or mean.domain not in ("", "ai.onnx") or not _last_axis_only(mean, inits):
         return None
