@@ -17,8 +17,9 @@ Rules:
         (``SizeCache``): computed on the first call with a given tuple of sizes (and buffer
         versions: a buffer written in place is read afresh), then returned from the cache, at
         most ``CAPACITY`` shapes (least recently used out; a buffer is the same one only while
-        the entry's weak reference to it is alive, so a freed tensor's reused id cannot hit); under ``torch.compile`` or
-        ``torch.export``, and inside a CUDA graph capture, the subgraph is computed, not looked up;
+        the entry's weak reference to it is alive, so a freed tensor's reused id cannot hit);
+        under ``torch.compile`` or ``torch.export``, and inside a CUDA graph capture, the
+        subgraph is computed, not looked up;
     K3  a value the graph returns, or that an op writes into, is not cached (the caller or the
         op would change the cache); a region of fewer than ``MIN_OPS`` tensor ops is left (the
         lookup would cost what it saves).
