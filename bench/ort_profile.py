@@ -15,7 +15,8 @@ import os
 import sys
 import tempfile
 
-import numpy as np
+
+WARMUP = 5
 
 
 def profile(path: str, feeds: dict, runs: int, provider: str) -> dict:
@@ -28,15 +29,15 @@ def profile(path: str, feeds: dict, runs: int, provider: str) -> dict:
     s = ort.InferenceSession(path, so, providers=[provider, "CPUExecutionProvider"])
     names = {i.name for i in s.get_inputs()}
     feed = {k: v for k, v in feeds.items() if k in names}
-    for _ in range(5):
-        s.run(None, feed)
-    s = ort.InferenceSession(path, so, providers=[provider, "CPUExecutionProvider"])
-    for _ in range(runs):
+    for _ in range(WARMUP + runs):
         s.run(None, feed)
     events = json.load(open(s.end_profiling()))
+    # the profile covers every run: count the kernels of the runs after the warm-up ones
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    after = starts[WARMUP] if len(starts) > WARMUP else 0
     per_op = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= after:
             op = e["args"].get("op_name", "?")
             per_op[op][0] += 1
             per_op[op][1] += e["dur"] / 1e3
@@ -58,7 +59,6 @@ def main(argv=None) -> int:
     feeds = {f"input_{i}": t.numpy() for i, t in enumerate(_batch_of(inputs, a.batch))}
     out = {}
     for path in sorted(glob.glob(os.path.join(a.files_dir, f"{a.model}-*.onnx"))):
-        name = path.rsplit("-", 1)[-1][:-5] if "mincast" not in path else "convert_onnx-mincast"
         if path.endswith("fp32.onnx"):
             continue
         ops = profile(path, feeds, a.runs, a.provider)

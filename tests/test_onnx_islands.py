@@ -10,8 +10,6 @@ Generated samples index the vocabulary; calibration samples are used as given.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import pytest
