@@ -21,7 +21,7 @@ from amp_compiler.passes.attention import rewrite_attention as rewrite_attention
 from amp_compiler.passes.classify import classify, override_entries
 from amp_compiler.passes.fold_weights import fold_weights
 from amp_compiler.passes.fused_cross_entropy import fuse_linear_cross_entropy
-from amp_compiler.passes.fused_patterns import fuse_gated_activation
+from amp_compiler.passes.fused_patterns import fuse_gated_activation, recompute_activations
 from amp_compiler.passes.size_cache import cache_size_only
 from amp_compiler.passes.insert_casts import insert_casts
 from amp_compiler.passes.plan import PrecisionPlan
@@ -300,11 +300,14 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
                          for n, note in casts.saturated.items()})
     # 5b. a cross-entropy over a vocabulary-sized linear layer computed in chunks: the fp32
     #     logits, log-softmax and gradient are never held for all rows; logits the model
-    #     returns are computed in the same chunks (rules X1-X7)
-    fused = fuse_linear_cross_entropy(gm)
+    #     returns are computed in the same chunks, in training in the layer's dtype (X1-X8)
+    fused = fuse_linear_cross_entropy(gm, training=training)
     if training:
-        # 5c. a gated MLP's silu(a) * b keeps a and b for backward, not silu(a) too (rule P4)
+        # 5c. a gated MLP's silu(a) * b keeps a and b for backward, not silu(a) too (rule P4),
+        #     and an activation read by a linear layer only is computed again in backward,
+        #     not kept beside its input (P5)
         fused += fuse_gated_activation(gm)
+        fused += recompute_activations(gm)
     plan = _with_rewrites(plan, fused)
     # 6. inference: parameter casts folded into stored low-precision copies, once
     if fold:

@@ -250,3 +250,80 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return _SiluMul.apply(a, b)
     return F.silu(a) * b
+
+
+def _activation(x: torch.Tensor, gate: torch.Tensor | None, act: str) -> torch.Tensor:
+    """What ``activation_linear`` feeds its matrix product: ``act(x)``, times ``gate`` for
+    ``act="silu_mul"`` (computed as P4's ``silu_mul`` computes it)."""
+    if act == "silu_mul":
+        return F.silu(x) * gate
+    if act.startswith("gelu"):
+        return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
+    return F.relu(x) if act == "relu" else F.silu(x)
+
+
+def _activation_backward(grad: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
+    if act.startswith("gelu"):
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if act == "gelu_tanh" else "none")
+    if act == "relu":
+        return torch.ops.aten.threshold_backward(grad, F.relu(x), 0)
+    return torch.ops.aten.silu_backward(grad, x)
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """``act(x)`` and the matrix product that reads it, keeping ``x`` (and the gate) for
+    backward, not ``act(x)`` as well: backward computes it again (rule P5 of fused_patterns)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, bias, act, transposed):
+        a = _activation(x, gate, act)
+        ctx.save_for_backward(x, gate, weight)
+        ctx.options = (act, transposed, bias is not None, None if bias is None else bias.dtype)
+        if transposed:  # addmm(bias, a.view(-1, K), W): Hugging Face's Conv1D (GPT-2)
+            flat = a.reshape(-1, a.shape[-1])
+            return torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
+        return F.linear(a, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate, weight = ctx.saved_tensors
+        act, transposed, has_bias, bias_dtype = ctx.options
+        a_shape = x.shape if gate is None else torch.broadcast_shapes(x.shape, gate.shape)
+        need_x, need_gate, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_gate = grad_w = grad_b = None
+        silu = F.silu(x) if act == "silu_mul" else None
+        if need_w:
+            a = (silu * gate if silu is not None else _activation(x, gate, act)).reshape(-1, a_shape[-1])
+            grad_w = a.t().mm(rows) if transposed else rows.t().mm(a)
+        if has_bias and need_b:
+            grad_b = rows.sum(0).to(bias_dtype)
+        if need_x or need_gate:
+            grad_a = (rows.mm(weight.t()) if transposed else rows.mm(weight)).view(a_shape)
+            if act == "silu_mul":
+                if need_gate:
+                    grad_gate = (grad_a * silu).sum_to_size(gate.shape).to(gate.dtype)
+                if need_x:
+                    grad_x = torch.ops.aten.silu_backward(grad_a * gate, x).sum_to_size(x.shape)
+            elif need_x:
+                grad_x = _activation_backward(grad_a, x, act).sum_to_size(x.shape)
+        return grad_x, grad_gate, grad_w, grad_b, None, None
+
+
+def activation_linear(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,
+                      bias: torch.Tensor | None, act: str, transposed: bool = False) -> torch.Tensor:
+    """``F.linear(act(x), weight, bias)`` (``transposed``: ``addmm(bias, act(x).view(-1, K),
+    weight)``, Hugging Face's Conv1D) that keeps ``x`` for backward and computes ``act(x)``
+    again there, instead of keeping the activation's output as well: one MLP-wide tensor less
+    per layer (rule P5). ``act``: "gelu", "gelu_tanh", "relu", "silu", or "silu_mul" (then
+    ``act(x)`` is ``silu(x) * gate``, the gated MLP).
+
+        >>> out = activation_linear(h, None, fc2.weight, fc2.bias, "gelu")
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, gate, weight, bias)):
+        return _ActivationLinear.apply(x, gate, weight, bias, act, transposed)
+    a = _activation(x, gate, act)
+    if transposed:
+        flat = a.reshape(-1, a.shape[-1])
+        return torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
+    return F.linear(a, weight, bias)

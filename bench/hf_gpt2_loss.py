@@ -2,7 +2,9 @@
 model's own loss with labels, fused AdamW) in fp32, under autocast + GradScaler and converted by
 amp_compiler (fp16), from the same initial weights on the same batches of a learnable synthetic
 token stream (``amp_compiler.models.data.token_stream``): the final loss (mean of the last 20
-steps) of each, and its ratio to fp32's.
+steps) of each, its ratio to fp32's, and the steps the loss scaler skipped (an fp16 run that
+skips k steps of 200 is k updates behind). ``fp32-redraw`` is fp32 again with other dropout
+draws: how far two fp32 runs of the same recipe land apart, the noise under the ratios.
 
     $ python bench/hf_gpt2_loss.py --steps 200 --json bench/results/hf-gpt2-loss200.json
     $ python bench/hf_gpt2_loss.py --tiny --device cpu --steps 5      # smoke test
@@ -42,8 +44,8 @@ def main(argv=None) -> int:
                for x, _ in data.batches(stream, a.batch, block, a.steps, seed=0)]
     cfg = argparse.Namespace(dtype=dtype, device=dev)
     finals = {}
-    for kind in ("fp32", "autocast", "amp"):
-        torch.manual_seed(0)  # the same dropout draws
+    for kind in ("fp32", "fp32-redraw", "autocast", "amp"):
+        torch.manual_seed(1 if kind == "fp32-redraw" else 0)  # the same dropout draws
         model = bench._copy(master, argparse.Namespace(device=dev), train=True)
         module = model
         if kind == "amp":
@@ -53,13 +55,19 @@ def main(argv=None) -> int:
         ctx = (lambda: torch.autocast(dev.type, dtype=dtype)) if kind == "autocast" else bench._no_ctx
         scaler, in_graph, _ = bench.loss_scaler(kind, module if kind == "amp" else None, cfg)
         step = bench._train_step(lambda b, m=module: output_field(m(**b), "loss"), ctx, opt, scaler, in_graph)
-        losses = torch.stack([step((b,)).detach() for b in batches]).float().cpu()
+        losses, skipped = [], 0
+        for b in batches:
+            before = scaler.get_scale() if scaler is not None else None
+            losses.append(step((b,)).detach())
+            skipped += int(scaler is not None and scaler.get_scale() < before)  # backed off: skipped
+        losses = torch.stack(losses).float().cpu()
         finals[kind] = {"first": float(losses[0]), "final": float(losses[-TAIL:].mean()),
-                        "nonfinite_steps": int((~torch.isfinite(losses)).sum())}
+                        "nonfinite_steps": int((~torch.isfinite(losses)).sum()), "skipped_steps": skipped}
         print(f"{kind}: first {finals[kind]['first']:.4f}, final (mean of last {TAIL}) "
-              f"{finals[kind]['final']:.4f}, non-finite steps {finals[kind]['nonfinite_steps']}")
+              f"{finals[kind]['final']:.4f}, non-finite steps {finals[kind]['nonfinite_steps']}, "
+              f"skipped steps {skipped}")
         del module, model, opt
-    for kind in ("autocast", "amp"):
+    for kind in ("fp32-redraw", "autocast", "amp"):
         finals[kind]["vs_fp32"] = finals[kind]["final"] / finals["fp32"]["final"] - 1
         print(f"{kind} final loss vs fp32: {100 * finals[kind]['vs_fp32']:+.2f}%")
     if a.json:

@@ -36,6 +36,13 @@ Rules:
         (GPT-2's 50257) cuBLAS picks unaligned fp16 kernels; measured on the H200 at 8192 rows
         (``bench/fused_ce_compare.py``), the chunks' forward and backward took 27.3 ms unpadded
         and 12.4 ms padded (the unfused loss: 21.8 ms).
+    X8  in a training graph, logits returned beside the fused loss come back in the linear
+        layer's dtype, as ``torch.autocast`` returns them: the output's restoring cast (rule
+        I5 of insert_casts) is dropped. The loss is what training reads; the logits are a
+        by-product, and in fp32 they were the largest tensor of the step (GPT-2 at 8 x 1024:
+        1.6 GB, the compiled step's peak 1.20x compiled autocast's). A ``logits.float()`` the
+        model returns is read the same way (in the captured fp32 graph it is the same no-op
+        as the loss's own ``.float()``); inference graphs restore the model's dtype (I5).
 
     >>> remarks = fuse_linear_cross_entropy(gm)
     >>> [r.rule for r in remarks]
@@ -59,8 +66,9 @@ _RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "contiguous", "flatten
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
 
-def fuse_linear_cross_entropy(gm: fx.GraphModule) -> list[Remark]:
-    """Rules X1-X4 on ``gm`` in place; returns one remark per cross-entropy examined."""
+def fuse_linear_cross_entropy(gm: fx.GraphModule, *, training: bool = False) -> list[Remark]:
+    """Rules X1-X8 on ``gm`` in place (X8 when ``training``); returns one remark per
+    cross-entropy examined."""
     from amp_compiler import runtime
 
     remarks = []
@@ -83,11 +91,15 @@ def fuse_linear_cross_entropy(gm: fx.GraphModule) -> list[Remark]:
             if isinstance(moved, str):
                 remarks.append(Remark("fused_cross_entropy", "X4:no-match", ce.name, moved))
                 continue
+            low_out = _returned_low(gm, linear) if training else False
             fused = _fuse_returning_logits(gm, runtime.linear_cross_entropy, linear, ce, (h, w, b, options["target"]), kwargs)
             wide = fused.kwargs["logits"] is torch.float32
             reason += (f"; the logits, which {', '.join(options['others'])} also read, are computed "
                        "once in the same chunks, " + ("in fp32 as every reader widens them" if wide
                                                      else "in the layer's dtype"))
+            if low_out:
+                reason += ("; returned in that dtype, as autocast returns them (X8: a training "
+                           "graph's loss is what it is run for)")
         else:
             with gm.graph.inserting_before(ce):
                 fused = gm.graph.call_function(runtime.linear_cross_entropy, (h, w, b, options["target"]), kwargs)
@@ -170,6 +182,21 @@ def _labels_first(gm: fx.GraphModule, target, linear: fx.Node) -> str | None:
     for node in sorted(late, key=order.__getitem__):
         linear.prepend(node)
     return None
+
+
+def _returned_low(gm: fx.GraphModule, linear: fx.Node) -> bool:
+    """X8: the graph outputs read ``linear``'s logits directly, not through a cast to fp32
+    (the restoring cast, or the model's own ``.float()``, which the capture cannot tell from
+    the loss's: in the fp32 graph both are the same no-op); whether any did."""
+    widened = [u for u in linear.users if u.op in ("call_function", "call_method")
+               and target_name(u) in _CASTS and casts_to_fp32(u)
+               and any(r.op == "output" for r in u.users)]
+    for cast in widened:
+        for out in [r for r in cast.users if r.op == "output"]:
+            out.replace_input_with(cast, linear)
+        if not cast.users:
+            gm.graph.erase_node(cast)
+    return bool(widened)
 
 
 def _fuse_returning_logits(gm: fx.GraphModule, fn, linear: fx.Node, ce: fx.Node, args: tuple,

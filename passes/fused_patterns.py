@@ -24,6 +24,16 @@ kernel forward and backward, which keeps its input only and computes in fp32 ins
         ``silu(a)`` again there instead of keeping it (autograd keeps all three): one tensor of
         the MLP's width less per layer (Llama at 8 x 1024 x 2816 in bf16: 46 MB a layer) for
         one more elementwise pass in backward. Inference graphs keep nothing: left as is.
+    P5  (training graphs, after P4: ``recompute_activations``) an activation read only by the
+        matrix product of the next linear layer -- ``linear(act(x), W, b)``, or
+        ``addmm(b, act(x).view(-1, K), W)`` (Hugging Face's Conv1D, GPT-2) -- with ``act`` one
+        of ``gelu`` (either approximation), ``relu``, ``silu`` or P4's ``silu_mul``, becomes
+        ``runtime.activation_linear``: backward computes the activation again from ``x`` for
+        the weight's gradient, so ``act(x)`` is not kept beside ``x`` (autograd keeps both:
+        the activation's backward reads ``x``, the product's reads ``act(x)``). One MLP-wide
+        tensor less per layer (ViT-B at 64 images: 77 MB a layer) for one elementwise pass in
+        backward; the gradients are the same bits (the same ops on the same values). Only
+        where both ops run in one dtype, with no cast or other reader between.
 
 Numerics: the fused ops compute in fp32 inside (``opmath``) and round once; the chains they
 replace round after every op in a low dtype, so a fused GELU is at least as accurate.
@@ -52,7 +62,7 @@ _NOOP_CASTS = frozenset({"to", "_to_copy", "float", "type_as"})
 def fuse_patterns(gm: fx.GraphModule) -> list[Remark]:
     """Rules P1-P3 on ``gm`` in place; one remark per fused or missed pattern."""
     remarks: list[Remark] = []
-    for node in list(gm.graph.nodes):  # nothing is erased before the dead-code pass below
+    for node in list(gm.graph.nodes):  # nothing is erased before the dead-code pass (_tidied)
         if node.op not in ("call_function", "call_method"):
             continue
         name = target_name(node)
@@ -60,11 +70,7 @@ def fuse_patterns(gm: fx.GraphModule) -> list[Remark]:
             remarks += _gelu_tanh(gm, node)
         elif name == "rsqrt":
             remarks += _rms_norm(gm, node)
-    if remarks:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-    return remarks
+    return _tidied(gm, remarks)
 
 
 def fuse_gated_activation(gm: fx.GraphModule) -> list[Remark]:
@@ -85,6 +91,79 @@ def fuse_gated_activation(gm: fx.GraphModule) -> list[Remark]:
         remarks.append(Remark("fused_patterns", "P4:silu-mul", new.name,
                               f"silu('{a.name}') * '{other.name}' keeps its two inputs for backward and "
                               "computes silu again there: the activation is not kept as well"))
+    return _tidied(gm, remarks)
+
+
+_ACTIVATIONS = frozenset({"gelu", "relu", "silu", "silu_mul"})
+_FLATTENS = frozenset({"view", "reshape", "_unsafe_view"})
+
+
+def recompute_activations(gm: fx.GraphModule) -> list[Remark]:
+    """Rule P5 on a training graph in place (after casts are inserted and P4); one remark per
+    activation whose output is no longer kept for backward."""
+    from amp_compiler import runtime
+
+    remarks = []
+    for act in [n for n in gm.graph.nodes if _is(n, _ACTIVATIONS) and not n.kwargs.get("inplace")]:
+        found = _activation_product(act)
+        if found is None:
+            continue
+        product, kind, transposed = found
+        x = node_arg(act, 0, ("self", "input", "a"), None)
+        gate = node_arg(act, 1, "b", None) if kind == "silu_mul" else None
+        if transposed:  # addmm(bias, mat1, mat2)
+            bias, weight = node_arg(product, 0, "self", None), node_arg(product, 2, "mat2", None)
+        else:
+            weight, bias = node_arg(product, 1, "weight", None), node_arg(product, 2, "bias", None)
+        # the product node becomes the fused call: its name, which its plan decision names, and
+        # its meta stay; the activation is left unread and goes
+        product.target, product.kwargs = runtime.activation_linear, {}
+        product.args = (x, gate, weight, bias, kind, transposed)
+        name = product.name
+        what = "silu(x) * gate" if kind == "silu_mul" else f"{kind}(x)"
+        remarks.append(Remark("fused_patterns", "P5:recompute-activation", name,
+                              f"{what} ('{act.name}') over '{x.name}' is read only by '{name}': "
+                              "backward computes it again from x, so it is not kept beside x"))
+    return _tidied(gm, remarks)
+
+
+def _activation_product(act: fx.Node):
+    """(product node, activation kind, transposed) when ``act``'s only reader is a linear
+    layer's input (through a flattening view for ``addmm``), in the activation's dtype."""
+    name = target_name(act)
+    kind = name
+    if name == "gelu":
+        approximate = node_arg(act, 1, "approximate", "none")
+        kind = "gelu_tanh" if approximate == "tanh" else "gelu" if approximate == "none" else None
+    if kind is None or len(act.users) != 1:
+        return None
+    reader = next(iter(act.users))
+    if _is(reader, {"linear"}) and node_arg(reader, 0, "input", None) is act:
+        product, transposed = reader, False
+    elif _is(reader, _FLATTENS) and len(reader.users) == 1 and _flattens_to_rows(reader, act):
+        product = next(iter(reader.users))
+        if not (_is(product, {"addmm"}) and node_arg(product, 1, "mat1", None) is reader) \
+                or "beta" in product.kwargs or "alpha" in product.kwargs:
+            return None
+        transposed = True
+    else:
+        return None
+    if None in (_dtype(act), _dtype(product)) or _dtype(act) != _dtype(product):
+        return None  # the dtypes are not recorded (symbolic capture) or differ
+    return product, kind, transposed
+
+
+def _flattens_to_rows(view: fx.Node, act: fx.Node) -> bool:
+    """``view`` makes ``act``'s value 2-D, its last dimension kept: ``view(x, [-1, K])``."""
+    shape = view.args[1] if len(view.args) == 2 else view.args[1:]
+    size = _last_size(act)
+    return isinstance(shape, (list, tuple)) and len(shape) == 2 and size is not None \
+        and shape[-1] == size
+
+
+def _tidied(gm: fx.GraphModule, remarks: list[Remark]) -> list[Remark]:
+    """After a rewrite that fused something: the unread nodes gone, the graph checked and its
+    code regenerated; ``remarks`` returned."""
     if remarks:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()

@@ -211,10 +211,10 @@ def test_the_returned_logits_are_the_linear_layers_and_carry_gradients(logits, p
 
 @pytest.mark.parametrize("build_model", [_gpt2, _llama], ids=["gpt2", "llama"])
 def test_a_model_that_returns_its_logits_has_them_computed_once_by_the_fused_loss(build_model, monkeypatch):
-    """X4: ``model(**batch)`` returns ``CausalLMOutput(loss, logits)``; the fused node computes
-    the logits once, in fp32 as the model's ``.float()`` and the restored output both widen
-    them, and no lm_head linear is left. Loss, logits and gradients (also through the logits)
-    are those of the unfused conversion."""
+    """X4 + X8: ``model(**batch)`` returns ``CausalLMOutput(loss, logits)``; the fused node
+    computes the logits once, in the layer's dtype, and a training graph returns them so, as
+    autocast does (the unfused conversion restores fp32, rule I5); no lm_head linear is left.
+    Loss, logits and gradients (also through the logits) are those of the unfused conversion."""
     batch = _batch(2, 10, 0)
     models, outs = {}, {}
     for fused in (True, False):
@@ -223,19 +223,55 @@ def test_a_model_that_returns_its_logits_has_them_computed_once_by_the_fused_los
         amp = ac.convert(models[fused], example_kwargs=batch, dtype="bfloat16")
         if fused:
             (node,) = _fused_nodes(amp)
-            assert node.kwargs["logits"] is torch.float32
+            assert node.kwargs["logits"] is True
             assert not [n for n in amp.graph_module.graph.nodes if getattr(n.target, "__name__", "") == "linear"
                         and "lm_head" in n.args[1].name]
             (row,) = [r for r in amp.plan.meta["rewrites"] if r[0] == "fused_cross_entropy"]
-            assert row[1] == "X3:fused" and "in fp32 as every reader widens them" in row[3]
+            assert row[1] == "X3:fused" and "returned in that dtype, as autocast returns them" in row[3]
         torch.manual_seed(0)  # the same dropout masks in both
         outs[fused] = out = amp(**_batch(3, 14, 1))  # other shapes than at capture
-        (out.loss + out.logits.square().mean()).backward()
-    assert outs[True].logits.dtype == torch.float32 and outs[True].logits.shape == (3, 14, VOCAB)
-    assert _rel(outs[True].logits, outs[False].logits) <= torch.finfo(torch.bfloat16).eps
+        (out.loss + out.logits.float().square().mean()).backward()
+    assert outs[True].logits.dtype == torch.bfloat16 and outs[False].logits.dtype == torch.float32
+    assert outs[True].logits.shape == (3, 14, VOCAB)
+    # the unfused logits are the same bf16 values widened
+    assert torch.equal(outs[True].logits.float(), outs[False].logits)
     assert abs(float(outs[True].loss / outs[False].loss) - 1) <= 1e-5
     for (name, p), q in zip(models[True].named_parameters(), models[False].parameters()):
         assert _rel(p.grad, q.grad) <= 8 * torch.finfo(torch.bfloat16).eps, name
+
+
+def test_x8_inference_graphs_keep_fp32_logits_and_training_graphs_return_them_low():
+    """X8 only in training: an eval conversion returns the model's dtype (I5); a training
+    conversion returns the layer's dtype also where the model widens its logits itself
+    before returning them (in the captured fp32 graph that cast is the loss's no-op too)."""
+    batch = _batch(2, 10, 0)
+    amp = ac.convert(_gpt2().eval(), example_kwargs=batch, dtype="bfloat16", training=False)
+    (node,) = _fused_nodes(amp)
+    assert node.kwargs["logits"] is torch.float32
+    with torch.no_grad():
+        assert amp(**batch).logits.dtype == torch.float32
+
+    class Widening(nn.Module):  # the logits.float() of older transformers releases
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB, bias=False)
+
+        def forward(self, x, y):
+            logits = self.head(self.emb(x)).float()
+            return F.cross_entropy(logits.view(-1, VOCAB), y.view(-1)), logits
+
+    x = torch.randint(0, VOCAB, (2, 6))
+    model = Widening().train()
+    ref_loss, ref_logits = model(x, x)
+    amp = ac.convert(model, (x, x), dtype="bfloat16")
+    (node,) = _fused_nodes(amp)
+    loss, logits = amp(x, x)
+    assert node.kwargs["logits"] is True and logits.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and abs(float(loss / ref_loss) - 1) < 1e-2
+    assert _rel(logits.float(), ref_logits) <= torch.finfo(torch.bfloat16).eps
+    with torch.no_grad():
+        amp.eval()
+        assert amp(x, x)[1].dtype == torch.float32
 
 
 def test_what_is_not_fused_says_why():

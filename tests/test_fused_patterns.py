@@ -1,6 +1,8 @@
-"""fused_patterns pass (rules P1-P3): GPT-2's GELU and the RMSNorm of Llama and T5 become one
+"""fused_patterns pass (rules P1-P5): GPT-2's GELU and the RMSNorm of Llama and T5 become one
 torch op each, on Hugging Face models built from default configs (dropout as configured), and
-on hand-written formulas, with the near misses left alone and said why."""
+on hand-written formulas, with the near misses left alone and said why; in training graphs the
+gated MLP's product (P4) and an activation read by a linear layer (P5) are not kept for
+backward but computed again there."""
 
 from __future__ import annotations
 
@@ -200,6 +202,7 @@ def test_p4_the_gated_mlp_keeps_its_two_inputs_only(dtype, monkeypatch):
 
     batch = _batch(3, 2, 64)
     convert_module = sys.modules["amp_compiler.convert"]
+    monkeypatch.setattr(convert_module, "recompute_activations", lambda gm: [])  # P4 alone
     kept, grads = {}, {}
     for rule in (True, False):
         if not rule:
@@ -240,3 +243,111 @@ def test_silu_mul_matches_the_unfused_product_with_broadcasting():
     assert torch.allclose(out, ref) and torch.allclose(ga, ra, atol=1e-6) and torch.allclose(gb, rb, atol=1e-5)
     with torch.no_grad():
         assert silu_mul(a, b).grad_fn is None
+
+
+def _mlp_model(family: str) -> nn.Module:
+    """Two layers, default dropout, an MLP 4x (GPT-2, BERT, ViT) or 256 / 64 (Llama) wide."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2,
+                                              n_positions=64)).train()
+    if family == "llama":
+        return _llama_mlp_wide()
+    if family == "bert":
+        return T.BertForSequenceClassification(T.BertConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=128, max_position_embeddings=64)).train()
+    return T.ViTForImageClassification(T.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128)).train()
+
+
+# family -> (what the linear layer reads, the MLP's width, tokens per sample)
+P5_MODELS = {"gpt2": ("gelu_tanh(x)", 128, 12), "llama": ("silu(x) * gate", 256, 12),
+             "bert": ("gelu(x)", 128, 12), "vit": ("gelu(x)", 128, 17)}
+
+
+def _p5_batch(family: str) -> dict:
+    g = torch.Generator().manual_seed(5)
+    if family == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "labels": torch.tensor([0, 1])}
+    ids = torch.randint(0, 128, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids.clone() if family in ("gpt2", "llama") else torch.tensor([0, 1])}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", list(P5_MODELS))
+def test_p5_an_activation_read_by_a_linear_layer_is_computed_again_in_backward(family, dtype, monkeypatch):
+    """P5 on library models with their default dropout and their own loss: one
+    ``activation_linear`` per layer, autograd keeps exactly one MLP-wide tensor per layer less
+    (the activation's output), and loss and every gradient are the same bits as without it."""
+    import sys
+
+    what, width, tokens = P5_MODELS[family]
+    batch = _p5_batch(family)
+    convert_module = sys.modules["amp_compiler.convert"]
+    kept, grads, losses = {}, {}, {}
+    for rule in (True, False):
+        if not rule:
+            monkeypatch.setattr(convert_module, "recompute_activations", lambda gm: [])
+        model = _mlp_model(family)
+        amp = ac.convert(model, example_kwargs=batch, dtype=dtype)
+        rows = [r for r in amp.plan.meta["rewrites"] if r[1] == "P5:recompute-activation"]
+        assert len(rows) == (2 if rule else 0)
+        assert all(r[3].startswith(what) for r in rows)
+        torch.manual_seed(0)  # the same dropout masks
+        kept[rule], loss = _saved_bytes(lambda: amp(**batch).loss)
+        loss.backward()
+        losses[rule], grads[rule] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    assert kept[False] - kept[True] == 2 * 2 * tokens * width * torch.finfo(dtype).bits // 8
+    assert torch.equal(losses[True], losses[False])
+    for name, g in grads[True].items():
+        assert torch.equal(g, grads[False][name]), name
+
+
+def test_p5_leaves_inference_graphs_and_shared_activations_alone():
+    """No P5 in an inference graph; an activation that something else reads too is kept
+    anyway, so nothing would be saved: left as is."""
+    amp = ac.convert(_mlp_model("bert").eval(), example_kwargs={"input_ids": _p5_batch("bert")["input_ids"]},
+                     dtype="bfloat16", training=False)
+    assert "P5:recompute-activation" not in [r[1] for r in amp.plan.meta["rewrites"]]
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            a = F.gelu(self.fc1(x))
+            return self.fc2(a).sum() + a.mean()
+
+    amp = ac.convert(Shared().train(), (torch.randn(4, 8),), dtype="bfloat16")
+    assert "P5:recompute-activation" not in [r[1] for r in amp.plan.meta["rewrites"]]
+    assert any(str(n.target).endswith("gelu.default") for n in amp.graph_module.graph.nodes)
+
+
+def test_activation_linear_matches_the_two_ops_with_broadcasting():
+    """``runtime.activation_linear`` for every activation, both product forms (linear, and
+    Conv1D's addmm), a gate broadcast over the batch: the same values and gradients."""
+    from amp_compiler.runtime import activation_linear
+
+    g = torch.Generator().manual_seed(0)
+    ops = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu,
+           "silu": F.silu}
+    for act in [*ops, "silu_mul"]:
+        for transposed in (False, True):
+            x = torch.randn(3, 5, 16, generator=g).requires_grad_()
+            gate = torch.randn(1, 5, 16, generator=g).requires_grad_() if act == "silu_mul" else None
+            w = torch.randn(*((16, 8) if transposed else (8, 16)), generator=g).requires_grad_()
+            b = torch.randn(8, generator=g).requires_grad_()
+            a = F.silu(x) * gate if gate is not None else ops[act](x)
+            ref = torch.addmm(b, a.reshape(-1, 16), w) if transposed else F.linear(a, w, b)
+            out = activation_linear(x, gate, w, b, act, transposed)
+            inputs = [t for t in (x, gate, w, b) if t is not None]
+            upstream = torch.randn(out.shape, generator=g)
+            for ours, theirs in zip(torch.autograd.grad(out, inputs, upstream),
+                                    torch.autograd.grad(ref, inputs, upstream)):
+                assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5), act
+            assert torch.equal(out, ref), act
+    with torch.no_grad():
+        assert activation_linear(x, gate, w, b, "silu_mul", transposed=True).grad_fn is None
