@@ -34,6 +34,13 @@ kernel forward and backward, which keeps its input only and computes in fp32 ins
         tensor less per layer (ViT-B at 64 images: 77 MB a layer) for one elementwise pass in
         backward; the gradients are the same bits (the same ops on the same values). Only
         where both ops run in one dtype, with no cast or other reader between.
+    P6  (training graphs, with P4 and P5: ``fuse_rotary``) ``x * cos + cat((-x2, x1), -1) * sin``
+        with ``x1, x2`` the two halves of ``x``'s last dimension (Hugging Face's
+        ``apply_rotary_pos_emb``, applied to q and to k), every intermediate read by the formula
+        only, becomes ``runtime.rotary(x, cos, sin)``: the same forward ops; its backward is
+        ``addcmul(turn(g * sin), g, cos)`` in four kernels, where autograd runs nine through the
+        cat, the neg and the two slices (zero-filled halves, then added). Backward rounds once
+        fewer (``addcmul`` computes in fp32 inside).
 
 Numerics: the fused ops compute in fp32 inside (``opmath``) and round once; the chains they
 replace round after every op in a low dtype, so a fused GELU is at least as accurate.
@@ -159,6 +166,71 @@ def _flattens_to_rows(view: fx.Node, act: fx.Node) -> bool:
     size = _last_size(act)
     return isinstance(shape, (list, tuple)) and len(shape) == 2 and size is not None \
         and shape[-1] == size
+
+
+def fuse_rotary(gm: fx.GraphModule) -> list[Remark]:
+    """Rule P6 on a training graph in place; one remark per rotary embedding fused."""
+    from amp_compiler import runtime
+
+    remarks = []
+    for add in [n for n in gm.graph.nodes if _is(n, _ADD) and "alpha" not in n.kwargs]:
+        found = _rotary(add)
+        if found is None:
+            continue
+        x, cos, sin = found
+        # the add becomes the fused call (its name and plan decision stay); the rest goes
+        add.target, add.args, add.kwargs = runtime.rotary, (x, cos, sin), {}
+        remarks.append(Remark("fused_patterns", "P6:rotary", add.name,
+                              f"'{x.name}' * '{cos.name}' + rotate_half('{x.name}') * '{sin.name}' "
+                              "computes the same forward, and its backward in 4 kernels instead of 9"))
+    return _tidied(gm, remarks)
+
+
+def _rotary(add: fx.Node):
+    """(x, cos, sin) when ``add`` is ``x * cos + cat((-x[..., h:], x[..., :h]), -1) * sin``."""
+    a, b = _operands(add)
+    for straight, turned in ((a, b), (b, a)):
+        if not (_is(straight, _MUL) and _is(turned, _MUL) and len(straight.users) == 1
+                and len(turned.users) == 1):
+            continue
+        for cat, sin in (_operands(turned), _operands(turned)[::-1]):
+            if not _is(cat, {"cat"}) or len(cat.users) != 1 or not isinstance(sin, fx.Node):
+                continue
+            x = _rotated_half_of(cat)
+            if x is None:
+                continue
+            s1, s2 = _operands(straight)
+            cos = s2 if s1 is x else s1 if s2 is x else None
+            if isinstance(cos, fx.Node) and cos is not x and sin is not x:
+                return x, cos, sin
+    return None
+
+
+def _rotated_half_of(cat: fx.Node):
+    """x when ``cat`` is ``cat((-x[..., h:], x[..., :h]), -1)`` with ``2h`` x's last size."""
+    parts, dim = node_arg(cat, 0, "tensors", None), node_arg(cat, 1, "dim", 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        return None
+    neg, first = parts
+    if not (_is(neg, {"neg"}) and len(neg.users) == 1 and _is(first, {"slice"})):
+        return None
+    second = node_arg(neg, 0, ("self", "input"), None)
+    if not _is(second, {"slice"}):
+        return None
+    x = node_arg(first, 0, ("self", "input"), None)
+    size, rank = _last_size(x) if isinstance(x, fx.Node) else None, _rank(x) if isinstance(x, fx.Node) else None
+    if size is None or size % 2 or node_arg(second, 0, ("self", "input"), None) is not x \
+            or dim not in (-1, rank - 1) or len(first.users) != 1 or len(second.users) != 1:
+        return None
+    half = size // 2
+    spans = [(node_arg(s, 1, "dim", 0), node_arg(s, 2, "start", None), node_arg(s, 3, "end", None))
+             for s in (first, second)]
+    last = (-1, rank - 1)
+    if spans[0][0] in last and spans[1][0] in last and spans[0][1] in (0, None) \
+            and spans[0][2] == half and spans[1][1] == half and spans[1][2] is not None \
+            and spans[1][2] >= size and node_arg(second, 4, "step", 1) == 1 and node_arg(first, 4, "step", 1) == 1:
+        return x
+    return None
 
 
 def _tidied(gm: fx.GraphModule, remarks: list[Remark]) -> list[Remark]:

@@ -351,3 +351,74 @@ def test_activation_linear_matches_the_two_ops_with_broadcasting():
             assert torch.equal(out, ref), act
     with torch.no_grad():
         assert activation_linear(x, gate, w, b, "silu_mul", transposed=True).grad_fn is None
+
+
+def _backward_nodes(loss: torch.Tensor) -> int:
+    """How many autograd nodes backward runs from ``loss``."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return len(seen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_p6_rotary_embeddings_run_one_backward_node_each(dtype, monkeypatch):
+    """P6 on HF Llama from its default config (training, labels): q and k of both layers are
+    ``runtime.rotary``, backward runs fewer autograd nodes (one for the formula's seven), the
+    loss is the same bits and the gradients agree with the unfused conversion's to the low
+    dtype's rounding (backward rounds once fewer)."""
+    import sys
+
+    batch = _batch(4, 2, 16)
+    convert_module = sys.modules["amp_compiler.convert"]
+    nodes, grads, losses = {}, {}, {}
+    for rule in (True, False):
+        if not rule:
+            monkeypatch.setattr(convert_module, "fuse_rotary", lambda gm: [])
+        model = _small("llama").train()
+        amp = ac.convert(model, example_kwargs=batch, dtype=dtype)
+        rows = [r for r in amp.plan.meta["rewrites"] if r[1] == "P6:rotary"]
+        assert len(rows) == (4 if rule else 0)  # q and k, two layers
+        torch.manual_seed(0)
+        loss = amp(**batch).loss
+        nodes[rule] = _backward_nodes(loss)
+        loss.backward()
+        losses[rule], grads[rule] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    assert nodes[False] - nodes[True] >= 4 * 5
+    assert torch.equal(losses[True], losses[False])
+    eps = torch.finfo(dtype).eps
+    for name, g in grads[True].items():
+        ref = grads[False][name]
+        assert (g.float() - ref.float()).norm() <= 4 * eps * ref.float().norm() + 1e-12, name
+
+
+def test_p6_rotary_matches_the_formula_and_leaves_near_misses():
+    """``runtime.rotary`` against the formula in fp64 (values, gradient of x); a formula with
+    the halves the other way round (``cat((x1, -x2))``) is not P6's and is left alone."""
+    from amp_compiler.runtime import rotary
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, generator=g).requires_grad_()
+    cos, sin = torch.randn(2, 1, 5, 8, dtype=torch.float64, generator=g), torch.randn(2, 1, 5, 8, dtype=torch.float64, generator=g)
+    ref = x * cos + torch.cat((-x[..., 4:], x[..., :4]), -1) * sin
+    out = rotary(x, cos, sin)
+    up = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    assert torch.equal(out, ref)
+    assert torch.allclose(torch.autograd.grad(out, x, up)[0], torch.autograd.grad(ref, x, up)[0])
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, h, cos, sin):
+            q = self.proj(h)
+            return (q * cos + torch.cat((q[..., :4], -q[..., 4:]), -1) * sin).sum()
+
+    h = torch.randn(2, 5, 8)
+    amp = ac.convert(Other().train(), (h, cos[:, 0].float(), sin[:, 0].float()), dtype="bfloat16")
+    assert "P6:rotary" not in [r[1] for r in amp.plan.meta["rewrites"]]
