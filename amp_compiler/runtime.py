@@ -359,10 +359,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """``x * cos + rotate_half(x) * sin`` (Hugging Face's ``apply_rotary_pos_emb``, one of q and
     k) computing the same forward, with a backward that reads the incoming gradient twice and
     writes once per step instead of autograd's nine kernels through ``cat``, ``neg`` and the two
-    slices (rule P6). ``cos`` and ``sin`` take no gradient (the model's rotary phases).
+    slices (rule P6). Phases that require a gradient (learned ones) take autograd's path.
 
         >>> q = rotary(q, cos, sin)
     """
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad and not (cos.requires_grad or sin.requires_grad):
         return _Rotary.apply(x, cos, sin)
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + _rotate_half(x) * sin  # learned phases: autograd's backward, theirs too

@@ -33,7 +33,8 @@ kernel forward and backward, which keeps its input only and computes in fp32 ins
         the activation's backward reads ``x``, the product's reads ``act(x)``). One MLP-wide
         tensor less per layer (ViT-B at 64 images: 77 MB a layer) for one elementwise pass in
         backward; the gradients are the same bits (the same ops on the same values). Only
-        where both ops run in one dtype, with no cast or other reader between.
+        where the product is the activation's one reader (no cast between) and the capture
+        recorded both values (not under fx symbolic tracing).
     P6  (training graphs, with P4 and P5: ``fuse_rotary``) ``x * cos + cat((-x2, x1), -1) * sin``
         with ``x1, x2`` the two halves of ``x``'s last dimension (Hugging Face's
         ``apply_rotary_pos_emb``, applied to q and to k), every intermediate read by the formula
@@ -136,7 +137,7 @@ def recompute_activations(gm: fx.GraphModule) -> list[Remark]:
 
 def _activation_product(act: fx.Node):
     """(product node, activation kind, transposed) when ``act``'s only reader is a linear
-    layer's input (through a flattening view for ``addmm``), in the activation's dtype."""
+    layer's input (through a flattening view for ``addmm``)."""
     name = target_name(act)
     kind = name
     if name == "gelu":
@@ -155,8 +156,8 @@ def _activation_product(act: fx.Node):
         transposed = True
     else:
         return None
-    if None in (_dtype(act), _dtype(product)) or _dtype(act) != _dtype(product):
-        return None  # the dtypes are not recorded (symbolic capture) or differ
+    if None in (_dtype(act), _dtype(product)):
+        return None  # not recorded: fx symbolic capture
     return product, kind, transposed
 
 

@@ -409,6 +409,10 @@ def test_p6_rotary_matches_the_formula_and_leaves_near_misses():
     up = torch.randn(out.shape, dtype=torch.float64, generator=g)
     assert torch.equal(out, ref)
     assert torch.allclose(torch.autograd.grad(out, x, up)[0], torch.autograd.grad(ref, x, up)[0])
+    learned = sin.clone().requires_grad_()  # learned phases: their gradient too, as autograd's
+    ours = torch.autograd.grad(rotary(x, cos, learned), (x, learned), up)
+    theirs = torch.autograd.grad(x * cos + torch.cat((-x[..., 4:], x[..., :4]), -1) * learned, (x, learned), up)
+    assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
 
     class Other(nn.Module):
         def __init__(self):
