@@ -252,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
-    # the torch table always (even empty, as before), unless every file is a real-suite one
-    only_real = all(json.loads(Path(p).read_text()).get("suite") == "real" for p in paths)
-    tables = [] if only_real else [table(paths)]
+    # the torch table when a file is one of `amp-compiler bench`'s own workloads (not an ONNX
+    # run, not the real-model suite): no empty header above the other tables
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    workloads = any(d.get("mode") != "onnx" and d.get("suite") != "real" for d in files)
+    tables = [table(paths)] if workloads else []
     tables += [t for t in (onnx_table(paths), onnx_errors_table(paths), real_table(paths),
                            latency_table(paths)) if t]
     print("\n\n".join(tables))

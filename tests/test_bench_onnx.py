@@ -70,7 +70,7 @@ def test_gpt_every_file_measured_and_consistent(tmp_path, capsys):
     assert "convert_onnx-mincast" in capsys.readouterr().out  # the table
 
 
-def test_a_library_model_against_both_converters_at_two_batches(tmp_path):
+def test_a_library_model_against_both_converters_at_two_batches(tmp_path, capsys):
     """A suite model (HF GPT-2, tiny config), dynamo-exported, ModelOpt's file beside
     onnxconverter-common's, one set of files timed at batch 1 and 3; the ratios to the other
     converters are those of the rows."""
@@ -105,6 +105,11 @@ def test_a_library_model_against_both_converters_at_two_batches(tmp_path):
     ours = result["runs"][1]["files"]["convert_onnx"]
     row = next(line for line in md if "| 3x64 | convert_onnx |" in line)
     assert f"| {ours['time_vs_fastest_other']:.2f}x |" in row and f"| {ours['casts_vs_modelopt']:.2f}x |" in row
+    # the command line prints the ONNX tables only: no empty table of torch workloads above them
+    capsys.readouterr()
+    assert bench_table.main([str(tmp_path / "onnx.json")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("| run | inputs | file |") and "| workload |" not in printed
 
 
 def test_files_dir_builds_once_and_the_run_reads_those_files(tmp_path, capsys):
