@@ -49,6 +49,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
+import hashlib
 import importlib.util
 import io
 import os
@@ -58,6 +60,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -109,7 +112,7 @@ def build_parser(prog: str = "amp-compiler bench --mode onnx") -> argparse.Argum
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--files-dir", default=None,
                    help="keep the built files there and reuse them on the next run (same model, "
-                        "size, dtype and opset)")
+                        "size, dtype, opset, amp_compiler source and converter versions)")
     p.add_argument("--build-only", action="store_true",
                    help="build (or find) the files in --files-dir and stop: no ONNX Runtime run")
     p.add_argument("--out", default=None)
@@ -284,7 +287,7 @@ def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[
         if cfg.files_dir is None:
             return make()
         path = os.path.join(cfg.files_dir, f"{cfg.model}-{cfg.size}-{cfg.dtype_name}-"
-                                           f"opset{cfg.opset or 'default'}-{name}.onnx")
+                                           f"opset{cfg.opset or 'default'}-{code_digest()}-{name}.onnx")
         if os.path.exists(path):
             return onnx.load(path)
         proto = make()
@@ -320,6 +323,35 @@ def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[
         else:
             files[name] = kept(name, makers[name])
     return files
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """Eight hex digits naming the code a kept file (``--files-dir``) was built by: amp_compiler's
+    source (the package and its passes) and the versions of what exports and converts (torch,
+    transformers, onnx, onnxconverter-common, nvidia-modelopt). A file built before a change to
+    any of them is not reused."""
+    import amp_compiler
+    import amp_compiler.passes
+
+    digest = hashlib.sha256()
+    for package in (amp_compiler, amp_compiler.passes):
+        root = Path(package.__file__).parent
+        for source in sorted(root.glob("*.py")):
+            digest.update(source.name.encode())
+            digest.update(source.read_bytes())
+    for dist in ("torch", "transformers", "onnx", "onnxconverter-common", "nvidia-modelopt"):
+        digest.update(f"{dist}={_version(dist)}".encode())
+    return digest.hexdigest()[:8]
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _occ(fp32: onnx.ModelProto) -> onnx.ModelProto:

@@ -53,12 +53,13 @@ def main(argv=None) -> int:
     p.add_argument("--provider", default="CUDAExecutionProvider")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    from amp_compiler.bench_onnx import _batch_of, build_model
+    from amp_compiler.bench_onnx import _batch_of, build_model, code_digest
 
     _, inputs = build_model(a.model, "bench", a.batch, None)
     feeds = {f"input_{i}": t.numpy() for i, t in enumerate(_batch_of(inputs, a.batch))}
     out = {}
-    for path in sorted(glob.glob(os.path.join(a.files_dir, f"{a.model}-*.onnx"))):
+    # the files this code built (an older build of them carries another digest)
+    for path in sorted(glob.glob(os.path.join(a.files_dir, f"{a.model}-*-{code_digest()}-*.onnx"))):
         if path.endswith("fp32.onnx"):
             continue
         ops = profile(path, feeds, a.runs, a.provider)

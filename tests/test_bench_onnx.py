@@ -119,7 +119,7 @@ def test_files_dir_builds_once_and_the_run_reads_those_files(tmp_path, capsys):
     assert bench.main([*FAST, "--model", "mlp", "--files", "fp32,convert_onnx", "--files-dir", str(keep),
                        "--build-only"]) == 0
     assert "built convert_onnx, fp32" in capsys.readouterr().out
-    ours = keep / "mlp-tiny-float16-opsetdefault-convert_onnx.onnx"
+    ours = keep / f"mlp-tiny-float16-opsetdefault-{bench_onnx.code_digest()}-convert_onnx.onnx"
     proto = onnx.load(ours)
     casts = sum(n.op_type == "Cast" for n in proto.graph.node)
     # one more (identity) Cast in the stored file: the run must count it
@@ -129,6 +129,21 @@ def test_files_dir_builds_once_and_the_run_reads_those_files(tmp_path, capsys):
     onnx.save(proto, ours)
     result = run(tmp_path, "--model", "mlp", "--files", "fp32,convert_onnx", "--files-dir", str(keep))
     assert result["files"]["convert_onnx"]["casts"] == casts + 1
+
+
+def test_files_dir_builds_again_after_a_code_change(tmp_path, capsys, monkeypatch):
+    """A kept file is named by the digest of the code that built it: once amp_compiler's source
+    (or a converter's version) changes, the run builds afresh instead of measuring the old file."""
+    keep = tmp_path / "files"
+    argv = [*FAST, "--model", "mlp", "--files", "fp32,convert_onnx", "--files-dir", str(keep), "--build-only"]
+    assert bench.main(argv) == 0
+    before = sorted(p.name for p in keep.iterdir())
+    assert len(before) == 2 and all(bench_onnx.code_digest() in name for name in before)
+    monkeypatch.setattr(bench_onnx, "code_digest", lambda: "0ther0ne")
+    assert bench.main(argv) == 0
+    after = sorted(p.name for p in keep.iterdir())
+    assert len(after) == 4 and sum("0ther0ne" in name for name in after) == 2
+    capsys.readouterr()
 
 
 def test_build_only_needs_a_files_dir(capsys, tmp_path):
