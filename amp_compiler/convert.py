@@ -308,7 +308,7 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
         #     not kept beside its input (P5)
         fused += fuse_gated_activation(gm)
         fused += recompute_activations(gm)
-        # 5d. rotary embeddings: the same forward, a backward of 4 kernels instead of 9 (P6)
+        # 5d. rotary embeddings: the same forward, autograd's gradient in 5 kernels, not 9 (P6)
         fused += fuse_rotary(gm)
     plan = _with_rewrites(plan, fused)
     # 6. inference: parameter casts folded into stored low-precision copies, once
