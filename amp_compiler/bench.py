@@ -673,6 +673,17 @@ def _ratios(variants: list[Variant]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def installed_version(dist: str) -> str | None:
+    """The version of an installed distribution (``transformers``, ``nvidia-modelopt``), read
+    from its metadata without importing it; None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _device_name(cfg: Config) -> str:
     if cfg.cuda:
         return torch.cuda.get_device_name(cfg.device)

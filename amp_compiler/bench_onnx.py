@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from amp_compiler.bench import (DTYPES, MODELS, SIZES, BenchError, _fmt, _Parser, _summary,
-                                check_counts, write_json)
+                                check_counts, installed_version, write_json)
 from amp_compiler.onnx_export import onnx_session, ort_providers
 from amp_compiler.passes.ranges import rel_error
 
@@ -341,17 +341,8 @@ def code_digest() -> str:
             digest.update(source.name.encode())
             digest.update(source.read_bytes())
     for dist in ("torch", "transformers", "onnx", "onnxconverter-common", "nvidia-modelopt"):
-        digest.update(f"{dist}={_version(dist)}".encode())
+        digest.update(f"{dist}={installed_version(dist)}".encode())
     return digest.hexdigest()[:8]
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _occ(fp32: onnx.ModelProto) -> onnx.ModelProto:

@@ -761,13 +761,6 @@ def _run_model(spec: Spec, suite: SuiteConfig, modes: list[str], progress,
                             status="ok" if failed is None else "failed", failed=failed)
 
 
-def _version(module: str) -> str | None:
-    try:
-        return importlib.import_module(module).__version__
-    except ImportError:
-        return None
-
-
 def _result(suite: SuiteConfig, spec: Spec, mode: str, master: nn.Module | None,
             runs: list[dict], *, status: str, reason: str | None = None,
             failed: dict | None = None) -> dict[str, Any]:
@@ -784,7 +777,7 @@ def _result(suite: SuiteConfig, spec: Spec, mode: str, master: nn.Module | None,
         "suite": "real",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "libraries": {lib: _version(lib) for lib in ("transformers", "torchvision")},
+        "libraries": {lib: bench.installed_version(lib) for lib in ("transformers", "torchvision")},
         "amp_compiler": amp_compiler.__version__,
         "device": cfg.device.type,
         "device_name": bench._device_name(cfg),

@@ -232,12 +232,18 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.ops.aten.silu_backward(grad * b, a).sum_to_size(a.shape).to(a.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_b = (grad * F.silu(a)).sum_to_size(b.shape).to(b.dtype)
-        return grad_a, grad_b
+        return _silu_mul_backward(grad, a, b, F.silu(a), *ctx.needs_input_grad[:2])
+
+
+def _silu_mul_backward(grad, a, b, silu, need_a: bool, need_b: bool):
+    """The gradients of ``silu(a) * b`` for ``a`` and ``b`` (None where not needed), given
+    ``silu = silu(a)``: P4's backward, and P5's for the gated MLP."""
+    grad_a = grad_b = None
+    if need_a:
+        grad_a = torch.ops.aten.silu_backward(grad * b, a).sum_to_size(a.shape).to(a.dtype)
+    if need_b:
+        grad_b = (grad * silu).sum_to_size(b.shape).to(b.dtype)
+    return grad_a, grad_b
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -265,9 +271,18 @@ def _activation(x: torch.Tensor, gate: torch.Tensor | None, act: str) -> torch.T
 def _activation_backward(grad: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
     if act.startswith("gelu"):
         return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if act == "gelu_tanh" else "none")
-    if act == "relu":
-        return torch.ops.aten.threshold_backward(grad, F.relu(x), 0)
+    if act == "relu":  # relu(x) > 0 exactly where x > 0: x serves as the threshold's input
+        return torch.ops.aten.threshold_backward(grad, x, 0)
     return torch.ops.aten.silu_backward(grad, x)
+
+
+def _product(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
+    """``F.linear(a, weight, bias)``, or (``transposed``) ``addmm(bias, a.view(-1, K), weight)``:
+    Hugging Face's Conv1D (GPT-2)."""
+    if transposed:
+        flat = a.reshape(-1, a.shape[-1])
+        return torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
+    return F.linear(a, weight, bias)
 
 
 class _ActivationLinear(torch.autograd.Function):
@@ -276,36 +291,29 @@ class _ActivationLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate, weight, bias, act, transposed):
-        a = _activation(x, gate, act)
         ctx.save_for_backward(x, gate, weight)
-        ctx.options = (act, transposed, bias is not None, None if bias is None else bias.dtype)
-        if transposed:  # addmm(bias, a.view(-1, K), W): Hugging Face's Conv1D (GPT-2)
-            flat = a.reshape(-1, a.shape[-1])
-            return torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
-        return F.linear(a, weight, bias)
+        ctx.options = (act, transposed, None if bias is None else bias.dtype)
+        return _product(_activation(x, gate, act), weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, grad):
         x, gate, weight = ctx.saved_tensors
-        act, transposed, has_bias, bias_dtype = ctx.options
+        act, transposed, bias_dtype = ctx.options
         a_shape = x.shape if gate is None else torch.broadcast_shapes(x.shape, gate.shape)
-        need_x, need_gate, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
+        need_x, need_gate, need_w, need_b = ctx.needs_input_grad[:4]
         rows = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_gate = grad_w = grad_b = None
         silu = F.silu(x) if act == "silu_mul" else None
         if need_w:
             a = (silu * gate if silu is not None else _activation(x, gate, act)).reshape(-1, a_shape[-1])
             grad_w = a.t().mm(rows) if transposed else rows.t().mm(a)
-        if has_bias and need_b:
+        if bias_dtype is not None and need_b:
             grad_b = rows.sum(0).to(bias_dtype)
         if need_x or need_gate:
             grad_a = (rows.mm(weight.t()) if transposed else rows.mm(weight)).view(a_shape)
             if act == "silu_mul":
-                if need_gate:
-                    grad_gate = (grad_a * silu).sum_to_size(gate.shape).to(gate.dtype)
-                if need_x:
-                    grad_x = torch.ops.aten.silu_backward(grad_a * gate, x).sum_to_size(x.shape)
-            elif need_x:
+                grad_x, grad_gate = _silu_mul_backward(grad_a, x, gate, silu, need_x, need_gate)
+            else:
                 grad_x = _activation_backward(grad_a, x, act).sum_to_size(x.shape)
         return grad_x, grad_gate, grad_w, grad_b, None, None
 
@@ -322,16 +330,13 @@ def activation_linear(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, gate, weight, bias)):
         return _ActivationLinear.apply(x, gate, weight, bias, act, transposed)
-    a = _activation(x, gate, act)
-    if transposed:
-        flat = a.reshape(-1, a.shape[-1])
-        return torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
-    return F.linear(a, weight, bias)
+    return _product(_activation(x, gate, act), weight, bias, transposed)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin``, the ops Hugging Face's formula runs."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class _Rotary(torch.autograd.Function):
@@ -341,7 +346,7 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
-        return x * cos + _rotate_half(x) * sin
+        return _rotary(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
@@ -361,10 +366,11 @@ class _Rotary(torch.autograd.Function):
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` (Hugging Face's ``apply_rotary_pos_emb``, one of q and
     k) computing the same forward, and autograd's gradient in five kernels instead of nine
-    through ``cat``, ``neg`` and the two slices' zero-filled gradients (rule P6). Phases that require a gradient (learned ones) take autograd's path.
+    through ``cat``, ``neg`` and the two slices' zero-filled gradients (rule P6). Phases that
+    require a gradient (learned ones) take autograd's path.
 
         >>> q = rotary(q, cos, sin)
     """
     if torch.is_grad_enabled() and x.requires_grad and not (cos.requires_grad or sin.requires_grad):
         return _Rotary.apply(x, cos, sin)
-    return x * cos + _rotate_half(x) * sin  # learned phases: autograd's backward, theirs too
+    return _rotary(x, cos, sin)  # learned phases: autograd's backward, theirs too

@@ -16,6 +16,7 @@ import sys
 import torch
 
 import amp_compiler
+from amp_compiler import bench
 from amp_compiler.bench_real import SPECS, make_batch, output_field
 
 GIB = 2 ** 30
@@ -23,42 +24,39 @@ GIB = 2 ** 30
 
 def measure(name: str) -> None:
     spec = SPECS[name]
-    dtype = getattr(torch, spec.dtype)
+    cfg = argparse.Namespace(dtype=getattr(torch, spec.dtype), device=torch.device("cuda"))
     torch.manual_seed(0)
     master = spec.build(False).float()
     batch = {k: v.cuda() for k, v in make_batch(spec, master, spec.batch, spec.length, labels=True).items()}
     for kind in ("autocast", "amp"):
         model = copy.deepcopy(master).cuda().train()
+        ctx = (lambda: torch.autocast("cuda", dtype=cfg.dtype)) if kind == "autocast" else bench._no_ctx
         if kind == "amp":
-            model = amp_compiler.convert(model, example_kwargs=batch, dtype=dtype)
-        scaler = (torch.amp.GradScaler("cuda") if kind == "autocast" else model.scaler) \
-            if dtype == torch.float16 else None
+            model = amp_compiler.convert(model, example_kwargs=batch, dtype=cfg.dtype)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        scaler, in_graph, _ = bench.loss_scaler(kind, model, cfg)
         compiled = torch.compile(model)
+        after_forward = []  # (allocated, peak so far) where the forward returns the loss
 
-        def forward():
-            with torch.autocast("cuda", dtype=dtype, enabled=kind == "autocast"):
-                return output_field(compiled(**batch), "loss")
+        def forward(b):
+            loss = output_field(compiled(**b), "loss")
+            torch.cuda.synchronize()
+            after_forward.append((torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
+            return loss
 
-        def finish(loss):
-            (scaler.scale(loss) if kind == "autocast" and scaler else loss).backward()
-            (scaler.step(opt), scaler.update()) if scaler else opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = bench._train_step(forward, ctx, opt, scaler, in_graph)  # the suite's step
         for _ in range(3):
-            finish(forward())
+            step((batch,))
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loss = forward()
+        step((batch,))
         torch.cuda.synchronize()
-        saved, forward_peak = torch.cuda.memory_allocated() - held, torch.cuda.max_memory_allocated()
-        finish(loss)
-        torch.cuda.synchronize()
-        print(f"{name} {kind:8s} compiled: held {held / GIB:.2f} GiB, left for backward {saved / GIB:.2f} GiB, "
-              f"forward peak {forward_peak / GIB:.2f} GiB, step peak {torch.cuda.max_memory_allocated() / GIB:.2f} GiB",
-              flush=True)
-        del model, compiled, opt, loss
+        allocated, forward_peak = after_forward[-1]
+        print(f"{name} {kind:8s} compiled: held {held / GIB:.2f} GiB, left for backward "
+              f"{(allocated - held) / GIB:.2f} GiB, forward peak {forward_peak / GIB:.2f} GiB, "
+              f"step peak {torch.cuda.max_memory_allocated() / GIB:.2f} GiB", flush=True)
+        del model, compiled, opt, step
         torch._dynamo.reset()  # its caches hold the compiled variant's weights
         torch.cuda.empty_cache()
 

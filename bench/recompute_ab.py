@@ -18,41 +18,30 @@ import time
 import torch
 
 import amp_compiler
+from amp_compiler import bench
 from amp_compiler.bench_real import SPECS, make_batch, output_field
 
 _convert = sys.modules["amp_compiler.convert"]
+_CFG = argparse.Namespace(dtype=torch.float16, device=torch.device("cuda"))
 
 
 def _variant(kind: str, master, batch):
-    """A training step closure of one variant: ``autocast``, ``amp`` or ``amp-noP5``."""
-    model = copy.deepcopy(master).cuda().train()
-    if kind == "autocast":
-        module, scaler = model, torch.amp.GradScaler("cuda")
-
-        def forward():
-            with torch.autocast("cuda", dtype=torch.float16):
-                return output_field(module(**batch), "loss")
-    else:
+    """A training step closure of one variant: ``autocast``, ``amp`` or ``amp-noP5``, each as
+    the benchmark suite drives it (``bench.loss_scaler``, ``bench._train_step``)."""
+    module = copy.deepcopy(master).cuda().train()
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.float16)) if kind == "autocast" else bench._no_ctx
+    if kind != "autocast":
         rule = _convert.recompute_activations
         if kind == "amp-noP5":
             _convert.recompute_activations = lambda gm: []
         try:
-            module = amp_compiler.convert(model, example_kwargs=batch, dtype="float16")
+            module = amp_compiler.convert(module, example_kwargs=batch, dtype="float16")
         finally:
             _convert.recompute_activations = rule
-        scaler = module.scaler
-
-        def forward():
-            return output_field(module(**batch), "loss")
     opt = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)
-
-    def step():
-        loss = forward()
-        (scaler.scale(loss) if kind == "autocast" else loss).backward()  # amp scales in its graph
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    return step
+    scaler, in_graph, _ = bench.loss_scaler(kind.removesuffix("-noP5"), module, _CFG)
+    step = bench._train_step(lambda b: output_field(module(**b), "loss"), ctx, opt, scaler, in_graph)
+    return lambda: step((batch,))
 
 
 def measure(name: str, rounds: int, steps: int) -> None:

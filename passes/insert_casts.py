@@ -14,7 +14,9 @@ Rules:
         no dtype (fx), a value we computed in another float dtype goes back to the model's own
         floating dtype (``model_float_dtype``: that of most of its parameter elements, else its
         buffers', float32 when it has neither), so a float16 model still returns float16;
-        complex values are never cast (their plan, rule R9, keeps them complex64);
+        complex values are never cast (their plan, rule R9, keeps them complex64); in a
+        training graph, logits returned beside a fused loss are not restored (rule X8 of
+        fused_cross_entropy, which runs after this pass);
     I7  an fp32 elementwise op with an fp32 tensor operand (``add``, ``mul``...) reads its
         low-precision operands as they are: type promotion upcasts them inside the kernel to the
         same values a cast would give, without a cast kernel or a second copy in memory (the
