@@ -17,7 +17,7 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.frontend import capture
-from amp_compiler.passes.fused_patterns import fuse_patterns
+from amp_compiler.passes.fused_patterns import fuse_patterns, fuse_rotary
 
 from conftest import DTYPES
 
@@ -312,17 +312,18 @@ def test_p5_leaves_inference_graphs_and_shared_activations_alone():
                      dtype="bfloat16", training=False)
     assert "P5:recompute-activation" not in [r[1] for r in amp.plan.meta["rewrites"]]
 
-    class Shared(nn.Module):
-        def __init__(self):
+    class Mlp(nn.Module):
+        def __init__(self, shared: bool):
             super().__init__()
-            self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+            self.fc1, self.fc2, self.shared = nn.Linear(8, 32), nn.Linear(32, 8), shared
 
         def forward(self, x):
             a = F.gelu(self.fc1(x))
-            return self.fc2(a).sum() + a.mean()
+            return self.fc2(a).sum() + (a.mean() if self.shared else 0)
 
-    amp = ac.convert(Shared().train(), (torch.randn(4, 8),), dtype="bfloat16")
-    assert "P5:recompute-activation" not in [r[1] for r in amp.plan.meta["rewrites"]]
+    for shared, rules in ((False, ["P5:recompute-activation"]), (True, [])):
+        amp = ac.convert(Mlp(shared).train(), (torch.randn(4, 8),), dtype="bfloat16")
+        assert [r[1] for r in amp.plan.meta["rewrites"] if r[1].startswith("P5")] == rules
     assert any(str(n.target).endswith("gelu.default") for n in amp.graph_module.graph.nodes)
 
 
@@ -411,15 +412,17 @@ def test_p6_rotary_matches_the_formula_and_leaves_near_misses():
     theirs = torch.autograd.grad(x * cos + torch.cat((-x[..., 4:], x[..., :4]), -1) * learned, (x, learned), up)
     assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
 
-    class Other(nn.Module):
-        def __init__(self):
+    class Rotation(nn.Module):  # the same harness for the formula and its near miss
+        def __init__(self, swapped: bool):
             super().__init__()
-            self.proj = nn.Linear(8, 8)
+            self.swapped = swapped
 
-        def forward(self, h, cos, sin):
-            q = self.proj(h)
-            return (q * cos + torch.cat((q[..., :4], -q[..., 4:]), -1) * sin).sum()
+        def forward(self, q, cos, sin):
+            halves = (q[..., :4], -q[..., 4:]) if self.swapped else (-q[..., 4:], q[..., :4])
+            return q * cos + torch.cat(halves, -1) * sin
 
-    h = torch.randn(2, 5, 8)
-    amp = ac.convert(Other().train(), (h, cos[:, 0].float(), sin[:, 0].float()), dtype="bfloat16")
-    assert "P6:rotary" not in [r[1] for r in amp.plan.meta["rewrites"]]
+    args = (x.detach().float(), cos.float(), sin.float())
+    for swapped, rules in ((False, ["P6:rotary"]), (True, [])):
+        gm = torch.export.export(Rotation(swapped), args).module()
+        assert [r.rule for r in fuse_rotary(gm)] == rules
+        assert torch.equal(gm(*args), Rotation(swapped)(*args))
