@@ -340,7 +340,8 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Rotary(torch.autograd.Function):
-    """``x * cos + rotate_half(x) * sin`` with a backward of five kernels (rule P6)."""
+    """``x * cos + rotate_half(x) * sin`` with a backward of five kernels, two casts more
+    where the phases are fp32 and ``x`` is not (rule P6)."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -366,7 +367,8 @@ class _Rotary(torch.autograd.Function):
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` (Hugging Face's ``apply_rotary_pos_emb``, one of q and
     k) computing the same forward, and autograd's gradient in five kernels instead of nine
-    through ``cat``, ``neg`` and the two slices' zero-filled gradients (rule P6). Phases that
+    through ``cat``, ``neg`` and the two slices' zero-filled gradients (seven instead of eleven
+    with fp32 phases, each product's gradient cast to ``x``'s dtype; rule P6). Phases that
     require a gradient (learned ones) take autograd's path.
 
         >>> q = rotary(q, cos, sin)
