@@ -59,10 +59,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LossScaler": "amp_compiler.scaler",
-    "export_onnx": "amp_compiler.onnx_export",
-    "onnx_session": "amp_compiler.onnx_export",
-    "verify_onnx": "amp_compiler.onnx_export",
-    "convert_onnx": "amp_compiler.onnx_frontend",
+    "export_onnx": "amp_compiler.onnx.export",
+    "onnx_session": "amp_compiler.onnx.export",
+    "verify_onnx": "amp_compiler.onnx.export",
+    "convert_onnx": "amp_compiler.onnx.frontend",
     "compare": "amp_compiler.compare",
     "backend": "amp_compiler.dynamo",
     "save": "amp_compiler.saving",

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from amp_compiler.errors import AmpCompilerError, ConfigError
-from amp_compiler.report import literal, visible
+from amp_compiler.view.report import literal, visible
 
 PROG = "amp-compiler"
 log = logging.getLogger("amp_compiler")
@@ -477,14 +477,14 @@ class OnnxConversion:
 
 def _convert_onnx(args, loaded: Loaded) -> OnnxConversion:
     try:
-        from amp_compiler.onnx_frontend import (build_onnx_dataflow, convert_onnx, load_model,
+        from amp_compiler.onnx.frontend import (build_onnx_dataflow, convert_onnx, load_model,
                                                 prepare)
     except ImportError as e:
         raise ConfigError(f"{loaded.onnx_path}: converting ONNX files needs "
-                          f"amp_compiler.onnx_frontend, which is not available ({e})") from e
-    from amp_compiler.inspect_graph import derive_casts
+                          f"amp_compiler.onnx.frontend, which is not available ({e})") from e
+    from amp_compiler.view.inspect import derive_casts
 
-    from amp_compiler.onnx_frontend import convert_opset
+    from amp_compiler.onnx.frontend import convert_opset
 
     calibration = None if args.calibration is None else load_calibration(args.calibration)
     keep_io = True if args.keep_io_types is None else args.keep_io_types
@@ -682,7 +682,7 @@ def _file_destination(path: Path, overwrite: bool) -> list[Path]:
 def _write_file(path: Path, text: str) -> None:
     """Atomically (temporary file, fsync, os.replace): a link at ``path`` is replaced, not
     followed, and a failure leaves the old file or none."""
-    from amp_compiler.onnx_export import replacing
+    from amp_compiler.onnx.export import replacing
 
     with _os_errors(path), replacing(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
@@ -730,7 +730,7 @@ class _StagedFolder:
                 _remove_empty(self._created)
 
     def _commit(self) -> None:
-        from amp_compiler.onnx_export import fsync_path
+        from amp_compiler.onnx.export import fsync_path
 
         staged = sorted(p.name for p in self.path.iterdir())
         for name in staged:
@@ -757,7 +757,7 @@ def plan_with_casts(amp):
 
 
 def _onnx_export_fn():
-    from amp_compiler.onnx_export import export_onnx  # noqa: F401 - optional component
+    from amp_compiler.onnx.export import export_onnx  # noqa: F401 - optional component
     return export_onnx
 
 
@@ -830,8 +830,8 @@ def _write_onnx(amp, loaded: Loaded, path: Path) -> list[str]:
 
 
 def _convert_onnx_files(args, loaded: Loaded, out: Path, console) -> int:
-    from amp_compiler.inspect_graph import plan_table
-    from amp_compiler.onnx_export import save_model
+    from amp_compiler.view.inspect import plan_table
+    from amp_compiler.onnx.export import save_model
     from amp_compiler.passes.plan import PrecisionPlan
 
     with _StagedFolder(out, ["plan.json", "report.txt", "model.onnx"], args.overwrite) as staged:
@@ -852,7 +852,7 @@ def _convert_onnx_files(args, loaded: Loaded, out: Path, console) -> int:
 
 
 def _cmd_report(args, console) -> int:
-    from amp_compiler.inspect_graph import plan_table
+    from amp_compiler.view.inspect import plan_table
     from amp_compiler.passes.plan import PrecisionPlan
 
     if args.width:
@@ -883,7 +883,7 @@ def _cmd_report(args, console) -> int:
 
 
 def _cmd_inspect(args, console) -> int:
-    from amp_compiler.inspect_graph import render
+    from amp_compiler.view.inspect import render
 
     loaded = load_target(args.target, size=args.size, example_shape=args.example_shape,
                          device=args.device)
@@ -918,7 +918,7 @@ def _cmd_export(args, console) -> int:
     if loaded.example_inputs is None:
         raise ConfigError("ONNX export needs example inputs: pass --example-shape (e.g. 8x784)")
     try:
-        from amp_compiler.onnx_export import export_onnx
+        from amp_compiler.onnx.export import export_onnx
     except ImportError as e:
         raise ConfigError(f"ONNX export is not available in this install ({e})") from e
     created = _file_destination(path, args.overwrite)
@@ -934,7 +934,7 @@ def _cmd_export(args, console) -> int:
     console.print(f"wrote {literal(str(path))} ({args.dtype}, {amp.cast_count()} casts in the "
                   f"torch graph)")
     if args.verify:
-        from amp_compiler.onnx_export import verify_onnx
+        from amp_compiler.onnx.export import verify_onnx
 
         loaded.model.eval()
         result = verify_onnx(str(path), loaded.model, loaded.example_inputs)
@@ -952,7 +952,7 @@ def _cmd_demo(args, console) -> int:
 
 def _cmd_bench(argv: list[str]) -> int:
     try:
-        from amp_compiler.bench import main as bench_main
+        from amp_compiler.bench.suite import main as bench_main
     except ImportError as e:
         print(f"{PROG}: error: the bench command is not available in this install ({e})",
               file=sys.stderr)

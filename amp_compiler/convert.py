@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from amp_compiler.errors import ConfigError, TraceError
-from amp_compiler.frontend import build_dataflow, capture
+from amp_compiler.capture.frontend import build_dataflow, capture
 from amp_compiler.module import AmpModule
 from amp_compiler.passes.attention import rewrite_attention as rewrite_attention_pass
 from amp_compiler.passes.classify import classify, override_entries

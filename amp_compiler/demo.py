@@ -238,7 +238,7 @@ def _mlp_step(ctx: dict, console: Console) -> dict:
 
 
 def _onnx_step(ctx: dict, console: Console) -> dict:
-    from amp_compiler.onnx_export import export_onnx, onnx_session, verify_onnx  # ImportError: skipped
+    from amp_compiler.onnx.export import export_onnx, onnx_session, verify_onnx  # ImportError: skipped
 
     import amp_compiler as ac
 

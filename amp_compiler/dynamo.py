@@ -91,8 +91,8 @@ class AmpBackend:
         self.graphs: list[CompiledGraph] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        from amp_compiler.frontend import build_dataflow, tidy_captured
-        from amp_compiler.functionalize import functionalize
+        from amp_compiler.capture.frontend import build_dataflow, tidy_captured
+        from amp_compiler.capture.functionalize import functionalize
 
         for node in gm.graph.nodes:  # the passes read recorded values under "val", as export's
             if "val" not in node.meta and "example_value" in node.meta:
@@ -225,7 +225,7 @@ class DynamoAmpModule(nn.Module):
 
     def report(self, *, only: str | None = None, why: str | None = None, print_: bool = True):
         """The plan of every graph compiled so far, as ``AmpModule.report`` prints it."""
-        from amp_compiler.report import render_report
+        from amp_compiler.view.report import render_report
 
         return render_report(self, only=only, why=why, print_=print_)
 

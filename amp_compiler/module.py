@@ -40,7 +40,7 @@ import torch.fx as fx
 from torch import nn
 
 from amp_compiler.errors import AmpCompilerError, UnsupportedOperationError
-from amp_compiler.shapes import explain_inputs_error, explain_shape_error
+from amp_compiler.capture.shapes import explain_inputs_error, explain_shape_error
 from amp_compiler.passes.graph import DataflowGraph, attribute
 from amp_compiler.passes.fold_weights import FoldedWeight, folded_weights, refold
 from amp_compiler.passes.insert_casts import CastRecord
@@ -141,7 +141,7 @@ class AmpModule(nn.Module):
 
         ``only``: "fp32" | "low" | "casts" | "unknown"; ``why``: one node's full decision.
         """
-        from amp_compiler.report import render_report
+        from amp_compiler.view.report import render_report
 
         return render_report(self, only=only, why=why, print_=print_)
 

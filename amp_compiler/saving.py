@@ -95,7 +95,7 @@ def save(amp: nn.Module, path: str | os.PathLike) -> str:
     if amp.source not in ("fx", "export"):
         raise SavedFileError(f"this module was captured by {amp.source!r}; save() re-applies plans "
                              f"to fx and torch.export captures only")
-    from amp_compiler.onnx_export import check_destination, replacing
+    from amp_compiler.onnx.export import check_destination, replacing
 
     path = check_destination(path, overwrite=True, error=SavedFileError, example="model.amp")
     plan, gm, training, mode = _conversion_state(amp)

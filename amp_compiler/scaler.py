@@ -26,97 +26,13 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from amp_compiler.errors import LossScalerError
+from amp_compiler.passes.runtime import scale_loss_grad, unscale_grads
 
 _READY = torch.amp.grad_scaler.OptState.READY
 
 __all__ = ["LossScaler", "scale_loss_grad", "unscale_grads"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class _ScaleLossGrad(torch.autograd.Function):
-    """Identity in forward; multiplies the incoming gradient by ``scale`` in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        # Kept as a ctx attribute rather than save_for_backward: the scaler updates the scale in
-        # place, and a saved tensor's version check would reject an update made between this
-        # forward and its backward. Reading it at backward time is exactly what we want.
-        ctx.scale = scale
-        return loss.clone()  # a copy, not a view: FSDP2 warns about views returned by forward
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # Same arithmetic as GradScaler.scale(loss).backward() (1 * scale), so gradients are
-        # bit-identical to the eager recipe; .to() is a no-op when devices already match.
-        return grad * ctx.scale.to(device=grad.device, non_blocking=True), None
-
-
-def scale_loss_grad(loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Return ``loss`` unchanged, but make its backward start from ``scale`` instead of 1.
-
-    ``scale`` is read when the backward runs, so in-place updates made by
-    :meth:`LossScaler.update` between two steps are seen without rebuilding the graph. Pass the
-    tensor returned by :meth:`LossScaler.scale_tensor`. Works under ``torch.compile``.
-    """
-    # FX Proxies (and other __torch_function__ tensors) get to record this call as one node:
-    # symbolic tracing or re-tracing a graph that holds it keeps it a leaf instead of failing
-    # inside autograd.Function.apply.
-    if torch.overrides.has_torch_function_variadic(loss, scale):
-        return torch.overrides.handle_torch_function(
-            scale_loss_grad, (loss, scale), loss, scale
-        )
-    return _ScaleLossGrad.apply(loss, scale)
-
-
-class _UnscaleGrads(torch.autograd.Function):
-    """Identity in forward; divides each incoming gradient by ``scale`` in backward, all of
-    them with one foreach call: one autograd node per group (a layer's parameters)."""
-
-    @staticmethod
-    def forward(ctx: Any, scale: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.scale = scale  # read at backward time, as in _ScaleLossGrad
-        return tuple(x.view_as(x) for x in xs)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        present = [i for i, g in enumerate(grads) if g is not None]
-        if not present:
-            return (None, *grads)
-        scale = ctx.scale.to(device=grads[present[0]].device, non_blocking=True)
-        # out of place: an incoming gradient may be shared with another input's (add's
-        # backward hands the same tensor to both operands). Scales are powers of two, so the
-        # division is exact and equals GradScaler's multiplication by the reciprocal.
-        divided = torch._foreach_div([grads[i] for i in present], scale)
-        out: list[torch.Tensor | None] = [None] * len(grads)
-        for i, g in zip(present, divided):
-            out[i] = g
-        return (None, *out)
-
-
-def unscale_grads(scale: torch.Tensor, *xs: Any) -> tuple[Any, ...]:
-    """Return ``xs`` unchanged, but divide the gradients that flow back into them by ``scale``
-    (one autograd node and one foreach division for the group).
-
-    The graph reads every trainable parameter (one call per layer) and its inputs (one call)
-    through it, so the loss gradient that :func:`scale_loss_grad` multiplied by the scale
-    arrives in ``.grad`` as the true gradient: after ``loss.backward()``, clipping, a plain
-    ``optimizer.step()`` and ``torch.autograd.grad`` all see true values, and several
-    backwards accumulate true gradients. What is not a floating tensor requiring grad passes
-    through untouched.
-
-        >>> w, b = unscale_grads(scaler.scale_tensor(), linear.weight, linear.bias)
-    """
-    if torch.overrides.has_torch_function((scale, *xs)):
-        return torch.overrides.handle_torch_function(unscale_grads, (scale, *xs), scale, *xs)
-    wanted = [i for i, x in enumerate(xs)
-              if isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point()]
-    if not wanted:
-        return tuple(xs)
-    out = list(xs)
-    for i, y in zip(wanted, _UnscaleGrads.apply(scale, *(xs[i] for i in wanted))):
-        out[i] = y
-    return tuple(out)
 
 
 class LossScaler(torch.amp.GradScaler):

@@ -16,8 +16,8 @@ import sys
 import torch
 
 import amp_compiler
-from amp_compiler import bench
-from amp_compiler.bench_real import SPECS, make_batch, output_field
+from amp_compiler.bench import suite as bench
+from amp_compiler.bench.real import SPECS, make_batch, output_field
 
 GIB = 2 ** 30
 

@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from amp_compiler import bench, runtime
+from amp_compiler.bench import suite as bench
+from amp_compiler.passes import runtime
 
 HEADS = {"gpt2": (768, 50257, torch.float16), "llama": (1024, 32000, torch.bfloat16)}
 

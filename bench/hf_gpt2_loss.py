@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from amp_compiler import bench
-from amp_compiler.bench_real import SPECS, output_field
+from amp_compiler.bench import suite as bench
+from amp_compiler.bench.real import SPECS, output_field
 from amp_compiler.models import data
 
 TAIL = 20

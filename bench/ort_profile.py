@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--provider", default="CUDAExecutionProvider")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    from amp_compiler.bench_onnx import _batch_of, build_model, code_digest
+    from amp_compiler.bench.onnx_files import _batch_of, build_model, code_digest
 
     _, inputs = build_model(a.model, "bench", a.batch, None)
     feeds = {f"input_{i}": t.numpy() for i, t in enumerate(_batch_of(inputs, a.batch))}

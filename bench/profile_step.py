@@ -27,8 +27,8 @@ import time
 import torch
 
 import amp_compiler
-from amp_compiler import bench
-from amp_compiler.bench_real import SPECS, make_batch, output_field
+from amp_compiler.bench import suite as bench
+from amp_compiler.bench.real import SPECS, make_batch, output_field
 
 CATEGORIES = (  # operator name fragment -> category, first match wins
     (("mm", "matmul", "linear", "addmm", "bmm", "baddbmm", "conv"), "matmul/conv"),

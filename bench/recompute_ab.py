@@ -18,8 +18,8 @@ import time
 import torch
 
 import amp_compiler
-from amp_compiler import bench
-from amp_compiler.bench_real import SPECS, make_batch, output_field
+from amp_compiler.bench import suite as bench
+from amp_compiler.bench.real import SPECS, make_batch, output_field
 
 _convert = sys.modules["amp_compiler.convert"]
 _CFG = argparse.Namespace(dtype=torch.float16, device=torch.device("cuda"))

@@ -70,7 +70,7 @@ _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 def fuse_linear_cross_entropy(gm: fx.GraphModule, *, training: bool = False) -> list[Remark]:
     """Rules X1-X8 on ``gm`` in place (X8 when ``training``); returns one remark per
     cross-entropy examined."""
-    from amp_compiler import runtime
+    from amp_compiler.passes import runtime
 
     remarks = []
     for ce in [n for n in gm.graph.nodes if _is_cross_entropy(n)]:

@@ -86,7 +86,7 @@ def fuse_patterns(gm: fx.GraphModule) -> list[Remark]:
 def fuse_gated_activation(gm: fx.GraphModule) -> list[Remark]:
     """Rule P4 on a training graph in place (after casts are inserted: the two ops' dtypes are
     settled); one remark per gated product."""
-    from amp_compiler import runtime
+    from amp_compiler.passes import runtime
 
     remarks = []
     for silu in [n for n in gm.graph.nodes if _is(n, {"silu"}) and not n.kwargs.get("inplace")]:
@@ -111,7 +111,7 @@ _FLATTENS = frozenset({"view", "reshape", "_unsafe_view"})
 def recompute_activations(gm: fx.GraphModule) -> list[Remark]:
     """Rule P5 on a training graph in place (after casts are inserted and P4); one remark per
     activation whose output is no longer kept for backward."""
-    from amp_compiler import runtime
+    from amp_compiler.passes import runtime
 
     remarks = []
     for act in [n for n in gm.graph.nodes if _is(n, _ACTIVATIONS) and not n.kwargs.get("inplace")]:
@@ -173,7 +173,7 @@ def _flattens_to_rows(view: fx.Node, act: fx.Node) -> bool:
 
 def fuse_rotary(gm: fx.GraphModule) -> list[Remark]:
     """Rule P6 on a training graph in place; one remark per rotary embedding fused."""
-    from amp_compiler import runtime
+    from amp_compiler.passes import runtime
 
     remarks = []
     for add in [n for n in gm.graph.nodes if _is(n, _ADD) and "alpha" not in n.kwargs]:

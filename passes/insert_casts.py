@@ -232,7 +232,7 @@ def _promotes_others(n: fx.Node, node: fx.Node, graph: DataflowGraph) -> bool:
 
 
 def _run_leaf_in_dtype(fxg: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
-    from amp_compiler.runtime import module_in_dtype
+    from amp_compiler.passes.runtime import module_in_dtype
 
     with fxg.inserting_before(node):
         module = fxg.get_attr(str(node.target))
@@ -258,7 +258,7 @@ def _output_dtype(v, d) -> torch.dtype | None:
 
 def _replace_castable_inputs(node: fx.Node, replaced: dict, graph: DataflowGraph) -> None:
     """Swap inputs for their casts, except at positions that are not castable (e.g. indices)."""
-    from amp_compiler.frontend import _castable  # same slot rules as the dataflow edges
+    from amp_compiler.capture.frontend import _castable  # same slot rules as the dataflow edges
 
     has_meta = "val" in node.meta
     kind = graph.vertex(node.name).kind

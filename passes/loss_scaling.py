@@ -87,7 +87,7 @@ def find_loss(gm: fx.GraphModule, kinds: dict[str, str]) -> fx.Node | None:
 
 def insert_loss_scaling(gm: fx.GraphModule, scale: torch.Tensor, kinds: dict[str, str]) -> str | None:
     """Rules L1-L3 on ``gm`` in place; ``scale`` is the scaler's own scale tensor."""
-    from amp_compiler.scaler import scale_loss_grad
+    from amp_compiler.passes.runtime import scale_loss_grad
 
     loss = find_loss(gm, kinds)
     if loss is None:
@@ -119,7 +119,7 @@ def insert_loss_scaling(gm: fx.GraphModule, scale: torch.Tensor, kinds: dict[str
 def unscale_leaves(gm: fx.GraphModule, scale_node: fx.Node) -> int:
     """Rule L4: route every trainable parameter, every input and every leaf module with
     trainable parameters through the division by the scale; returns how many were routed."""
-    from amp_compiler.runtime import module_in_dtype, module_unscaled
+    from amp_compiler.passes.runtime import module_in_dtype, module_unscaled
 
     graph = gm.graph
     # the scale is read once, before anything reads a parameter or an input (torch.export's
@@ -161,7 +161,7 @@ def _route(graph: fx.Graph, scale_node: fx.Node, members: list[fx.Node], name: s
     """Read ``members`` through one ``unscale_grads(scale, *members)`` node: placed after the
     last of them (parameter reads read no value, so they move up beside the first), each
     member's other users rewired to its ``getitem``."""
-    from amp_compiler.scaler import unscale_grads
+    from amp_compiler.passes.runtime import unscale_grads
 
     last = members[0]
     for node in members[1:]:

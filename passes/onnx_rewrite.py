@@ -1,6 +1,6 @@
 """onnx_rewrite (ONNX rewrite): apply a PrecisionPlan to an ``onnx.ModelProto``.
 
-The ONNX front end (``amp_compiler.onnx_frontend``) describes every node's input and output
+The ONNX front end (``amp_compiler.onnx.frontend``) describes every node's input and output
 slots (``NodeSlots``) from the operator schema; this pass makes every node receive its inputs in
 the dtype the plan and the schema ask for, and gives every output the dtype that results.
 

@@ -206,7 +206,7 @@ def run_target(interp: fx.Interpreter, node: fx.Node, args: tuple, kwargs: dict,
     if node.op == "call_module":
         module = interp.fetch_attr(node.target)
         if dtype is not None and dtype != torch.float32 and _leaf_kind(module) in LEAF_PARAMS_FOLLOW:
-            from amp_compiler.runtime import module_in_dtype
+            from amp_compiler.passes.runtime import module_in_dtype
             return module_in_dtype(module, dtype, *args, **kwargs)
         return module(*args, **kwargs)
     raise ValueError(f"cannot re-run node {node.name} ({node.op})")
@@ -223,7 +223,7 @@ def run_in_dtype(interp: fx.Interpreter, node: fx.Node, args: tuple, kwargs: dic
     """The node's output when it alone computes in ``dtype`` on its (fp32) inputs rounded to
     ``dtype``, exactly where insert_casts would cast them; returned as float32 (None if the op
     has no kernel for that dtype)."""
-    from amp_compiler.frontend import _castable  # the slot rules insert_casts applies
+    from amp_compiler.capture.frontend import _castable  # the slot rules insert_casts applies
 
     castable = set(graph.float_inputs(node.name))
     has_meta = "val" in node.meta
@@ -357,7 +357,7 @@ def collect_ranges(gm: fx.GraphModule, calibration: Iterable[tuple], *,
         >>> r["linear"].max_abs, r["linear"].reduce_len
         (3.91, 784)
     """
-    from amp_compiler.frontend import build_dataflow
+    from amp_compiler.capture.frontend import build_dataflow
 
     batches = check_calibration(calibration)
     graph = graph if graph is not None else build_dataflow(gm)
@@ -579,7 +579,7 @@ def plan_with_ranges(model: torch.nn.Module, example_inputs: tuple | None, calib
         ('D1:overflow', 'output: observed max|x| = 1.02e+05 > data_max 16384 on 4 of 4 ...')
     """
     from amp_compiler.convert import model_device_type, resolve_dtype
-    from amp_compiler.frontend import build_dataflow, capture
+    from amp_compiler.capture.frontend import build_dataflow, capture
 
     dtype = resolve_dtype(dtype)
     if example_inputs is not None and not isinstance(example_inputs, tuple):

@@ -115,7 +115,7 @@ class AmpBuilder:
                  overrides: Mapping[str, tuple[str, str]] | None = None,
                  captured: tuple[fx.GraphModule, str] | None = None) -> None:
         from amp_compiler.convert import model_device_type, resolve_dtype
-        from amp_compiler.frontend import build_dataflow, capture
+        from amp_compiler.capture.frontend import build_dataflow, capture
 
         if example_inputs is not None and not isinstance(example_inputs, tuple):
             example_inputs = (example_inputs,)
@@ -276,7 +276,7 @@ def measure_contributions(gm: fx.GraphModule, dataflow: DataflowGraph, low: torc
 def _reference_graph(build_amp, reference: nn.Module, first_amp: nn.Module, batch: tuple):
     """The fp32 graph whose node names the candidates use: the builder's own capture, the
     reference itself when it is a GraphModule, or a fresh capture by the same front end."""
-    from amp_compiler.frontend import build_dataflow, capture
+    from amp_compiler.capture.frontend import build_dataflow, capture
 
     gm = getattr(build_amp, "graph_module", None)
     if gm is None:

@@ -244,7 +244,7 @@ def train_record(name: str, dtype: torch.dtype, frontend: str) -> Conversion:
 def _ort_probe():
     """One child ONNX Runtime for the whole session (started on first use): a check costs a
     session build and a run, not a Python start and an ``import onnxruntime``."""
-    from amp_compiler.onnx_check import OrtProbe
+    from amp_compiler.onnx.check import OrtProbe
 
     with OrtProbe() as probe:
         yield probe

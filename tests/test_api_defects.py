@@ -70,7 +70,7 @@ def test_compare_in_a_fresh_process():
 
 @pytest.mark.parametrize("opset", [99, 0, -1, "18", True, 18.0])
 def test_export_opset_outside_the_range_is_refused(mlp, tmp_path, opset):
-    pytest.importorskip("amp_compiler.onnx_export")
+    pytest.importorskip("amp_compiler.onnx.export")
     import onnx
 
     _, inputs, amp = mlp
@@ -80,7 +80,7 @@ def test_export_opset_outside_the_range_is_refused(mlp, tmp_path, opset):
 
 
 def test_export_opset_is_honoured_or_refused(mlp, tmp_path):
-    pytest.importorskip("amp_compiler.onnx_export")
+    pytest.importorskip("amp_compiler.onnx.export")
     import onnx
 
     _, inputs, amp = mlp
@@ -177,7 +177,7 @@ def test_cli_report_of_a_plan_with_escapes_and_markup(tmp_path, capsys):
 # -- ONNX files that are invalid as given ---------------------------------------------------------
 
 def test_an_invalid_onnx_file_is_blamed_on_the_file(tmp_path, capsys):
-    pytest.importorskip("amp_compiler.onnx_frontend")
+    pytest.importorskip("amp_compiler.onnx.frontend")
     import onnx
 
     path = tmp_path / "old.onnx"

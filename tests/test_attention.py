@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from amp_compiler.frontend import build_dataflow, capture
+from amp_compiler.capture.frontend import build_dataflow, capture
 from amp_compiler.models import build
 from amp_compiler.passes.attention import AttentionMatch, rewrite_attention
 from amp_compiler.passes.classify import classify

@@ -1,4 +1,4 @@
-"""Tests of amp_compiler.bench (``amp-compiler bench``) on CPU with tiny models.
+"""Tests of amp_compiler.bench.suite (``amp-compiler bench``) on CPU with tiny models.
 
 Each run is 1 round x 2 steps: the numbers are not benchmarks here, the test checks that every
 metric is measured, lands in the JSON file and is consistent with the others.
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from amp_compiler import bench
+from amp_compiler.bench import suite as bench
 
 FAST = ["--device", "cpu", "--dtype", "bfloat16", "--size", "tiny",
         "--rounds", "1", "--steps", "2", "--warmup", "1"]

@@ -1,4 +1,4 @@
-"""Tests of amp_compiler.bench_onnx (``amp-compiler bench --mode onnx``) on the CPU provider.
+"""Tests of amp_compiler.bench.onnx_files (``amp-compiler bench --mode onnx``) on the CPU provider.
 
 One round of two runs per file: the timings are not benchmarks here; the test checks that every
 file is built, loads, is measured, and that errors, Cast counts and ratios agree with the files.
@@ -15,9 +15,11 @@ import torch
 
 import amp_compiler as ac
 
-from amp_compiler import bench, bench_onnx, bench_table
+from amp_compiler.bench import onnx_files as bench_onnx
+from amp_compiler.bench import suite as bench
+from amp_compiler.bench import table as bench_table
 from amp_compiler.models import build
-from amp_compiler.onnx_frontend import convert_onnx
+from amp_compiler.onnx.frontend import convert_onnx
 
 FAST = ["--mode", "onnx", "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup", "1",
         "--error-batch", "0"]

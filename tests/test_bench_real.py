@@ -1,4 +1,4 @@
-"""Tests of ``amp-compiler bench --suite real`` (amp_compiler.bench_real) and its markdown table,
+"""Tests of ``amp-compiler bench --suite real`` (amp_compiler.bench.real) and its markdown table,
 on the CPU, every model at its ``--tiny`` configuration (2 layers, hidden 32, 2 x 16 tokens,
 32 x 32 images), 1 round x 2 steps.
 
@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import amp_compiler
-from amp_compiler import bench, bench_real, bench_table
-from amp_compiler.bench_real import SPECS, Spec, WithLoss
+from amp_compiler.bench import suite as bench
+from amp_compiler.bench import real as bench_real
+from amp_compiler.bench import table as bench_table
+from amp_compiler.bench.real import SPECS, Spec, WithLoss
 
 FAST = ["--suite", "real", "--tiny", "--device", "cpu", "--steps", "2", "--rounds", "1",
         "--warmup", "1"]

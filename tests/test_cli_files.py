@@ -85,8 +85,8 @@ def test_inspect_replaces_a_link_only_with_overwrite(tmp_path, capsys):
 
 
 def test_export_onnx_treats_a_dangling_link_as_existing(tmp_path):
-    pytest.importorskip("amp_compiler.onnx_export")
-    from amp_compiler.onnx_export import OnnxFileExistsError, check_destination, save_model
+    pytest.importorskip("amp_compiler.onnx.export")
+    from amp_compiler.onnx.export import OnnxFileExistsError, check_destination, save_model
 
     import onnx
     from onnx import helper

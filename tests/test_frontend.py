@@ -1,4 +1,4 @@
-"""Front end (amp_compiler/frontend.py): what capture hands the passes: torch.export's
+"""Front end (amp_compiler/capture/frontend.py): what capture hands the passes: torch.export's
 ``dynamic_shapes`` follow forward's signature (``*args``, keywords); module paths are the user's.
 functionalize and the autograd.Function capture have their own test files.
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import amp_compiler as ac
-from amp_compiler.shapes import default_dynamic_shapes
+from amp_compiler.capture.shapes import default_dynamic_shapes
 
 from conftest import EPS, rel_err
 

@@ -1,4 +1,4 @@
-"""functionalize (amp_compiler/functionalize.py): in-place and ``out=`` calls become
+"""functionalize (amp_compiler/capture/functionalize.py): in-place and ``out=`` calls become
 out-of-place nodes; writes into inputs and buffers are written back with ``aten.copy_`` (whose
 source and destination are never cast); fx's capture-time writes into buffers are refused.
 
@@ -17,7 +17,7 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.errors import TraceError
-from amp_compiler.frontend import build_dataflow, capture, symbolic_capture
+from amp_compiler.capture.frontend import build_dataflow, capture, symbolic_capture
 
 from conftest import DTYPES, EPS, assert_unchanged, convert_via, rel_err, snapshot
 

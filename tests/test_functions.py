@@ -1,4 +1,4 @@
-"""Custom ``torch.autograd.Function`` capture (amp_compiler/functions.py): one node that calls
+"""Custom ``torch.autograd.Function`` capture (amp_compiler/capture/functions.py): one node that calls
 ``Fn.apply`` on both capture paths, with the Function's own backward; what export cannot keep is
 refused with the fx way out.
 
@@ -15,8 +15,8 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.errors import UnsupportedModelError
-from amp_compiler.frontend import symbolic_capture
-from amp_compiler.functions import FunctionCall
+from amp_compiler.capture.frontend import symbolic_capture
+from amp_compiler.capture.functions import FunctionCall
 
 from conftest import EPS, assert_unchanged, convert_via, rel_err, snapshot
 

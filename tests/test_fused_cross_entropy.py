@@ -18,10 +18,10 @@ import transformers as T
 from torch import nn
 
 import amp_compiler as ac
-import amp_compiler.runtime as runtime
+import amp_compiler.passes.runtime as runtime
 from amp_compiler.models import build
 from amp_compiler.passes import fused_cross_entropy as fce
-from amp_compiler.runtime import linear_cross_entropy
+from amp_compiler.passes.runtime import linear_cross_entropy
 
 from conftest import DTYPES
 

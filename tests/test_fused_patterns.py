@@ -16,7 +16,7 @@ import transformers as T
 from torch import nn
 
 import amp_compiler as ac
-from amp_compiler.frontend import capture
+from amp_compiler.capture.frontend import capture
 from amp_compiler.passes.fused_patterns import fuse_patterns, fuse_rotary
 
 from conftest import DTYPES
@@ -232,7 +232,7 @@ def test_p4_leaves_inference_graphs_alone():
 
 
 def test_silu_mul_matches_the_unfused_product_with_broadcasting():
-    from amp_compiler.runtime import silu_mul
+    from amp_compiler.passes.runtime import silu_mul
 
     a = torch.randn(3, 5, 8, requires_grad=True)
     b = torch.randn(1, 5, 8, requires_grad=True)  # broadcast: gradients summed back
@@ -330,7 +330,7 @@ def test_p5_leaves_inference_graphs_and_shared_activations_alone():
 def test_activation_linear_matches_the_two_ops_with_broadcasting():
     """``runtime.activation_linear`` for every activation, both product forms (linear, and
     Conv1D's addmm), a gate broadcast over the batch: the same values and gradients."""
-    from amp_compiler.runtime import activation_linear
+    from amp_compiler.passes.runtime import activation_linear
 
     g = torch.Generator().manual_seed(0)
     ops = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu,
@@ -397,7 +397,7 @@ def test_p6_rotary_embeddings_run_one_backward_node_each(dtype, monkeypatch):
 def test_p6_rotary_matches_the_formula_and_leaves_near_misses():
     """``runtime.rotary`` against the formula in fp64 (values, gradient of x); a formula with
     the halves the other way round (``cat((x1, -x2))``) is not P6's and is left alone."""
-    from amp_compiler.runtime import rotary
+    from amp_compiler.passes.runtime import rotary
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64, generator=g).requires_grad_()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import amp_compiler as ac
-from amp_compiler.frontend import capture, export_capture
+from amp_compiler.capture.frontend import capture, export_capture
 from amp_compiler.passes.hygiene import clean_graph
 from amp_compiler.passes.remarks import Remark
 from conftest import (EPS, assert_within_autocast, autocast_error_or_skip, cast_nodes, rel_err,

@@ -1,4 +1,4 @@
-"""Graph views of a plan (amp_compiler.inspect_graph): structure of the view, each format
+"""Graph views of a plan (amp_compiler.view.inspect): structure of the view, each format
 well-formed (DOT, SVG, HTML, Mermaid), collapsing by module path, the bare-plan table, and one
 headless-Chromium rendering of the HTML page (skipped without Debian's ``chromium``)."""
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import amp_compiler as ac
-from amp_compiler import inspect_graph as ig
+from amp_compiler.view import inspect as ig
 from amp_compiler.models import build
 from amp_compiler.passes.plan import PrecisionPlan
 

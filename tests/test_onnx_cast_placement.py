@@ -17,9 +17,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import amp_compiler.passes.onnx_rewrite as rw
-from amp_compiler.bench_onnx import export_fp32
+from amp_compiler.bench.onnx_files import export_fp32
 from amp_compiler.models import build
-from amp_compiler.onnx_frontend import convert_onnx
+from amp_compiler.onnx.frontend import convert_onnx
 from amp_compiler.passes.onnx_cast_placement import MOVEMENT, place_casts
 
 F32, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64

@@ -1,4 +1,4 @@
-"""Tests for ``amp_compiler.onnx_check``: ONNX Runtime in a child process.
+"""Tests for ``amp_compiler.onnx.check``: ONNX Runtime in a child process.
 
 The child's deaths are made on purpose with a stand-in child (same protocol, no ONNX Runtime):
 a real ONNX Runtime crash depends on its version. The real child runs a tiny model.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from amp_compiler import onnx_check
-from amp_compiler.onnx_check import OrtProbe, probe_onnx
+from amp_compiler.onnx import check as onnx_check
+from amp_compiler.onnx.check import OrtProbe, probe_onnx
 
 # Answers like the real child; dies by SIGSEGV on a path ending in crash.onnx, exits on
 # exit.onnx, hangs on hang.onnx, and raises on anything else ending in .bad.

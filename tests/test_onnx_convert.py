@@ -1,4 +1,4 @@
-"""Tests for ``convert_onnx`` (amp_compiler.onnx_frontend + passes.onnx_rewrite).
+"""Tests for ``convert_onnx`` (amp_compiler.onnx.frontend + passes.onnx_rewrite).
 
 fp32 ONNX files of the reference models (tiny presets, ``torch.onnx.export``) are converted and
 compared, on the same file and the same inputs (batch 64), with onnxconverter-common's
@@ -34,11 +34,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnxconverter_common import float16 as occ
 
-from amp_compiler.bench_onnx import MINCAST, export_fp32
+from amp_compiler.bench.onnx_files import MINCAST, export_fp32
 from amp_compiler.errors import ConfigError, OnnxError
 from amp_compiler.models import build
-from amp_compiler.onnx_export import OnnxFileExistsError, ort_providers
-from amp_compiler.onnx_frontend import ONNX_OPS, build_onnx_dataflow, convert_onnx, prepare
+from amp_compiler.onnx.export import OnnxFileExistsError, ort_providers
+from amp_compiler.onnx.frontend import ONNX_OPS, build_onnx_dataflow, convert_onnx, prepare
 from amp_compiler.passes.kinds import TORCH_ALIASES
 from amp_compiler.passes.policy import NON_FLOAT, policy_for
 from amp_compiler.reference import ReferenceUnavailable, autocast_run

@@ -1,4 +1,4 @@
-"""Tests for ``amp_compiler.onnx_export``: export_onnx, onnx_session and verify_onnx.
+"""Tests for ``amp_compiler.onnx.export``: export_onnx, onnx_session and verify_onnx.
 
 Every reference model (tiny presets) is converted with example inputs (torch.export front end),
 exported, loaded in ONNX Runtime (CPU provider) and compared with the AmpModule.
@@ -26,7 +26,7 @@ from onnx import TensorProto, numpy_helper
 import amp_compiler as ac
 from amp_compiler.errors import AmpCompilerError, ConfigError, OnnxError
 from amp_compiler.models import build
-from amp_compiler.onnx_export import OnnxFileExistsError, export_onnx, onnx_session, verify_onnx
+from amp_compiler.onnx.export import OnnxFileExistsError, export_onnx, onnx_session, verify_onnx
 from amp_compiler.passes.insert_casts import PROMOTING
 from amp_compiler.passes.size_cache import SizeCache
 
@@ -227,7 +227,7 @@ def test_no_partial_file_when_writing_fails(tmp_path, monkeypatch):
             fh.write(proto.SerializeToString()[:100])  # a truncated file, then the disk "fills"
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("amp_compiler.onnx_export.onnx.save_model", failing_save)
+    monkeypatch.setattr("amp_compiler.onnx.export.onnx.save_model", failing_save)
     with pytest.raises(OSError, match="No space"):
         export_onnx(amp, inputs, target)
     assert os.listdir(tmp_path) == []
@@ -318,7 +318,7 @@ def test_bf16_export_computes_convs_in_float32_and_passes_the_checker(tmp_path, 
 
 
 def test_legaliser_leaves_a_valid_fp16_export_untouched(tmp_path, ort_no_crash):
-    from amp_compiler.onnx_export import legalise_types
+    from amp_compiler.onnx.export import legalise_types
 
     model, x, amp, m = _conv_export(torch.float16, tmp_path)
     ort_no_crash(m, (x,))
@@ -333,7 +333,7 @@ def test_legaliser_leaves_a_valid_fp16_export_untouched(tmp_path, ort_no_crash):
 def test_legaliser_copies_a_shared_initializer_and_casts_computed_values_once():
     from onnx import helper
 
-    from amp_compiler.onnx_export import legalise_types
+    from amp_compiler.onnx.export import legalise_types
 
     bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
     w = numpy_helper.from_array(torch.randn(4, 4).numpy(), "w")
@@ -386,7 +386,7 @@ class _LayerScaled(torch.nn.Module):
 def test_type_promotion_is_made_explicit_before_export(tmp_path, ort_no_crash):
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from amp_compiler.onnx_export import _inference_graph, explicit_promotions
+    from amp_compiler.onnx.export import _inference_graph, explicit_promotions
 
     x = torch.randn(2, 3, 16, 16)
     amp = ac.convert(_LayerScaled().eval(), (x,), dtype="float16")
@@ -442,7 +442,7 @@ def test_transformer_encoder_file_does_not_crash_onnx_runtime(dtype, tmp_path, o
 
     # the file as it was without W9 (never opened in ONNX Runtime here)
     with monkeypatch.context() as mp:
-        mp.setattr("amp_compiler.onnx_export.sink_transposes", lambda model: ([], []))
+        mp.setattr("amp_compiler.onnx.export.sink_transposes", lambda model: ([], []))
         before = onnx.load(export_onnx(amp, (x,), tmp_path / "before.onnx"))
     assert len(transpose_hazards(before)) == 2 and not _moved_by_w9(before)
 

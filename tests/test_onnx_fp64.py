@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from amp_compiler.errors import ConfigError
-from amp_compiler.onnx_frontend import convert_onnx
+from amp_compiler.onnx.frontend import convert_onnx
 from amp_compiler.passes.onnx_fp64 import fp64_to_fp32
 
 F64, F32, F16 = TensorProto.DOUBLE, TensorProto.FLOAT, TensorProto.FLOAT16

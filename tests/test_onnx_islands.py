@@ -1,4 +1,4 @@
-"""Tests for rule O9 (``convert_onnx(islands="measure")``, ``amp_compiler.onnx_islands``).
+"""Tests for rule O9 (``convert_onnx(islands="measure")``, ``amp_compiler.onnx.islands``).
 
 On a dynamo export of Hugging Face GPT-2 (2 layers of width 64, vocabulary 1000): its fp32
 island is the residual stream; ONNX Runtime measures what lowering it, or a part of it, costs in
@@ -15,10 +15,10 @@ import onnx
 import pytest
 import torch
 
-from amp_compiler.bench_onnx import Positional, export_fp32
+from amp_compiler.bench.onnx_files import Positional, export_fp32
 from amp_compiler.errors import ConfigError
-from amp_compiler.onnx_frontend import build_onnx_dataflow, convert_onnx, prepare
-from amp_compiler.onnx_islands import generated_samples, islands, mean_error
+from amp_compiler.onnx.frontend import build_onnx_dataflow, convert_onnx, prepare
+from amp_compiler.onnx.islands import generated_samples, islands, mean_error
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_bad_island_arguments_are_config_errors(gpt2, kwargs, fragment):
 
 
 def test_bfloat16_trades_need_the_cuda_provider(gpt2):
-    from amp_compiler.onnx_export import ort_providers
+    from amp_compiler.onnx.export import ort_providers
 
     if "CUDAExecutionProvider" in ort_providers():
         pytest.skip("ONNX Runtime has its CUDA provider here: bfloat16 trades are measured on it")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from amp_compiler.onnx_frontend import convert_onnx, prepare
+from amp_compiler.onnx.frontend import convert_onnx, prepare
 from amp_compiler.passes.onnx_layer_norm import fuse_layer_norms
 
 F32 = TensorProto.FLOAT
@@ -65,7 +65,7 @@ def test_a_torchscript_layer_norm_is_fused_at_opset_17(ort_no_crash):
 
 def test_the_fused_fp32_graph_computes_the_same_values(ort_no_crash):
     _, source = _export()
-    from amp_compiler.onnx_frontend import convert_opset
+    from amp_compiler.onnx.frontend import convert_opset
 
     written = prepare(convert_opset(source, 17))
     fused, names = fuse_layer_norms(onnx.load_from_string(written.SerializeToString()))

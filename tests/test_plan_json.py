@@ -117,7 +117,7 @@ def test_calibration_and_tolerance_metadata_round_trip():
 
 
 def test_onnx_plans_round_trip(tmp_path):
-    pytest.importorskip("amp_compiler.onnx_frontend")
+    pytest.importorskip("amp_compiler.onnx.frontend")
     from test_cli import _tiny_onnx
 
     src = tmp_path / "fp32.onnx"

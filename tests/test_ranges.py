@@ -11,7 +11,7 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.errors import ConfigError
-from amp_compiler.frontend import build_dataflow, capture
+from amp_compiler.capture.frontend import build_dataflow, capture
 from amp_compiler.models import build
 from amp_compiler.passes.insert_casts import insert_casts
 from amp_compiler.passes.ranges import (THRESHOLDS, apply_overrides, collect_ranges, plan_from_ranges,

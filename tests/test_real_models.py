@@ -7,7 +7,7 @@ For each model and low dtype: conversion succeeds; the forward error against fp3
 1.1x torch.autocast's on the same input (the project's target); one training-mode backward
 reaches the user's fp32 parameters with finite gradients close to fp32's; the user's model is
 unchanged; the inference conversion exports to ONNX, and ONNX Runtime opens and runs the file in
-a child process without crashing (``amp_compiler.onnx_check``; a CPU EP that refuses bfloat16
+a child process without crashing (``amp_compiler.onnx.check``; a CPU EP that refuses bfloat16
 MatMuls is fine, a signal is not). Marked ``slow`` (deselected by default):
 
     pytest -m slow tests/test_real_models.py
@@ -243,7 +243,7 @@ def measure(name: str, dtype: torch.dtype, *, onnx: bool = True) -> Row:
     if onnx and amp is not None:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                from amp_compiler.onnx_check import probe_onnx
+                from amp_compiler.onnx.check import probe_onnx
 
                 path = ac.export_onnx(amp, inputs, os.path.join(tmp, f"{name}.onnx"))
                 died = [r for r in probe_onnx(path, inputs) if r.died]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import amp_compiler as ac
-from amp_compiler.frontend import capture
+from amp_compiler.capture.frontend import capture
 from amp_compiler.passes.attention import rewrite_attention
 from amp_compiler.passes.sdpa_masks import fold_sdpa_masks, size_only_values
 from conftest import EPS, autocast_error_or_skip, rel_err, runtime_dtypes

@@ -1,4 +1,4 @@
-"""Tests for amp_compiler/shapes.py and keyword inputs: every input dimension dynamic by default,
+"""Tests for amp_compiler/capture/shapes.py and keyword inputs: every input dimension dynamic by default,
 batch-1 examples widened for the capture, a user's ``dynamic_shapes`` passed through (None:
 static), a ``ShapeError`` at call time that names the input and the dimension a capture fixed,
 and ``convert(model, example_kwargs=...)`` with ``amp(**batch)`` returning the model's own
@@ -23,7 +23,7 @@ from torch import nn
 from torch.export import Dim
 
 import amp_compiler as ac
-from amp_compiler.shapes import (InputsError, ShapeError, default_dynamic_shapes, explain_shape_error,
+from amp_compiler.capture.shapes import (InputsError, ShapeError, default_dynamic_shapes, explain_shape_error,
                                  widen_batch)
 from conftest import EPS, rel_err
 

@@ -21,7 +21,7 @@ allocator state are shared fairly. What is measured, per variant:
 6. with ``--loss-steps N``: fp32, autocast and amp trained N steps from the same init on the same
    fixed batches; final loss (mean of the last 10 steps), its ratio to fp32, NaN flagged.
 
-    $ python -m amp_compiler.bench --model gpt --size bench --mode train --dtype float16
+    $ python -m amp_compiler.bench.suite --model gpt --size bench --mode train --dtype float16
     $ amp-compiler bench --model mlp_wide --size bench --batch 4096 --out bench/results/mlp.json
 
 A training step is forward (the model returns the loss) + backward + AdamW step (fused on CUDA)
@@ -111,7 +111,7 @@ def build_parser(prog: str = "amp-compiler bench") -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, default="gpt")
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--mode", choices=("train", "infer", "onnx"), default="train",
-                   help="onnx: ONNX Runtime files side by side (see amp_compiler.bench_onnx)")
+                   help="onnx: ONNX Runtime files side by side (see amp_compiler.bench.onnx_files)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's)")
@@ -247,7 +247,7 @@ def _optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 
 def _scales_in_graph(amp) -> bool:
     """True when the converted graph multiplies its loss gradient itself (loss_scaling pass)."""
-    from amp_compiler.scaler import scale_loss_grad
+    from amp_compiler.passes.runtime import scale_loss_grad
 
     return any(n.op == "call_function" and n.target is scale_loss_grad
                for n in amp.graph_module.graph.nodes)
@@ -905,12 +905,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if _peek(argv, "--mode") == "onnx":
-        from amp_compiler import bench_onnx
+        from amp_compiler.bench import onnx_files as bench_onnx
 
         return bench_onnx.main(argv)
     try:
         if _peek(argv, "--suite") == "real":
-            from amp_compiler import bench_real
+            from amp_compiler.bench import real as bench_real
 
             return bench_real.main(argv)  # its bad requests exit as ours do
         cfg = _resolve(argv)

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 
-from amp_compiler.onnx_export import onnx_session
+from amp_compiler.onnx.export import onnx_session
 from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 from amp_compiler.passes.ranges import rel_error

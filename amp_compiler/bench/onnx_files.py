@@ -68,9 +68,9 @@ import onnx
 import torch
 from torch import nn
 
-from amp_compiler.bench import (DTYPES, MODELS, SIZES, BenchError, _fmt, _Parser, _summary,
+from amp_compiler.bench.suite import (DTYPES, MODELS, SIZES, BenchError, _fmt, _Parser, _summary,
                                 check_counts, installed_version, write_json)
-from amp_compiler.onnx_export import onnx_session, ort_providers
+from amp_compiler.onnx.export import onnx_session, ort_providers
 from amp_compiler.passes.ranges import rel_error
 
 __all__ = ["main", "run", "export_fp32", "build_model", "example_inputs", "FILES", "MINCAST"]
@@ -141,7 +141,7 @@ class Config:
 
 
 def _suite() -> dict:
-    from amp_compiler.bench_real import SPECS
+    from amp_compiler.bench.real import SPECS
 
     return {k: v for k, v in SPECS.items() if v.task != "seq2seq"}
 
@@ -225,7 +225,7 @@ class Positional(nn.Module):
         self.model, self.names = model, names
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        from amp_compiler.bench_real import output_field
+        from amp_compiler.bench.real import output_field
 
         return output_field(self.model(**dict(zip(self.names, tensors))), "logits")
 
@@ -257,7 +257,7 @@ def example_inputs(name: str, size: str, model: nn.Module, batch: int, seq_len: 
 
 def _suite_inputs(name: str, size: str, model: nn.Module, batch: int,
                   seq_len: int | None) -> tuple[tuple[str, ...], tuple]:
-    from amp_compiler.bench_real import PROMPT, make_batch
+    from amp_compiler.bench.real import PROMPT, make_batch
 
     spec = _suite()[name]
     length = (seq_len or min(PROMPT, spec.length)) if spec.text else (32 if size == "tiny" else spec.length)
@@ -279,7 +279,7 @@ def _make_files(cfg: Config, model: nn.Module, inputs: tuple, progress) -> dict[
     import tempfile
 
     import amp_compiler as ac
-    from amp_compiler.onnx_frontend import convert_onnx
+    from amp_compiler.onnx.frontend import convert_onnx
 
     cpu_inputs = tuple(t.cpu() for t in inputs)
 

@@ -38,7 +38,7 @@ from rich.table import Table
 from amp_compiler.errors import ConfigError
 from amp_compiler.passes.kinds import NON_TENSOR_KINDS
 from amp_compiler.passes.plan import PrecisionPlan, dtype_name
-from amp_compiler.report import literal
+from amp_compiler.view.report import literal
 
 __all__ = ["GraphView", "ViewNode", "ViewEdge", "graph_view", "to_dot", "to_svg", "to_html",
            "to_mermaid", "render", "plan_table", "derive_casts", "FORMATS", "AUTO_COLLAPSE_NODES"]

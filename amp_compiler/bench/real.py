@@ -23,7 +23,7 @@ Per model and mode (``--modes train,infer``) one JSON file,
 ``<out>/real-<model>-<mode>-<dtype>[-compile[-<compile mode>]][-tiny].json``, written as soon
 as that mode is done (a suite stopped half way keeps what it finished). Inference is timed at
 batch 1 (64 tokens, or one image) and at the training batch; training at the training batch.
-Everything else is ``amp-compiler bench``'s, reused from ``amp_compiler.bench``: variants built
+Everything else is ``amp-compiler bench``'s, reused from ``amp_compiler.bench.suite``: variants built
 from copies of one fp32 master and timed interleaved in one process (median and IQR per step),
 the steady-state peak memory of each variant's own window, the error ``max|out - ref| /
 max|ref|`` of the eval forward's logits against fp32 (TF32 off), casts per forward, ratios to
@@ -43,7 +43,7 @@ recorded as skipped with the ``pip install`` that enables it.
     $ amp-compiler bench --suite real                          # all seven models, eager
     $ amp-compiler bench --suite real --models gpt2,bert --modes train --compile
     $ amp-compiler bench --suite real --tiny --device cpu --steps 2 --rounds 1   # smoke test
-    $ python -m amp_compiler.bench_table bench/results/real-*.json   # the README table
+    $ python -m amp_compiler.bench.table bench/results/real-*.json   # the README table
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amp_compiler import bench
-from amp_compiler.bench import BenchError, Variant
+from amp_compiler.bench import suite as bench
+from amp_compiler.bench.suite import BenchError, Variant
 
 __all__ = ["main", "build_parser", "run", "print_results", "out_path", "batch_shapes",
            "make_batch", "output_field", "failure", "SPECS", "Spec", "SuiteConfig", "WithLoss"]
@@ -336,7 +336,7 @@ class SuiteConfig:
     infer_batches: tuple[int | str, ...] = (1, "train")
 
     def bench_config(self, spec: Spec, mode: str) -> bench.Config:
-        """The ``amp_compiler.bench`` Config of one model and mode, for its helpers."""
+        """The ``amp_compiler.bench.suite`` Config of one model and mode, for its helpers."""
         dtype = self.dtype or spec.dtype
         return bench.Config(argv=self.argv, model=spec.name, size="tiny" if self.tiny else "full",
                             mode=mode, device=self.device, dtype=bench.DTYPES[dtype],
@@ -883,7 +883,7 @@ def print_results(written: list[tuple[str, dict[str, Any]]], console=None) -> No
 def main(argv: list[str] | None = None) -> int:
     """``amp-compiler bench --suite real``: runs the suite, prints its tables, returns 0 (the
     failures of models and variants are in the files). A bad request raises ``BenchError``,
-    which ``amp_compiler.bench.main`` (the command) turns into exit code 2.
+    which ``amp_compiler.bench.suite.main`` (the command) turns into exit code 2.
 
     Example (every model at its tiny configuration, on the CPU)::
 

@@ -196,7 +196,7 @@ def explicit_promotions(gm: torch.fx.GraphModule, example_inputs: tuple) -> torc
     in dtype reads them cast to its result dtype. Dtypes come from one run on the inputs."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from amp_compiler.frontend import node_kind
+    from amp_compiler.capture.frontend import node_kind
     from amp_compiler.module import copy_graph_module
     from amp_compiler.passes.insert_casts import PROMOTING
 
@@ -630,7 +630,7 @@ def onnx_session(path, providers: list[str] | None = None, *, quiet: bool = Fals
 
     ``path`` may also be an ``onnx.ModelProto`` or serialized bytes. The session is built in this
     process: a file that crashes ONNX Runtime takes the process with it
-    (``amp_compiler.onnx_check.probe_onnx`` opens a file in a child process first). ``quiet``:
+    (``amp_compiler.onnx.check.probe_onnx`` opens a file in a child process first). ``quiet``:
     errors only in ONNX Runtime's log (not the CUDA provider's "nodes placed on the CPU" notes).
 
         >>> onnx_session("model.onnx").get_providers()[0]

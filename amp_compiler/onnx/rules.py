@@ -1,7 +1,7 @@
 """Plan rules of the ONNX front end that read the model's patterns and values: O6 (additive
 attention masks clamped), O7 (the tanh-GELU cube), O8 (embedding tables), O10 (tables computed
 from initializers and shapes), and the headroom O3 and O10 share. Their texts are in
-``amp_compiler.onnx_frontend``'s docstring; ``convert_onnx`` calls them in order.
+``amp_compiler.onnx.frontend``'s docstring; ``convert_onnx`` calls them in order.
 
     >>> masks = clamp_masks(model, torch.float16)    # before the dataflow graph is built
     >>> tables = constant_tables(model, torch.float16, ONNX_OPS)
@@ -17,7 +17,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from amp_compiler.onnx_islands import generated_samples
+from amp_compiler.onnx.islands import generated_samples
 from amp_compiler.passes.onnx_cast_placement import MOVEMENT, value_readers
 from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES, NodeSlots, value_types
 from amp_compiler.passes.plan import Decision, dtype_name

@@ -10,7 +10,7 @@ Two capture paths:
   included), then the exported program's module. Dtypes and shapes come from the fake tensors
   export records.
 
-Both graphs are then functionalized (``amp_compiler.functionalize``): in-place and ``out=`` calls become
+Both graphs are then functionalized (``amp_compiler.capture.functionalize``): in-place and ``out=`` calls become
 their out-of-place forms, because a cast inserted in front of an in-place op would hand it a
 copy to write into; writes into model inputs and buffers are written back with ``copy_``.
 
@@ -21,7 +21,7 @@ complex), and tensor attributes fx records as ``getattr`` (``z.real``, ``w.T``) 
 (``TENSOR_ATTRIBUTES``) instead of being read as metadata.
 
 Both paths keep a custom ``torch.autograd.Function`` as ONE node that calls ``Fn.apply``
-(``amp_compiler.functions.FunctionCall``), so training runs the Function's own backward; the op is named after the
+(``amp_compiler.capture.functions.FunctionCall``), so training runs the Function's own backward; the op is named after the
 Function and, being in no policy table, stays fp32 unless the user overrides it.
 
     >>> gm, source = capture(model)                         # fx
@@ -47,7 +47,7 @@ import torch.fx as fx
 from torch import nn
 
 from amp_compiler.errors import ConfigError, TraceError, UnsupportedModelError
-from amp_compiler.functions import (_PENDING, _export_apply, _function_apply_as, _fx_apply,
+from amp_compiler.capture.functions import (_PENDING, _export_apply, _function_apply_as, _fx_apply,
                                     _keep_function_calls)
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.fused_patterns import fuse_patterns
@@ -163,7 +163,7 @@ def symbolic_capture(model: nn.Module) -> fx.GraphModule:
             f"every call. Pass example_inputs=(...) to convert() to use torch.export, or write the "
             f"update out of place and assign it back")
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    from amp_compiler.functionalize import functionalize  # it reads node kinds defined here
+    from amp_compiler.capture.functionalize import functionalize  # it reads node kinds defined here
 
     functionalize(gm)
     return gm
@@ -172,13 +172,13 @@ def symbolic_capture(model: nn.Module) -> fx.GraphModule:
 def export_capture(model: nn.Module, example_inputs: tuple, *, example_kwargs: dict | None = None,
                    dynamic_shapes: Any = "auto") -> fx.GraphModule:
     """torch.export (non-strict) with every dimension dynamic unless the model fixes it
-    (``amp_compiler.shapes``); returns the exported module, which takes the same positional
+    (``amp_compiler.capture.shapes``); returns the exported module, which takes the same positional
     and keyword inputs as ``model``. ``dynamic_shapes``: "auto" (that default), None (every
     dimension static) or torch.export's own spec, passed through."""
     from torch.export import export
 
-    from amp_compiler.libraries import prepare_for_export
-    from amp_compiler.shapes import default_dynamic_shapes, widen_batch
+    from amp_compiler.capture.libraries import prepare_for_export
+    from amp_compiler.capture.shapes import default_dynamic_shapes, widen_batch
 
     prepare_for_export(model)
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
@@ -210,7 +210,7 @@ def export_capture(model: nn.Module, example_inputs: tuple, *, example_kwargs: d
                          "given (its batch of 1 is then fixed)")
         gm = ep.module()
         _keep_function_calls(gm)
-        from amp_compiler.functionalize import functionalize
+        from amp_compiler.capture.functionalize import functionalize
 
         functionalize(gm)
     except (UnsupportedModelError, ConfigError):
@@ -414,7 +414,7 @@ def _uncast_slots(node: fx.Node, gm: fx.GraphModule) -> set[tuple[int | None, st
     if node.op not in ("call_method", "call_function"):
         return set()
     slots: set = set()
-    from amp_compiler.functionalize import _alias_root, _inplace_form, _is_source
+    from amp_compiler.capture.functionalize import _alias_root, _inplace_form, _is_source
 
     if target_name(node) == "copy_":
         slots |= {(1, None), (None, "src")}

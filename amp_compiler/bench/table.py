@@ -2,8 +2,8 @@
 one for the torch runs (``--mode train|infer``), one for the ONNX Runtime runs (``--mode onnx``)
 and one for the real-model suite (``--suite real``, files ``real-*.json``).
 
-    $ python -m amp_compiler.bench_table bench/results/*.json
-    $ python -m amp_compiler.bench_table bench/results/real-*.json   # the real-model table only
+    $ python -m amp_compiler.bench.table bench/results/*.json
+    $ python -m amp_compiler.bench.table bench/results/real-*.json   # the real-model table only
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ REAL_HEADER = ["model", "mode", "batch", "dtype", "variant", "ms/step", "time vs
 
 def _real_key(d: dict) -> tuple:
     """Models in the suite's order, train before infer."""
-    from amp_compiler.bench_real import SPECS
+    from amp_compiler.bench.real import SPECS
 
     order = list(SPECS).index(d["model"]) if d["model"] in SPECS else len(SPECS)
     return order, d["model"], d["mode"] != "train", d["dtype"], d["config"]
@@ -193,7 +193,7 @@ def latency_table(paths: list[str]) -> str:
     running it, amp's beside its ratio to the autocast run the same way (CUDA graphs: to eager
     autocast, and to eager fp32), then where it was measured.
 
-        $ python -m amp_compiler.bench_table bench/results/real-*-cudagraphs-*.json
+        $ python -m amp_compiler.bench.table bench/results/real-*-cudagraphs-*.json
     """
     files = sorted((d for d in (json.loads(Path(p).read_text()) for p in paths)
                     if d.get("suite") == "real" and _latency_file(d) and d["status"] == "ok"),
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m amp_compiler.bench_table",
+        prog="python -m amp_compiler.bench.table",
         description="Markdown tables (the README's) from `amp-compiler bench` JSON files.")
     parser.add_argument("paths", nargs="*", help="JSON files (default: bench/results/*.json)")
     paths = parser.parse_args(argv).paths or [str(p) for p in Path("bench/results").glob("*.json")]

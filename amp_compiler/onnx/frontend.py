@@ -45,7 +45,7 @@ Rules this front end adds to the plan (numbered as they appear in Decisions):
         at one rounding of every embedding); ``"fp32"``: tables fp32, tied ones stored twice.
     O9  with ``islands="measure"``: an fp32 island (a region fp32 for its neighbours' sake: R3,
         R5, R7) goes low where ONNX Runtime measures that it removes Casts at an error within
-        ``island_tolerance``; see ``amp_compiler.onnx_islands``.
+        ``island_tolerance``; see ``amp_compiler.onnx.islands``.
     O10 a value computed from initializers and input shapes only (no input's values) by some
         arithmetic -- HF Llama's rotary ``cos``/``sin`` -- is a table the graph computes at run
         time (a weight only moved, ``Transpose(W)``, is not: W4 stores W low): it is computed
@@ -85,9 +85,9 @@ import torch
 from onnx import TensorProto, helper
 
 from amp_compiler.errors import ConfigError, OnnxError
-from amp_compiler.onnx_export import check_destination, ort_providers, save_model
-from amp_compiler.onnx_islands import ISLAND_MODES, generated_samples, trade
-from amp_compiler.onnx_rules import (EMBEDDING_TABLES, RANGE_HEADROOM, clamp_masks,
+from amp_compiler.onnx.export import check_destination, ort_providers, save_model
+from amp_compiler.onnx.islands import ISLAND_MODES, generated_samples, trade
+from amp_compiler.onnx.rules import (EMBEDDING_TABLES, RANGE_HEADROOM, clamp_masks,
                                      constant_tables, gelu_cubes, mask_decisions, table_decisions,
                                      table_note, value_ranges)
 from amp_compiler.passes.classify import classify
