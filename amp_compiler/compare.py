@@ -29,7 +29,7 @@ from torch import nn
 
 from amp_compiler.errors import ConfigError
 from amp_compiler.passes.plan import dtype_name
-from amp_compiler.passes.ranges import float_tensors, rel_error
+from amp_compiler.passes.metrics import float_tensors, rel_error
 
 
 @dataclass(frozen=True)

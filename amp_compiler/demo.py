@@ -13,8 +13,8 @@ Three steps, each printed as it runs and each independent (a missing optional co
     >>> figures["mlp"]["accuracy_fp16"] - figures["mlp"]["accuracy_fp32"]   # percentage points
     0.0
 
-The numeric helpers (``relative_error``, ``count_casts``, ``compare_outputs``) are shared with
-the CLI.
+The measures are ``amp_compiler.passes.metrics``' (``rel_error``, ``count_casts``);
+``compare_outputs`` is shared with the CLI.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["run_demo", "relative_error", "count_casts", "compare_outputs", "DEMO_SETTINGS"]
+from amp_compiler.passes.metrics import count_casts, onnx_cast_count, rel_error
+
+__all__ = ["run_demo", "compare_outputs", "DEMO_SETTINGS"]
 
 # What each mode runs. quick: the CPU test budget (well under a minute on 2 cores);
 # full: still under two minutes on a 2-core CPU.
@@ -43,51 +44,6 @@ DEMO_SETTINGS: dict[bool, dict[str, Any]] = {
     True: {"gpt_size": "tiny", "epochs": 4, "batch": 64, "lr": 0.05},
     False: {"gpt_size": "small", "epochs": 10, "batch": 32, "lr": 0.02},
 }
-
-
-# -- numbers shared with the CLI -----------------------------------------------------------------
-
-def relative_error(out, ref) -> float:
-    """The project's error metric, max|out - ref| / max|ref| over every floating tensor of an
-    output (tensors, tuples, dicts), computed in float64.
-
-    Example:
-        >>> relative_error(torch.tensor([1.0, 2.01]), torch.tensor([1.0, 2.0]))
-        0.005...
-    """
-    from amp_compiler.passes.ranges import rel_error
-
-    return rel_error(out, ref)
-
-
-class _CastCounter(TorchDispatchMode):
-    """Counts dtype conversions (``aten._to_copy``: what ``.to(dtype)`` and autocast's own
-    casts lower to) below autograd, so eager, autocast and converted runs count alike."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._to_copy.default:
-            src, dst = args[0], out
-            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dtype != dst.dtype:
-                self.count += 1
-        return out
-
-
-def count_casts(fn: Callable[[], Any]) -> int:
-    """Dtype conversions executed by ``fn()`` (one forward, say).
-
-    Example:
-        >>> count_casts(lambda: amp(*inputs)) == amp.cast_count()
-        True
-    """
-    counter = _CastCounter()
-    with counter:
-        fn()
-    return counter.count
 
 
 def compare_outputs(model, amp, inputs: tuple, dtype: torch.dtype) -> dict[str, Any]:
@@ -104,7 +60,7 @@ def compare_outputs(model, amp, inputs: tuple, dtype: torch.dtype) -> dict[str, 
         ref = model(*inputs)
         out = amp(*inputs)
         amp_casts = count_casts(lambda: amp(*inputs))
-        numbers = {"error_amp": relative_error(out, ref), "casts_amp": amp_casts,
+        numbers = {"error_amp": rel_error(out, ref), "casts_amp": amp_casts,
                    "error_autocast": None, "casts_autocast": None, "autocast_unavailable": None}
         try:
             auto = autocast_run(lambda: model(*inputs), device_type, dtype)
@@ -113,7 +69,7 @@ def compare_outputs(model, amp, inputs: tuple, dtype: torch.dtype) -> dict[str, 
         except ReferenceUnavailable as exc:
             numbers["autocast_unavailable"] = str(exc)
             return numbers
-    numbers.update(error_autocast=relative_error(auto, ref), casts_autocast=auto_casts)
+    numbers.update(error_autocast=rel_error(auto, ref), casts_autocast=auto_casts)
     return numbers
 
 
@@ -239,6 +195,7 @@ def _mlp_step(ctx: dict, console: Console) -> dict:
 
 def _onnx_step(ctx: dict, console: Console) -> dict:
     from amp_compiler.onnx.export import export_onnx, onnx_session, verify_onnx  # ImportError: skipped
+    import onnx
 
     import amp_compiler as ac
 
@@ -261,7 +218,7 @@ def _onnx_step(ctx: dict, console: Console) -> dict:
             vs_fp32 = verify_onnx(str(path), model, inputs, session=session)
             vs_amp = verify_onnx(str(path), amp, inputs, session=session)
             size_kb = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 1024
-            casts = _onnx_casts(path)
+            casts = onnx_cast_count(onnx.load(str(path), load_external_data=False))
     finally:
         exporter_log.setLevel(level)
     console.print(f"  gpt.onnx (float16): {size_kb:.0f} KB, {casts} Cast nodes, exported in "
@@ -271,12 +228,6 @@ def _onnx_step(ctx: dict, console: Console) -> dict:
     return {"error_vs_fp32": vs_fp32["max_rel"], "error_vs_torch_amp": vs_amp["max_rel"],
             "cast_nodes": casts, "size_kb": round(size_kb, 1), "provider": vs_fp32["provider"],
             "export_s": round(export_s, 2)}
-
-
-def _onnx_casts(path: Path) -> int:
-    import onnx
-
-    return sum(n.op_type == "Cast" for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 _STEPS: tuple[tuple[str, str, Callable[[dict, Console], dict]], ...] = (

@@ -63,6 +63,7 @@ from amp_compiler.errors import ConfigError
 from .classify import Classification, classify, override_entries
 from .graph import DataflowGraph
 from .kinds import LEAF_PARAMS_FOLLOW
+from .metrics import float_tensors, rel_error
 from .plan import PrecisionPlan, dtype_name
 from .policy import policy_for
 from .propagate import propagate
@@ -153,34 +154,6 @@ def check_calibration(calibration: Iterable) -> list[tuple]:
 
 
 # -- the recording interpreter ------------------------------------------------------------------
-
-def float_tensors(value) -> list[torch.Tensor]:
-    """The floating tensors in a node's value (a tensor, or nested tuples/lists of them)."""
-    if isinstance(value, torch.Tensor):
-        return [value] if value.is_floating_point() else []
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in float_tensors(v)]
-    return []
-
-
-def rel_error(out, ref) -> float:
-    """The project's relative error max|out-ref| / max|ref| over all floating tensors of a value,
-    in float64. Positions where ``ref`` is not finite are skipped when ``out`` equals it there."""
-    outs, refs = float_tensors(out), float_tensors(ref)
-    if len(outs) != len(refs) or not refs:
-        return float("nan")
-    num, den = 0.0, 0.0
-    for o, r in zip(outs, refs):
-        o, r = o.detach().double(), r.detach().double()
-        finite = torch.isfinite(r)
-        same = (o == r) | (torch.isnan(o) & torch.isnan(r))
-        if bool((~finite & ~same).any()) or bool((finite & ~torch.isfinite(o)).any()):
-            return float("inf")
-        if finite.any():
-            num = max(num, (o - r).abs()[finite].max().item())
-            den = max(den, r.abs()[finite].max().item())
-    return num / max(den, 1e-30)
-
 
 def _map_inputs(node: fx.Node, args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
     """Apply ``fn(producer_node, position, key, value)`` to every value fed by an fx.Node."""

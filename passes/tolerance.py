@@ -53,7 +53,8 @@ from amp_compiler.errors import ConfigError, ToleranceError
 from .classify import override_entries
 from .graph import DataflowGraph
 from .plan import PrecisionPlan, dtype_name
-from .ranges import check_calibration, float_tensors, plan_with_overrides, rel_error, run_in_dtype
+from .metrics import float_tensors, rel_error
+from .ranges import check_calibration, plan_with_overrides, run_in_dtype
 
 RULE = "T1:tolerance"
 # Output elements whose error is within this factor of the largest steer the backward pass: the

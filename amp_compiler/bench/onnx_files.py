@@ -29,7 +29,7 @@ Measured per file:
 1. latency: median and inter-quartile range of ``run_with_iobinding`` over interleaved rounds
    (the order rotates each round), inputs and outputs bound on the device so no host copy is
    timed; ``time.perf_counter`` around a run that ONNX Runtime synchronises before returning;
-2. error: ``max|out - ref| / max|ref|`` (``passes.ranges.rel_error``) of the first output against
+2. error: ``max|out - ref| / max|ref|`` (``passes.metrics.rel_error``) of the first output against
    the torch fp32 model on the same input (TF32 off);
 3. Cast nodes in the file, and its size;
 4. ratios against onnxconverter-common's file (or against fp32 where there is none), and
@@ -71,7 +71,7 @@ from torch import nn
 from amp_compiler.bench.suite import (DTYPES, MODELS, SIZES, BenchError, _fmt, _Parser, _summary,
                                 check_counts, installed_version, write_json)
 from amp_compiler.onnx.export import onnx_session, ort_providers
-from amp_compiler.passes.ranges import rel_error
+from amp_compiler.passes.metrics import rel_error
 
 __all__ = ["main", "run", "export_fp32", "build_model", "example_inputs", "FILES", "MINCAST"]
 

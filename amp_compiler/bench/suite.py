@@ -55,6 +55,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from amp_compiler.passes.metrics import rel_error
+
 __all__ = ["main", "build_parser", "run", "make_variant", "loss_scaler", "resolve_device", "sync",
            "rel_error", "count_to_copy", "BenchError"]
 
@@ -409,18 +411,6 @@ def make_variant(kind: str, master: nn.Module, inputs: tuple, cfg: Config, *,
 
 
 # ----------------------------------------------------------------------------- measurements
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|out - ref| / max|ref|, in float64 (the project's error measure).
-
-    Example:
-        >>> rel_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
-        0.5
-    """
-    from amp_compiler.passes.ranges import rel_error as project_rel_error
-
-    return project_rel_error(out, ref)
 
 
 def count_to_copy(fn: Callable[[], Any]) -> int:

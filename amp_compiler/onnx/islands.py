@@ -37,8 +37,9 @@ import torch
 
 from amp_compiler.onnx.export import onnx_session
 from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
+from amp_compiler.passes.metrics import onnx_cast_count, rel_error
 from amp_compiler.passes.plan import Decision, PrecisionPlan
-from amp_compiler.passes.ranges import rel_error
+
 
 log = logging.getLogger("amp_compiler")
 
@@ -121,16 +122,12 @@ def _run(session, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]
 
 
 def mean_error(outs: list[list[np.ndarray]], refs: list[list[np.ndarray]]) -> float:
-    """Mean over samples of the project's relative error (``passes.ranges.rel_error``: max|out -
+    """Mean over samples of the project's relative error (``passes.metrics.rel_error``: max|out -
     ref| / max|ref| over every float output of the sample)."""
     def tensors(arrays):
         return [torch.from_numpy(np.asarray(a)) for a in arrays if np.asarray(a).dtype.kind == "f"]
 
     return float(np.mean([rel_error(tensors(out), tensors(ref)) for out, ref in zip(outs, refs)]))
-
-
-def casts(model: onnx.ModelProto) -> int:
-    return sum(n.op_type == "Cast" for n in model.graph.node)
 
 
 def trade(source: onnx.ModelProto, plan: PrecisionPlan, graph,
@@ -173,11 +170,11 @@ def trade(source: onnx.ModelProto, plan: PrecisionPlan, graph,
             why = f"lowering it does not make a valid file ({' '.join(str(exc).split())[:120]})"
             remarks.update({n: (False, why) for n in nodes})
             continue
-        saved = casts(current) - casts(trial_model)
+        saved = onnx_cast_count(current) - onnx_cast_count(trial_model)
         trial_error = measure(trial_model)
         what = (f"O9 measured on {len(samples)} samples ({where}): with the fp32 island{' part' * (depth > 0)} of "
-                f"{part.describe()} low the file has {casts(trial_model)} Casts instead of "
-                f"{casts(current)}, and the error vs the fp32 file goes from {error:.3g} to "
+                f"{part.describe()} low the file has {onnx_cast_count(trial_model)} Casts instead of "
+                f"{onnx_cast_count(current)}, and the error vs the fp32 file goes from {error:.3g} to "
                 f"{trial_error:.3g}")
         if saved > 0 and trial_error <= budget:
             lowered, current, current_plan, error = low, trial_model, trial_plan, trial_error
