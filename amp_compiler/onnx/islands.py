@@ -36,10 +36,9 @@ import onnx
 import torch
 
 from amp_compiler.onnx.export import onnx_session
-from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
 from amp_compiler.passes.metrics import onnx_cast_count, rel_error
+from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
 from amp_compiler.passes.plan import Decision, PrecisionPlan
-
 
 log = logging.getLogger("amp_compiler")
 
