@@ -60,13 +60,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "LossScaler": "amp_compiler.scaler",
     "export_onnx": "amp_compiler.onnx.export",
-    "onnx_session": "amp_compiler.onnx.export",
-    "verify_onnx": "amp_compiler.onnx.export",
-    "convert_onnx": "amp_compiler.onnx.frontend",
+    "onnx_session": "amp_compiler.onnx.session",
+    "verify_onnx": "amp_compiler.onnx.session",
+    "convert_onnx": "amp_compiler.onnx.convert",
     "compare": "amp_compiler.compare",
     "backend": "amp_compiler.dynamo",
     "save": "amp_compiler.saving",
-    "load": "amp_compiler.saving",
+    "load": "amp_compiler.loading",
     "cuda_graphs": "amp_compiler.cuda_graphs",
 }
 

@@ -155,7 +155,7 @@ def _has_nan(value) -> bool:
 
 def _fp32_graph(model: nn.Module, amp: nn.Module, inputs: tuple) -> fx.GraphModule:
     """The model captured the way ``amp`` was (same front end, same mode), so names match."""
-    from amp_compiler.capture.frontend import capture
+    from amp_compiler.capture import capture
 
     if isinstance(model, fx.GraphModule):
         return model

@@ -7,44 +7,40 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
+import torch.fx as fx
 from torch import nn
 
+from amp_compiler.capture import build_dataflow, capture
+from amp_compiler.dynamo import convert_dynamo
 from amp_compiler.errors import ConfigError, TraceError
-from amp_compiler.capture.frontend import build_dataflow, capture
 from amp_compiler.module import AmpModule
 from amp_compiler.passes.attention import rewrite_attention as rewrite_attention_pass
 from amp_compiler.passes.classify import classify, override_entries
+from amp_compiler.passes.dtypes import resolve_dtype
 from amp_compiler.passes.fold_weights import fold_weights
 from amp_compiler.passes.fused_cross_entropy import fuse_linear_cross_entropy
 from amp_compiler.passes.fused_patterns import fuse_gated_activation, fuse_rotary, recompute_activations
-from amp_compiler.passes.size_cache import cache_size_only
+from amp_compiler.passes.infra import PassManager
 from amp_compiler.passes.insert_casts import insert_casts
+from amp_compiler.passes.loss_scaling import insert_loss_scaling
 from amp_compiler.passes.plan import PrecisionPlan
 from amp_compiler.passes.policy import policy_for
 from amp_compiler.passes.propagate import propagate
+from amp_compiler.passes.range_recorder import collect_ranges
+from amp_compiler.passes.ranges import plan_from_ranges, plan_with_overrides
+from amp_compiler.passes.rules import Rule, pass_of
+from amp_compiler.passes.size_cache import cache_size_only
+from amp_compiler.passes.tolerance import RULE as TOLERANCE_RULE
+from amp_compiler.passes.tolerance import repair_to_tolerance
+from amp_compiler.scaler import new_scaler
 
 log = logging.getLogger("amp_compiler")
-
-_DTYPE_NAMES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "mixed_float16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "mixed_bfloat16": torch.bfloat16,
-}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    """'float16' / 'bfloat16' / 'mixed_float16' / 'mixed_bfloat16' / torch dtypes -> torch dtype."""
-    if isinstance(dtype, torch.dtype) and dtype in (torch.float16, torch.bfloat16):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype.lower()]
-    raise ConfigError(f"dtype={dtype!r} is not a low-precision dtype; use 'float16' or 'bfloat16' "
-                      f"(or torch.float16 / torch.bfloat16)")
 
 
 def model_device_type(model: nn.Module, example_inputs) -> str:
@@ -68,26 +64,18 @@ def wants_attention_rewrite(flag: bool | None, device_type: str, options: dict) 
 def numerics_plan(model, example_inputs, gm, source, dataflow, low, device_type, *, training,
                   attention, keep_fp32, force_low, calibration, tolerance, **_) -> PrecisionPlan:
     """Plan from calibration data: range pins (D1-D4), then the tolerance search (T1)."""
-    from amp_compiler.passes.ranges import collect_ranges, plan_from_ranges, plan_with_overrides
-    from amp_compiler.passes.tolerance import AmpBuilder, repair_to_tolerance
-
     if training:
         # measure on an eval-mode capture: running a training graph would update the user's
         # batch-norm statistics; pins carry over by node name
-        was = model.training
-        try:
-            model.eval()
-            egm, _ = capture(model, example_inputs)
-        finally:
-            model.train(was)
+        egm, _ = capture(model, example_inputs, mode=False)
         if attention:
-            rewrite_attention_pass(egm)
+            PassManager().run(rewrite_attention_pass, egm)
         edf = build_dataflow(egm)
     else:
         egm, edf = gm, dataflow
     ranges = collect_ranges(egm, calibration, graph=edf, low_dtypes=(low,))
     plan = plan_from_ranges(edf, ranges, low, device_type, keep_fp32=keep_fp32, force_low=force_low)
-    pins = {n: (d.rule, d.reason) for n, d in plan.items() if d.rule[:1] == "D"}
+    pins = {n: (d.rule, d.reason) for n, d in plan.items() if pass_of(d.rule) == "ranges"}
     meta = dict(plan.meta)
     if tolerance is not None:
         builder = AmpBuilder(model, example_inputs, dtype=low, keep_fp32=keep_fp32,
@@ -117,35 +105,23 @@ def check_saved_plan(plan: PrecisionPlan, dataflow) -> PrecisionPlan:
     return plan
 
 
-def new_scaler(device_type: str, loss_scale):
-    """A LossScaler for ``loss_scale`` ("dynamic" or a positive number: static scaling)."""
-    from amp_compiler.scaler import LossScaler
-
-    if loss_scale == "dynamic":
-        return LossScaler(device_type)
-    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and loss_scale > 0:
-        # static scaling: the floor and ceiling pin the scale; overflowing steps are still skipped
-        return LossScaler(device_type, init_scale=float(loss_scale), min_scale=float(loss_scale),
-                          max_scale=float(loss_scale))
-    raise ConfigError(f"loss_scale={loss_scale!r}: use 'dynamic', a positive number, or None")
-
-
-def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: str, loss_scale):
-    """LossScaler for fp16 training (None for bf16 or loss_scale=None), wired into the graph."""
+def make_scaler(model: nn.Module, gm, dataflow, low: torch.dtype, device_type: str, loss_scale,
+                passes: PassManager):
+    """LossScaler for fp16 training (None for bf16 or loss_scale=None), wired into the graph;
+    returns it with the loss scaling pass's remarks."""
     if low != torch.float16 or loss_scale is None:
-        return None
-    from amp_compiler.passes.loss_scaling import insert_loss_scaling
-
+        return None, ()
     scaler = new_scaler(device_type, loss_scale)
     scaler.track(model.named_parameters())
     kinds = {v.name: v.kind for v in dataflow.vertices()}
     device = next((p.device for p in model.parameters()), torch.device(device_type))
-    loss = insert_loss_scaling(gm, scaler.scale_tensor(device), kinds)
+    scaled = passes.run(insert_loss_scaling, gm, scaler.scale_tensor(device), kinds)
+    loss = scaled.facts
     # L4: the graph divides the gradients by the scale where they leave it, so .grad is true
     scaler.unscaled_in_backward = loss is not None
     log.info("loss scaling: %s", f"in-graph on '{loss}'" if loss else "outputs are not a scalar "
              "loss; use amp.scaler.scale(loss).backward()")
-    return scaler
+    return scaler, scaled.remarks
 
 
 def convert(model: nn.Module, example_inputs: tuple | None = None, *, dtype="float16",
@@ -234,8 +210,6 @@ CAPTURES = ("auto", "export", "fx", "dynamo")
 
 
 def _dynamo(model, dtype, training, keep_fp32, force_low, loss_scale, calibration, plan):
-    from amp_compiler.dynamo import convert_dynamo
-
     if calibration is not None or plan is not None:
         raise ConfigError("capture='dynamo' plans each graph when it first runs: calibration, "
                           "tolerance and saved plans need the export or fx capture")
@@ -256,21 +230,20 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
                    example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes)
     attention = wants_attention_rewrite(rewrite_attention, device_type, options)
 
-    was_training = model.training
-    try:
-        model.train(training)  # trace the graph of the mode asked for; restored below
-        # 1. capture: an FX GraphModule of our own (the user's parameters are shared, not copied);
-        #    capture-time asserts and no-ops removed (H1-H7), SDPA masks folded (S1-S3)
-        gm, source = capture(model, example_inputs, example_kwargs=example_kwargs,
-                             dynamic_shapes=dynamic_shapes)
-    finally:
-        model.train(was_training)
+    # 1. capture the graph of the mode asked for: an FX GraphModule of our own (the user's
+    #    parameters are shared, not copied); capture-time asserts and no-ops removed (H1-H7),
+    #    SDPA masks folded (S1-S3)
+    gm, source = capture(model, example_inputs, mode=training, example_kwargs=example_kwargs,
+                         dynamic_shapes=dynamic_shapes)
     log.info("captured %s graph: %d nodes", source, len(gm.graph.nodes))
+    remarks = list(gm.meta.get("amp_rewrites", ()))
+    passes = PassManager()  # runs the rewrites from here on, checking the graph after each
     # 1b. fuse explicit attention into one SDPA node: the B x H x T x T scores and probabilities
     #     are never stored, and the kernel keeps its softmax in fp32 (rules A1-A10)
     if attention:
-        log.info("fused %d attention patterns into scaled_dot_product_attention",
-                 len(rewrite_attention_pass(gm)))
+        fused = passes.run(rewrite_attention_pass, gm)
+        remarks += fused.remarks
+        log.info("fused %d attention patterns into scaled_dot_product_attention", len(fused.facts))
     # 2. describe it IR-neutrally: kinds, dtypes, module paths, castable uses
     dataflow = build_dataflow(gm)
     if saved_plan is None and calibration is not None:
@@ -288,39 +261,9 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
     else:
         # 3-4. a saved plan replaces the analyses, after checking it describes this graph
         plan = check_saved_plan(saved_plan, dataflow)
-    plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
-                         meta={**plan.meta, "rewrite_attention": attention, "capture": source,
-                               "rewrites": [r.as_row() for r in gm.meta.get("amp_rewrites", ())]})
+    plan = plan.with_meta(rewrite_attention=attention, capture=source, rewrites=[], missed=[])
+    plan = plan.with_remarks(remarks)
     log.info("plan: %s", plan)
-    # 5. insert casts: one per (value, dtype), outputs restored (rules I1-I6)
-    casts = insert_casts(gm, dataflow, plan)
-    log.info("inserted %d casts", casts.count)
-    # the plan's reasons say what rule I9 did to a fill value that did not fit the low dtype
-    plan = plan.replace({n: plan[n].with_(reason=f"{plan[n].reason}; {note}")
-                         for n, note in casts.saturated.items()})
-    # 5b. a cross-entropy over a vocabulary-sized linear layer computed in chunks: the fp32
-    #     logits, log-softmax and gradient are never held for all rows; logits the model
-    #     returns are computed in the same chunks, in training in the layer's dtype (X1-X8)
-    fused = fuse_linear_cross_entropy(gm, training=training)
-    if training:
-        # 5c. a gated MLP's silu(a) * b keeps a and b for backward, not silu(a) too (rule P4),
-        #     and an activation read by a linear layer only is computed again in backward,
-        #     not kept beside its input (P5)
-        fused += fuse_gated_activation(gm)
-        fused += recompute_activations(gm)
-        # 5d. rotary embeddings: the same forward, autograd's gradient in 5 kernels, not 9 (P6)
-        fused += fuse_rotary(gm)
-    plan = _with_rewrites(plan, fused)
-    # 6. inference: parameter casts folded into stored low-precision copies, once
-    if fold:
-        log.info("folded %d parameter casts", fold_weights(gm, casts.casts))
-    # 7. fp16 training: a loss scaler, the loss gradient scaled inside the graph and divided
-    #    again where it leaves it, so that loss.backward() leaves true gradients in .grad
-    #    (rules L1-L4; bf16 has fp32's range and needs none)
-    scaler = make_scaler(model, gm, dataflow, low, device_type, loss_scale) if training else None
-    # 8. what the graph computes from its inputs' sizes alone (position ids, rotary phases)
-    #    runs once per input shape (rules K1-K3)
-    plan = _with_rewrites(plan, cache_size_only(gm))
 
     def rebuild(mode: bool) -> AmpModule:
         # a saved plan names the nodes of one mode's graph (dropout, batch norm differ):
@@ -329,24 +272,135 @@ def _build(model: nn.Module, example_inputs, *, training: bool, fold: bool, dtyp
                       saved_plan=saved_plan if mode == training else None,
                       rewrite_attention=attention, **options)
 
+    # 5-8. apply the plan to the graph: casts, fused kernels, folded weights, loss scaling
+    return lower(model, gm, dataflow, plan, training=training, fold=fold, loss_scale=loss_scale,
+                 source=source, passes=passes,
+                 # a folded module never switches mode: holding no rebuild closure lets the
+                 # user's fp32 weights be freed once they drop the original model
+                 rebuild=None if fold else rebuild,
+                 call_spec=call_spec(model, example_inputs, example_kwargs))
+
+
+def lower(model: nn.Module, gm, dataflow, plan: PrecisionPlan, *, training: bool, fold: bool,
+          loss_scale, source: str, rebuild=None, call_spec=None,
+          passes: PassManager | None = None) -> AmpModule:
+    """The rewrite stages: ``plan`` applied to the captured graph ``gm`` (rewritten in place),
+    wrapped as an AmpModule; every pass's remarks land in ``plan.meta``. convert() and the
+    tolerance search's builds both end here."""
+    low, device_type = plan.low_dtype, plan.device_type
+    passes = passes if passes is not None else PassManager()
+    # 5. insert casts: one per (value, dtype), outputs restored (rules I1-I9)
+    cast = passes.run(insert_casts, gm, dataflow, plan)
+    casts, remarks = cast.facts, list(cast.remarks)
+    log.info("inserted %d casts", casts.count)
+    # the plan's reasons say what rule I9 did to a fill value that did not fit the low dtype
+    plan = plan.replace({n: plan[n].with_(reason=f"{plan[n].reason}; {note}")
+                         for n, note in casts.saturated.items()})
+    # 5b. a cross-entropy over a vocabulary-sized linear layer computed in chunks: the fp32
+    #     logits, log-softmax and gradient are never held for all rows; logits the model
+    #     returns are computed in the same chunks, in training in the layer's dtype (X1-X8)
+    remarks += passes.run(fuse_linear_cross_entropy, gm, training=training).remarks
+    if training:
+        # 5c. a gated MLP's silu(a) * b keeps a and b for backward, not silu(a) too (rule P4),
+        #     and an activation read by a linear layer only is computed again in backward,
+        #     not kept beside its input (P5)
+        remarks += passes.run(fuse_gated_activation, gm).remarks
+        remarks += passes.run(recompute_activations, gm).remarks
+        # 5d. rotary embeddings: the same forward, autograd's gradient in 5 kernels, not 9 (P6)
+        remarks += passes.run(fuse_rotary, gm).remarks
+    # 6. inference: parameter casts folded into stored low-precision copies, once
+    if fold:
+        folded = passes.run(fold_weights, gm, casts.casts)
+        remarks += folded.remarks
+        log.info("folded %d parameter casts", folded.facts)
+    # 7. fp16 training: a loss scaler, the loss gradient scaled inside the graph and divided
+    #    again where it leaves it, so that loss.backward() leaves true gradients in .grad
+    #    (rules L1-L5; bf16 has fp32's range and needs none)
+    scaler, scaling = make_scaler(model, gm, dataflow, low, device_type, loss_scale, passes) \
+        if training else (None, ())
+    remarks += scaling
+    # 8. what the graph computes from its inputs' sizes alone (position ids, rotary phases)
+    #    runs once per input shape (rules K1-K3)
+    remarks += passes.run(cache_size_only, gm).remarks
+    plan = plan.with_remarks(remarks)
     # leaf modules whose forward depends on their mode (batch norm): run in the graph's mode
     mode_leaves = [m for n in gm.graph.nodes if n.op == "call_module"
                    for m in [gm.get_submodule(n.target)]
                    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm))]
     return AmpModule(gm, plan, dataflow=dataflow, casts=casts.casts, low_dtype=low,
                      training=training, folded=fold, scaler=scaler, source=source,
-                     # a folded module never switches mode: holding no rebuild closure lets the
-                     # user's fp32 weights be freed once they drop the original model
-                     rebuild=None if fold else rebuild, mode_leaves=mode_leaves,
-                     call_spec=call_spec(model, example_inputs, example_kwargs), model=model)
+                     rebuild=rebuild, mode_leaves=mode_leaves, call_spec=call_spec, model=model)
 
 
-def _with_rewrites(plan: PrecisionPlan, remarks: list) -> PrecisionPlan:
-    """``plan`` with the remarks of rewrites made after it appended to ``meta["rewrites"]``."""
-    if not remarks:
-        return plan
-    return PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
-                         meta={**plan.meta, "rewrites": plan.meta["rewrites"] + [r.as_row() for r in remarks]})
+# -- the tolerance search's builds: one capture, the plan and the rewrite stages per set --------
+
+class AmpBuilder:
+    """Captures ``model`` once; ``builder(fp32_nodes)`` returns a converted AmpModule with those
+    nodes pinned fp32 (rule T1) in milliseconds. Eval-mode conversion, weights folded, as
+    ``convert(model, example_inputs, dtype=..., training=False)`` does. ``captured=(gm, source)``
+    reuses a capture made elsewhere (it must not be rewritten while the builder is used);
+    ``overrides`` (e.g. ``range_overrides``) are pinned in every build.
+
+        >>> build = AmpBuilder(model, None, dtype=torch.float16)
+        >>> amp = build(frozenset({"linear_1"}))
+        >>> amp.plan["linear_1"].rule
+        'T1:tolerance'
+    """
+
+    # repair_to_tolerance hands a builder that takes them the reasons of the nodes it moved
+    takes_reasons = True
+
+    def __init__(self, model: nn.Module, example_inputs: tuple | None = None, *,
+                 dtype="float16", keep_fp32: Iterable = (), force_low: Iterable = (),
+                 overrides: Mapping[str, tuple[str, str]] | None = None,
+                 captured: tuple[fx.GraphModule, str] | None = None) -> None:
+        if example_inputs is not None and not isinstance(example_inputs, tuple):
+            example_inputs = (example_inputs,)
+        self.low_dtype = resolve_dtype(dtype)
+        self.device_type = model_device_type(model, example_inputs)
+        if captured is not None:
+            # convert() already holds the un-rewritten eval-mode capture: no second capture
+            self.graph_module, self.source = captured
+        else:
+            self.graph_module, self.source = capture(model, example_inputs, mode=False)
+        self.model = model
+        self.dataflow = build_dataflow(self.graph_module)
+        self.keep_fp32, self.force_low = override_entries(keep_fp32), override_entries(force_low)
+        self.overrides = dict(overrides or {})
+        self.builds = 0
+
+    def plan(self, fp32_nodes: Iterable[str] | Mapping[str, tuple[str, str]] = ()) -> PrecisionPlan:
+        """The plan with ``fp32_nodes`` pinned (a mapping node -> (rule, reason) names why)."""
+        pins = dict(self.overrides)
+        for n in fp32_nodes:
+            pins.setdefault(n, fp32_nodes[n] if isinstance(fp32_nodes, Mapping)
+                            else (TOLERANCE_RULE, "moved to fp32 by the tolerance search"))
+        return plan_with_overrides(self.dataflow, self.low_dtype, self.device_type,
+                                   keep_fp32=self.keep_fp32, force_low=self.force_low, overrides=pins)
+
+    def low_candidates(self) -> list[str]:
+        """Compute nodes the plan with nothing moved runs in low precision (graph order)."""
+        plan = self.plan()
+        return [n for n in plan.low_nodes() if self.dataflow.vertex(n).role == "compute"
+                and plan[n].rule != Rule.R0_PASSTHROUGH]
+
+    def __call__(self, fp32_nodes: frozenset[str] | Mapping[str, tuple[str, str]] = frozenset(), *,
+                 plan: PrecisionPlan | None = None) -> AmpModule:
+        plan = plan if plan is not None else self.plan(fp32_nodes)
+        # a fresh graph over the same (shared, never modified) parameters: the rewrite stages
+        # rewrite the copy, the fp32 capture stays intact for the next build
+        gm = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
+        self.builds += 1
+        return lower(self.model, gm, self.dataflow, plan, training=False, fold=True,
+                     loss_scale=None, source=self.source)
+
+
+def amp_builder(model: nn.Module, example_inputs: tuple | None = None, *, dtype="float16",
+                keep_fp32: Iterable = (), force_low: Iterable = (),
+                overrides: Mapping[str, tuple[str, str]] | None = None) -> AmpBuilder:
+    """``AmpBuilder(...)``: the ``build_amp`` callback ``repair_to_tolerance`` wants, fast."""
+    return AmpBuilder(model, example_inputs, dtype=dtype, keep_fp32=keep_fp32,
+                      force_low=force_low, overrides=overrides)
 
 
 def call_spec(model: nn.Module, example_inputs, example_kwargs):

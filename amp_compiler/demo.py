@@ -194,7 +194,8 @@ def _mlp_step(ctx: dict, console: Console) -> dict:
 
 
 def _onnx_step(ctx: dict, console: Console) -> dict:
-    from amp_compiler.onnx.export import export_onnx, onnx_session, verify_onnx  # ImportError: skipped
+    from amp_compiler.onnx.export import export_onnx  # ImportError: skipped
+    from amp_compiler.onnx.session import onnx_session, verify_onnx
     import onnx
 
     import amp_compiler as ac

@@ -31,13 +31,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from amp_compiler.capture import build_dataflow, tidy_captured
+from amp_compiler.capture.functionalize import functionalize
 from amp_compiler.errors import AmpCompilerError, ConfigError
 from amp_compiler.passes.classify import classify, override_entries
+from amp_compiler.passes.dtypes import resolve_dtype
 from amp_compiler.passes.graph import DataflowGraph
+from amp_compiler.passes.infra import PassManager
 from amp_compiler.passes.insert_casts import CastRecord, insert_casts
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 from amp_compiler.passes.policy import policy_for
 from amp_compiler.passes.propagate import propagate
+from amp_compiler.scaler import new_scaler
 
 log = logging.getLogger("amp_compiler")
 
@@ -82,8 +87,6 @@ class AmpBackend:
 
     def __init__(self, dtype="float16", *, keep_fp32: Iterable = (), force_low: Iterable = (),
                  inductor: bool = False) -> None:
-        from amp_compiler.convert import resolve_dtype
-
         self.low_dtype = resolve_dtype(dtype)
         self.keep_fp32 = override_entries(keep_fp32)
         self.force_low = override_entries(force_low)
@@ -91,9 +94,6 @@ class AmpBackend:
         self.graphs: list[CompiledGraph] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        from amp_compiler.capture.frontend import build_dataflow, tidy_captured
-        from amp_compiler.capture.functionalize import functionalize
-
         for node in gm.graph.nodes:  # the passes read recorded values under "val", as export's
             if "val" not in node.meta and "example_value" in node.meta:
                 node.meta["val"] = node.meta["example_value"]
@@ -108,17 +108,18 @@ class AmpBackend:
         low = [e for e in self.force_low if _matches(dataflow, e)]
         classes = classify(dataflow, policy, keep_fp32=keep, force_low=low, probe_kernels=True)
         plan = propagate(dataflow, classes, policy)
-        result = insert_casts(gm, dataflow, plan)
+        cast = PassManager().run(insert_casts, gm, dataflow, plan)
+        casts = cast.facts
         plan = plan.replace({n: plan[n].with_(reason=f"{plan[n].reason}; {note}")
-                             for n, note in result.saturated.items()})
+                             for n, note in casts.saturated.items()})
         index = len(self.graphs)  # dynamo compiles one frame at a time, under its own lock
         plan = PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype,
                              device_type=plan.device_type,
-                             meta={"capture": "dynamo", "graph": index,
-                                   "rewrites": [r.as_row() for r in rewrites]})
-        self.graphs.append(CompiledGraph(index, gm, plan, dataflow, result.casts))
+                             meta={"capture": "dynamo", "graph": index, "rewrites": [], "missed": []})
+        plan = plan.with_remarks(rewrites + list(cast.remarks))
+        self.graphs.append(CompiledGraph(index, gm, plan, dataflow, casts.casts))
         log.info("dynamo graph %d: %d nodes, %d casts, %s", index, len(gm.graph.nodes),
-                 result.count, plan)
+                 casts.count, plan)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
@@ -260,8 +261,6 @@ def convert_dynamo(model: nn.Module, *, dtype, training: bool, keep_fp32, force_
     be = backend(dtype, keep_fp32=keep_fp32, force_low=force_low, inductor=inductor)
     scaler = None
     if training and be.low_dtype == torch.float16 and loss_scale is not None:
-        from amp_compiler.convert import new_scaler
-
         device_type = next((p.device.type for p in model.parameters()), "cpu")
         scaler = new_scaler(device_type, loss_scale)
         scaler.track(model.named_parameters())

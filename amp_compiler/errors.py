@@ -51,6 +51,11 @@ class UnsupportedOperationError(AmpCompilerError, TypeError):
     convert again with ``dtype=``) or pickling the module (``amp_compiler.save`` saves it)."""
 
 
+class PassError(AmpCompilerError):
+    """A compiler pass failed unexpectedly or left an invalid graph; the message names the pass
+    and the passes run before it (a bug: please report it with the model)."""
+
+
 class UnusedOverrideWarning(UserWarning):
     """A ``keep_fp32`` / ``force_low`` entry names an op kind or a module class this model does
     not contain: it does nothing here (a recipe shared across models may name such kinds)."""

@@ -15,7 +15,8 @@ Checkpoints and weights (the user model's view of the module):
   master weights). An inference module keeps only low-precision copies of the weights it
   folded (rule F2): its state dict gives the user's fp32 tensor while the user's model keeps
   it alive, the low-precision copy once it is gone; loading writes the fp32 value into the
-  live original and refolds the copy from it (or casts it straight into the copy).
+  live original and refolds the copy from it (or casts it straight into the copy); that
+  mapping is ``amp_compiler.state_dict``'s.
 - An inference module notices when the user's weights changed in place since folding (version
   counters: ``optimizer.step()``, ``w.mul_(2)``) and refolds those copies at the next call;
   ``amp.refresh()`` refolds everything (needed after ``w.data = ...``, which moves no counter).
@@ -28,29 +29,32 @@ Checkpoints and weights (the user model's view of the module):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import warnings
-from collections import OrderedDict
 from typing import Any, Callable, NoReturn
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from amp_compiler.errors import AmpCompilerError, UnsupportedOperationError
+from amp_compiler.capture.copy import quiet_spec_warnings, share_fake_meta
 from amp_compiler.capture.shapes import explain_inputs_error, explain_shape_error
-from amp_compiler.passes.graph import DataflowGraph, attribute
-from amp_compiler.passes.fold_weights import FoldedWeight, folded_weights, refold
+from amp_compiler.errors import AmpCompilerError, UnsupportedOperationError
+from amp_compiler.passes.fold_weights import fold_weights, refold
+from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.insert_casts import CastRecord
 from amp_compiler.passes.plan import PrecisionPlan
+from amp_compiler.passes.size_cache import op_count
+from amp_compiler.state_dict import UserStateDict, refold_after_load, user_layout
+from amp_compiler.view.report import render_report
 
 log = logging.getLogger("amp_compiler")
 
 
-class AmpModule(nn.Module):
-    """A mixed-precision model: ``graph_module`` holds the casts, ``plan`` says why."""
+class AmpModule(UserStateDict):
+    """A mixed-precision model: ``graph_module`` holds the casts, ``plan`` says why.
+
+    ``state_dict`` / ``load_state_dict`` (the user model's keys) come from ``UserStateDict``."""
 
     def __init__(self, graph_module: fx.GraphModule, plan: PrecisionPlan, *,
                  dataflow: DataflowGraph, casts: list[CastRecord], low_dtype: torch.dtype,
@@ -78,9 +82,9 @@ class AmpModule(nn.Module):
         self._other_modes: dict[bool, AmpModule] = {}
         self.training = training  # a traced graph's mode is baked in; see train()
         self._told_refold = False
-        self._user_keys, self._aliases, self._held = _user_layout(model, graph_module)
+        self._user_keys, self._aliases, self._held = user_layout(model, graph_module)
         # after the graph module loads its part of a checkpoint: folded copies follow
-        self.register_load_state_dict_post_hook(_refold_after_load)
+        self.register_load_state_dict_post_hook(refold_after_load)
 
     # -- public surface ------------------------------------------------------------------
     @property
@@ -139,10 +143,10 @@ class AmpModule(nn.Module):
     def report(self, *, only: str | None = None, why: str | None = None, print_: bool = True):
         """Print (and return) a table of every node's precision and reason, plus totals.
 
-        ``only``: "fp32" | "low" | "casts" | "unknown"; ``why``: one node's full decision.
+        ``only``: "fp32" | "low" | "casts" | "unknown" | "rules" (the rules used, with their
+        meaning) | "rewrites" (what each rewrite pass did or missed, and why); ``why``: one
+        node's full decision.
         """
-        from amp_compiler.view.report import render_report
-
         return render_report(self, only=only, why=why, print_=print_)
 
     def cast_count(self) -> int:
@@ -156,11 +160,8 @@ class AmpModule(nn.Module):
             >>> amp.op_count()
             {'per_call': 74, 'per_shape': 3}
         """
-        from amp_compiler.passes.size_cache import op_count
-
         return op_count(self.graph_module)
 
-    # -- weights: the user model's keys, folded copies kept current ------------------------
     def cuda_graphs(self, *, max_shapes: int = 8, warmup: int = 2,
                     clone_outputs: bool = True):
         """This module's inference calls replayed from CUDA graphs, one captured per input shape
@@ -175,112 +176,13 @@ class AmpModule(nn.Module):
             >>> with torch.inference_mode():
             ...     out = fast(**batch)   # the first call of a shape captures, later ones replay
         """
+        # an optional part, loaded on first use (as amp_compiler's _LAZY names are)
         from amp_compiler.cuda_graphs import cuda_graphs
 
         return cuda_graphs(self, max_shapes=max_shapes, warmup=warmup,
                            clone_outputs=clone_outputs)
 
-    def state_dict(self, *args, destination: dict | None = None, prefix: str = "",
-                   keep_vars: bool = False) -> dict[str, Any]:
-        """The state under the user model's keys (``model.state_dict()``'s), not the graph
-        module's; ``destination`` / ``prefix`` / ``keep_vars`` as ``nn.Module.state_dict``, so a
-        parent module (``nn.Sequential(amp)``, DDP) gets ``prefix + key``.
-
-        Training module: the user's own tensors (fp32 master weights, shared). Inference
-        module: for a folded weight, the user's fp32 tensor while their model keeps it alive,
-        else the low-precision copy the module computes with (``model.load_state_dict``
-        upcasts it).
-
-        Example:
-            >>> amp = ac.convert(model, dtype="bfloat16", training=True)
-            >>> list(amp.state_dict()) == list(model.state_dict())
-            True
-            >>> model.load_state_dict(amp.state_dict())   # strict: same keys
-            <All keys matched successfully>
-        """
-        if args:  # nn.Module's deprecated positional form: (destination, prefix, keep_vars)
-            destination = args[0]
-            prefix = args[1] if len(args) > 1 and prefix == "" else prefix
-            keep_vars = args[2] if len(args) > 2 and keep_vars is False else keep_vars
-        if destination is None:
-            destination = OrderedDict()
-            destination._metadata = OrderedDict()  # type: ignore[attr-defined]
-        for hook in getattr(self, "_state_dict_pre_hooks", {}).values():
-            hook(self, prefix, keep_vars)
-        inner = self.graph_module.state_dict(keep_vars=True)
-        metadata = getattr(destination, "_metadata", None)
-        if metadata is not None:
-            metadata[prefix[:-1]] = {"version": self._version}
-            for path, meta in getattr(inner, "_metadata", {}).items():
-                if path and not path.startswith("_amp_"):
-                    metadata[prefix + path] = meta
-        for key, kind, where in self._entries(inner):
-            if kind == "graph":
-                value = inner[where]
-            elif kind == "folded":
-                value = where[0].original()
-                if value is None:
-                    value = attribute(self.graph_module, where[0].copy)
-            else:
-                value = where
-            destination[prefix + key] = value if keep_vars else value.detach()
-        local_metadata = metadata.get(prefix[:-1], {}) if metadata is not None else {}
-        for hook in getattr(self, "_state_dict_hooks", {}).values():  # hooks on amp itself
-            result = hook(self, destination, prefix, local_metadata)
-            if result is not None and not getattr(hook, "_from_public_api", False):
-                destination = result
-        return destination
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        """``load_state_dict`` calls this before the graph module's own: the user model's keys
-        become the graph module's (``prefix + "graph_module." + key``); a folded weight's value
-        goes into its live original (refolded by the post-hook) or, the original gone, straight
-        into its low-precision copy. Keys of neither kind are left for nn.Module to report."""
-        inner_prefix = prefix + "graph_module."
-        gm = self.graph_module
-        inner = gm.state_dict(keep_vars=True)
-        entries = self._entries(inner)
-        ours = [k for k in state_dict if k.startswith(prefix)]
-        if not any(prefix + key in state_dict for key, _, _ in entries) and any(
-                k.startswith(inner_prefix) for k in ours):
-            # a checkpoint of the graph module's keys, as state_dict() wrote them before
-            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                                 missing_keys, unexpected_keys, error_msgs)
-        for key, kind, where in entries:
-            full = prefix + key
-            if full not in state_dict:
-                missing_keys.append(full)
-                continue
-            value = state_dict.pop(full)
-            if kind == "graph":
-                targets = [inner[where]]
-            elif kind == "folded":
-                live = [r.original() for r in where if r.original() is not None]
-                targets = live[:1] or [attribute(gm, r.copy) for r in where]
-            else:
-                targets = [where]
-            if not isinstance(value, torch.Tensor):
-                error_msgs.append(f'While copying the parameter named "{full}", expected '
-                                  f'torch.Tensor or Tensor-like object from checkpoint but '
-                                  f'received {type(value)}')
-            elif value.shape != targets[0].shape:
-                error_msgs.append(f"size mismatch for {full}: copying a param with shape "
-                                  f"{value.shape} from checkpoint, the shape in current model "
-                                  f"is {targets[0].shape}.")
-            elif kind == "graph":  # the graph module loads it (assign=True honoured there)
-                state_dict[inner_prefix + where] = value
-            else:
-                with torch.no_grad():
-                    for target in targets:
-                        target.copy_(value)
-        # the graph module's own entries that no key fed (the low copies, reported missing
-        # user keys) load as themselves: a no-op rather than a second, internal "missing" key
-        for key, value in inner.items():
-            state_dict.setdefault(inner_prefix + key, value)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
+    # -- weights: folded copies kept current (the user model's keys: UserStateDict) ----------
     def refresh(self) -> int:
         """Refold every low-precision weight copy from its fp32 original; returns how many
         copies were refreshed (0 for a training module, which folds nothing, or once the
@@ -309,34 +211,6 @@ class AmpModule(nn.Module):
             log.info("refolded %d low-precision weight copies whose fp32 originals changed since "
                      "folding (first: '%s'); this module checks at every call (amp.refresh() "
                      "refolds everything, e.g. after `w.data = ...`)", len(done), done[0].source)
-
-    def _entries(self, inner: dict) -> list[tuple[str, str, Any]]:
-        """The user's state-dict keys in order, each with where its value lives now:
-        ``("graph", key)`` a tensor of the graph module (the user's own, shared);
-        ``("folded", [FoldedWeight])`` low-precision copies only, the original maybe alive;
-        ``("held", tensor)`` a tensor the graph does not read (see ``__init__``'s ``model``)."""
-        folded: dict[str, list[FoldedWeight]] = {}
-        for rec in folded_weights(self.graph_module):
-            if rec.persistent:
-                folded.setdefault(rec.source, []).append(rec)
-        if self._user_keys is not None:
-            keys = self._user_keys
-        else:  # the graph module's keys, in the order they had before folding
-            keys = list(self.graph_module.meta.get("amp_state_keys", ()))
-            seen = set(keys)
-            keys += [k for k in inner if k not in seen]
-        out = []
-        for key in keys:
-            name = self._aliases.get(key, key)
-            if name.startswith("_amp_"):
-                continue
-            if name in inner:
-                out.append((key, "graph", name))
-            elif name in folded:
-                out.append((key, "folded", folded[name]))
-            elif key in self._held:
-                out.append((key, "held", self._held[key]))
-        return out
 
     # -- precision is the plan's; pickling is amp_compiler.save's ---------------------------
     def _refuse_dtype(self, call: str) -> NoReturn:
@@ -455,55 +329,23 @@ class AmpModule(nn.Module):
         graphs += [s.graph_module for s in getattr(self, "_other_modes", {}).values()
                    if isinstance(s, _Snapshot)]
         for gm in graphs:
-            _share_fake_meta(gm, memo)
+            share_fake_meta(gm, memo)
         for state in [self] + list(getattr(self, "_other_modes", {}).values()):
             memo[id(state._dataflow)] = state._dataflow  # the analysis record, never mutated
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        with _quiet_spec_warnings():
+        with quiet_spec_warnings():
             new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
 
     def freeze(self) -> "AmpModule":
         """Inference: fold parameter casts into stored low-precision copies (eval mode only)."""
-        from amp_compiler.passes.fold_weights import fold_weights
-
         if self.training:
             raise AmpCompilerError("freeze() folds weights for inference: call amp.eval() first")
         if not self.folded:
             fold_weights(self.graph_module, self._casts)
             self.folded = True
         return self
-
-
-def _user_layout(model: nn.Module | None, gm: fx.GraphModule):
-    """(keys, aliases, held) for ``AmpModule._entries``: the model's state-dict keys in order
-    (None without a model: the graph's keys are used), each key the graph module knows under
-    another name (a tied weight) mapped to that name, and the tensors it does not hold."""
-    if model is None:
-        return None, {}, {}
-    inner = gm.state_dict(keep_vars=True)
-    known = {id(t): k for k, t in inner.items() if not k.startswith("_amp_")}
-    folded = {}
-    for rec in folded_weights(gm):
-        folded.setdefault(rec.source, rec)
-        if rec.original() is not None:
-            known.setdefault(id(rec.original()), rec.source)
-    keys, aliases, held = [], {}, {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        keys.append(key)
-        if key in inner or key in folded:
-            continue
-        if id(t) in known:
-            aliases[key] = known[id(t)]
-        else:
-            held[key] = t
-    return keys, aliases, held
-
-
-def _refold_after_load(module: AmpModule, incompatible_keys) -> None:
-    """load_state_dict post-hook: refold the copies whose originals the load just wrote."""
-    refold(module.graph_module)
 
 
 class _Snapshot:
@@ -514,33 +356,3 @@ class _Snapshot:
         self._dataflow, self._casts = amp._dataflow, amp._casts
         self._mode_leaves = amp._mode_leaves
 
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor) or type(t).__name__ == "FunctionalTensor"
-
-
-def _share_fake_meta(gm: fx.GraphModule, memo: dict) -> None:
-    """Pre-fill a deepcopy memo so the fake tensors and symbols in node metadata are shared."""
-    for node in gm.graph.nodes:
-        for leaf in torch.utils._pytree.tree_leaves(dict(node.meta)):
-            if isinstance(leaf, (torch.SymInt, torch.SymFloat)) or (
-                    isinstance(leaf, torch.Tensor) and _is_fake(leaf)):
-                memo[id(leaf)] = leaf
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """``copy.deepcopy(gm)`` that also works on torch.export graphs (fake metadata shared)."""
-    memo: dict = {}
-    _share_fake_meta(gm, memo)
-    with _quiet_spec_warnings():
-        return copy.deepcopy(gm, memo)
-
-
-@contextlib.contextmanager
-def _quiet_spec_warnings():
-    """torch's own pytree specs warn about themselves (a LeafSpec deprecation) when copied."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        yield

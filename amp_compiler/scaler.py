@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from amp_compiler.errors import LossScalerError
+from amp_compiler.errors import ConfigError, LossScalerError
 from amp_compiler.passes.runtime import scale_loss_grad, unscale_grads
 
 _READY = torch.amp.grad_scaler.OptState.READY
 
-__all__ = ["LossScaler", "scale_loss_grad", "unscale_grads"]
+__all__ = ["LossScaler", "new_scaler", "scale_loss_grad", "unscale_grads"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -381,3 +381,14 @@ def _nonfinite_params(optimizer: torch.optim.Optimizer, name_of: Any) -> list[st
 def _same_device(actual: torch.device, wanted: torch.device) -> bool:
     # "cuda" (no index) matches whichever CUDA device the tensor is on.
     return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
+
+
+def new_scaler(device_type: str, loss_scale):
+    """A LossScaler for ``loss_scale`` ("dynamic" or a positive number: static scaling)."""
+    if loss_scale == "dynamic":
+        return LossScaler(device_type)
+    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and loss_scale > 0:
+        # static scaling: the floor and ceiling pin the scale; overflowing steps are still skipped
+        return LossScaler(device_type, init_scale=float(loss_scale), min_scale=float(loss_scale),
+                          max_scale=float(loss_scale))
+    raise ConfigError(f"loss_scale={loss_scale!r}: use 'dynamic', a positive number, or None")

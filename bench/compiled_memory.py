@@ -16,8 +16,8 @@ import sys
 import torch
 
 import amp_compiler
-from amp_compiler.bench import suite as bench
-from amp_compiler.bench.real import SPECS, make_batch, output_field
+from amp_compiler.bench.real_models import SPECS, make_batch, output_field
+from amp_compiler.bench.variants import loss_scaler, no_ctx, train_step
 
 GIB = 2 ** 30
 
@@ -30,11 +30,11 @@ def measure(name: str) -> None:
     batch = {k: v.cuda() for k, v in make_batch(spec, master, spec.batch, spec.length, labels=True).items()}
     for kind in ("autocast", "amp"):
         model = copy.deepcopy(master).cuda().train()
-        ctx = (lambda: torch.autocast("cuda", dtype=cfg.dtype)) if kind == "autocast" else bench._no_ctx
+        ctx = (lambda: torch.autocast("cuda", dtype=cfg.dtype)) if kind == "autocast" else no_ctx
         if kind == "amp":
             model = amp_compiler.convert(model, example_kwargs=batch, dtype=cfg.dtype)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        scaler, in_graph, _ = bench.loss_scaler(kind, model, cfg)
+        scaler, in_graph, _ = loss_scaler(kind, model, cfg)
         compiled = torch.compile(model)
         after_forward = []  # (allocated, peak so far) where the forward returns the loss
 
@@ -44,7 +44,7 @@ def measure(name: str) -> None:
             after_forward.append((torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
             return loss
 
-        step = bench._train_step(forward, ctx, opt, scaler, in_graph)  # the suite's step
+        step = train_step(forward, ctx, opt, scaler, in_graph)  # the suite's step
         for _ in range(3):
             step((batch,))
         torch.cuda.synchronize()

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from amp_compiler.bench import suite as bench
+from amp_compiler.bench.common import sync, write_json
 from amp_compiler.passes import runtime
 
 HEADS = {"gpt2": (768, 50257, torch.float16), "llama": (1024, 32000, torch.bfloat16)}
@@ -75,10 +75,10 @@ def main(argv=None) -> int:
                 del loss, gh, gw
                 times = []
                 for i in range(a.iters + 3):
-                    bench.sync(dev)
+                    sync(dev)
                     t0 = time.perf_counter()
                     gh, gw = torch.autograd.grad(fn(h, w, t), [h, w])
-                    bench.sync(dev)
+                    sync(dev)
                     if i >= 3:
                         times.append((time.perf_counter() - t0) * 1e3)
                     del gh, gw
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     if a.json:
-        bench.write_json({"argv": sys.argv, "torch": torch.__version__, "results": report}, a.json)
+        write_json({"argv": sys.argv, "torch": torch.__version__, "results": report}, a.json)
     return 0
 
 

@@ -17,8 +17,9 @@ import sys
 
 import torch
 
-from amp_compiler.bench import suite as bench
-from amp_compiler.bench.real import SPECS, output_field
+from amp_compiler.bench.common import write_json
+from amp_compiler.bench.real_models import SPECS, output_field
+from amp_compiler.bench.variants import copy_of, loss_scaler, no_ctx, train_step
 from amp_compiler.models import data
 
 TAIL = 20
@@ -46,15 +47,15 @@ def main(argv=None) -> int:
     finals = {}
     for kind in ("fp32", "fp32-redraw", "autocast", "amp"):
         torch.manual_seed(1 if kind == "fp32-redraw" else 0)  # the same dropout draws
-        model = bench._copy(master, argparse.Namespace(device=dev), train=True)
+        model = copy_of(master, argparse.Namespace(device=dev), train=True)
         module = model
         if kind == "amp":
             import amp_compiler
             module = amp_compiler.convert(model, example_kwargs=batches[0], dtype=dtype, training=True)
         opt = torch.optim.AdamW(module.parameters(), lr=a.lr, fused=dev.type == "cuda")
-        ctx = (lambda: torch.autocast(dev.type, dtype=dtype)) if kind == "autocast" else bench._no_ctx
-        scaler, in_graph, _ = bench.loss_scaler(kind, module if kind == "amp" else None, cfg)
-        step = bench._train_step(lambda b, m=module: output_field(m(**b), "loss"), ctx, opt, scaler, in_graph)
+        ctx = (lambda: torch.autocast(dev.type, dtype=dtype)) if kind == "autocast" else no_ctx
+        scaler, in_graph, _ = loss_scaler(kind, module if kind == "amp" else None, cfg)
+        step = train_step(lambda b, m=module: output_field(m(**b), "loss"), ctx, opt, scaler, in_graph)
         losses, skipped = [], 0
         for b in batches:
             before = scaler.get_scale() if scaler is not None else None
@@ -71,8 +72,8 @@ def main(argv=None) -> int:
         finals[kind]["vs_fp32"] = finals[kind]["final"] / finals["fp32"]["final"] - 1
         print(f"{kind} final loss vs fp32: {100 * finals[kind]['vs_fp32']:+.2f}%")
     if a.json:
-        bench.write_json({"argv": sys.argv, "torch": torch.__version__, "steps": a.steps,
-                          "batch": [a.batch, block], "lr": a.lr, "results": finals}, a.json)
+        write_json({"argv": sys.argv, "torch": torch.__version__, "steps": a.steps,
+                    "batch": [a.batch, block], "lr": a.lr, "results": finals}, a.json)
     return 0
 
 

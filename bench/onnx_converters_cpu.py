@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from amp_compiler.bench.suite import write_json
+from amp_compiler.bench.common import write_json
 
 
 WIDTH, LAYERS, VOCAB, BATCH, TOKENS = 256, 4, 8192, 4, 256
@@ -91,7 +91,7 @@ def export(model: nn.Module, inputs: dict, path: str) -> list[str]:
 
 def converters(fp32_path: str, feed: dict[str, np.ndarray], workdir: str):
     """name -> () -> ModelProto."""
-    from amp_compiler.onnx.frontend import convert_onnx
+    from amp_compiler.onnx.convert import convert_onnx
 
     out = {"convert_onnx": lambda: convert_onnx(fp32_path),
            "convert_onnx low tables": lambda: convert_onnx(fp32_path, embedding_tables="low"),

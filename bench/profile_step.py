@@ -27,8 +27,9 @@ import time
 import torch
 
 import amp_compiler
-from amp_compiler.bench import suite as bench
-from amp_compiler.bench.real import SPECS, make_batch, output_field
+from amp_compiler.bench.common import sync, write_json
+from amp_compiler.bench.real_models import SPECS, make_batch, output_field
+from amp_compiler.bench.variants import loss_scaler, train_step
 
 CATEGORIES = (  # operator name fragment -> category, first match wins
     (("mm", "matmul", "linear", "addmm", "bmm", "baddbmm", "conv"), "matmul/conv"),
@@ -70,13 +71,13 @@ def build(kind: str, spec, master, batch: dict, dtype: torch.dtype, device: torc
                             foreach=device.type != "cuda")
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if kind != "amp" else contextlib.nullcontext
     cfg = argparse.Namespace(dtype=dtype, device=device)
-    scaler, in_graph, _ = bench.loss_scaler("amp" if kind == "amp" else "autocast",
-                                            module if kind == "amp" else None, cfg)
+    scaler, in_graph, _ = loss_scaler("amp" if kind == "amp" else "autocast",
+                                      module if kind == "amp" else None, cfg)
 
     def loss_of(b):
         with scope():
             return output_field(module(**b), "loss")
-    step = bench._train_step(loss_of, ctx, opt, scaler, in_graph)
+    step = train_step(loss_of, ctx, opt, scaler, in_graph)
     run = lambda: step((batch,))  # noqa: E731
     run.state_bytes = lambda: _bytes(params) + _bytes(  # its weights and optimizer state
         t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor))
@@ -103,7 +104,7 @@ def gpu_time_by_category(step, device) -> tuple[dict[str, float], list[tuple[str
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
         step()
-        bench.sync(device)
+        sync(device)
     by_cat, by_op = collections.Counter(), collections.Counter()
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None) if device.type == "cuda" else e.self_cpu_time_total
@@ -154,7 +155,7 @@ def _site(frames) -> str:
             continue  # C++ frames
         if "/torch/" in filename and "/fx/" not in filename:
             continue
-        if filename.endswith(("profile_step.py", "bench.py")):
+        if filename.endswith(("profile_step.py", "bench/variants.py")):  # the step closure
             return "backward/optimizer (autograd engine)"
         short = "/".join(filename.split("/")[-2:])
         return f"{short}:{line} {name}"
@@ -193,11 +194,11 @@ def main(argv=None) -> int:
         times = collections.defaultdict(list)
         for _ in range(a.rounds):  # interleaved
             for k, step in steps.items():
-                bench.sync(device)
+                sync(device)
                 t = time.perf_counter()
                 for _ in range(a.steps):
                     step()
-                bench.sync(device)
+                sync(device)
                 times[k].append((time.perf_counter() - t) / a.steps * 1e3)
         report[name] = {}
         for k, step in steps.items():
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if a.json:
-        bench.write_json({"argv": sys.argv, "torch": torch.__version__, "results": report}, a.json)
+        write_json({"argv": sys.argv, "torch": torch.__version__, "results": report}, a.json)
     return 0
 
 

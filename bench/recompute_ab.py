@@ -18,8 +18,8 @@ import time
 import torch
 
 import amp_compiler
-from amp_compiler.bench import suite as bench
-from amp_compiler.bench.real import SPECS, make_batch, output_field
+from amp_compiler.bench.real_models import SPECS, make_batch, output_field
+from amp_compiler.bench.variants import loss_scaler, no_ctx, train_step
 
 _convert = sys.modules["amp_compiler.convert"]
 _CFG = argparse.Namespace(dtype=torch.float16, device=torch.device("cuda"))
@@ -27,9 +27,9 @@ _CFG = argparse.Namespace(dtype=torch.float16, device=torch.device("cuda"))
 
 def _variant(kind: str, master, batch):
     """A training step closure of one variant: ``autocast``, ``amp`` or ``amp-noP5``, each as
-    the benchmark suite drives it (``bench.loss_scaler``, ``bench._train_step``)."""
+    the benchmark suite drives it (``variants.loss_scaler``, ``variants.train_step``)."""
     module = copy.deepcopy(master).cuda().train()
-    ctx = (lambda: torch.autocast("cuda", dtype=torch.float16)) if kind == "autocast" else bench._no_ctx
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.float16)) if kind == "autocast" else no_ctx
     if kind != "autocast":
         rule = _convert.recompute_activations
         if kind == "amp-noP5":
@@ -39,8 +39,8 @@ def _variant(kind: str, master, batch):
         finally:
             _convert.recompute_activations = rule
     opt = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)
-    scaler, in_graph, _ = bench.loss_scaler(kind.removesuffix("-noP5"), module, _CFG)
-    step = bench._train_step(lambda b: output_field(module(**b), "loss"), ctx, opt, scaler, in_graph)
+    scaler, in_graph, _ = loss_scaler(kind.removesuffix("-noP5"), module, _CFG)
+    step = train_step(lambda b: output_field(module(**b), "loss"), ctx, opt, scaler, in_graph)
     return lambda: step((batch,))
 
 

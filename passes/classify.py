@@ -110,8 +110,7 @@ def _entry_text(entry) -> str:
 
 
 def _resolve(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str]:
-    if isinstance(entries, (str, type)):
-        entries = (entries,)
+    entries = override_entries(entries, arg)
     selected: dict[str, str] = {}
     compute = [v for v in graph.vertices() if v.role == "compute"]
     for entry in entries:

@@ -20,7 +20,7 @@ Rules:
         ``gm.meta["amp_state_keys"]`` keeps the graph module's state-dict keys before folding
         (the user model's, in its order).
 
-    >>> n = fold_weights(gm, casts)
+    >>> n = fold_weights(gm, casts).facts
     >>> "to(" in gm.code
     False
     >>> [(f.copy, f.source) for f in folded_weights(gm)][:1]
@@ -37,7 +37,9 @@ import torch
 import torch.fx as fx
 
 from .graph import attribute
+from .infra import PassResult, Remark, result
 from .insert_casts import CastRecord
+from .rules import Rule
 
 
 def _delete(root, target: str) -> None:
@@ -138,8 +140,9 @@ def _written_attrs(gm: fx.GraphModule) -> set[str]:
             and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"}
 
 
-def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
-    """Apply F1-F5 to ``gm`` in place; returns the number of casts folded."""
+def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> PassResult:
+    """Apply F1-F5 to ``gm`` in place; one remark per weight folded or left (F4), ``facts`` the
+    number of casts folded."""
     nodes = {n.name: n for n in gm.graph.nodes}
     written = _written_attrs(gm)
     state_keys = list(gm.state_dict(keep_vars=True))
@@ -147,10 +150,14 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
     records = gm.meta.setdefault("amp_folded", [])
     state_keys = set(state_keys)
     folded = 0
+    remarks: list[Remark] = []
     for rec in casts:
         if not rec.is_param or rec.node not in nodes:
             continue
         if str(nodes[rec.source].target) in written:  # F4
+            remarks.append(Remark("fold_weights", Rule.F4_WRITTEN_BUFFER, rec.node, f"'{rec.source}' is "
+                                  "written by the graph: a stored copy would go stale, cast per call",
+                                  missed=True))
             continue
         cast_node = nodes[rec.node]
         src = nodes[rec.source]
@@ -165,6 +172,8 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
         cast_node.replace_all_uses_with(new)
         gm.graph.erase_node(cast_node)
         folded += 1
+        remarks.append(Remark("fold_weights", Rule.F1_FOLD, rec.node, f"'{rec.source}' is stored as a "
+                              f"{str(rec.dtype).split('.')[-1]} copy '{attr}', cast once instead of per call"))
     for node in list(gm.graph.nodes):  # F3
         if node.op == "call_function" and getattr(node.target, "__name__", "") == "module_in_dtype":
             mod_node, dtype = node.args[0], node.args[1]
@@ -182,6 +191,8 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
             folded += 1
+            remarks.append(Remark("fold_weights", Rule.F3_LEAF_COPY, node.name, f"'{mod_node.target}' "
+                                  f"runs as a stored {str(dtype).split('.')[-1]} copy '{name}'"))
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             target = str(node.target)
@@ -189,4 +200,4 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> int:
             if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
                 _delete(gm, target)
     gm.recompile()
-    return folded
+    return result(gm, remarks, facts=folded)

@@ -57,9 +57,11 @@ import operator
 import torch
 import torch.fx as fx
 
+from . import runtime
 from .graph import attribute
 from .kinds import casts_to_fp32, node_arg, target_name
-from .remarks import Remark
+from .rules import Rule
+from .infra import PassResult, Remark, result
 
 MIN_VOCAB = 32000
 _CASTS = frozenset({"to", "_to_copy", "float"})
@@ -67,16 +69,14 @@ _RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "contiguous", "flatten
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
 
-def fuse_linear_cross_entropy(gm: fx.GraphModule, *, training: bool = False) -> list[Remark]:
-    """Rules X1-X8 on ``gm`` in place (X8 when ``training``); returns one remark per
-    cross-entropy examined."""
-    from amp_compiler.passes import runtime
-
+def fuse_linear_cross_entropy(gm: fx.GraphModule, *, training: bool = False) -> PassResult:
+    """Rules X1-X8 on ``gm`` in place (X8 when ``training``); one remark per cross-entropy
+    examined, fused or missed."""
     remarks = []
     for ce in [n for n in gm.graph.nodes if _is_cross_entropy(n)]:
         found = _match(gm, ce)
         if isinstance(found, str):
-            remarks.append(Remark("fused_cross_entropy", "X1:no-match", ce.name, found))
+            remarks.append(Remark("fused_cross_entropy", Rule.X1_NO_MATCH, ce.name, found, missed=True))
             continue
         linear, options = found
         h, w = linear.args[0], linear.args[1]
@@ -90,7 +90,7 @@ def fuse_linear_cross_entropy(gm: fx.GraphModule, *, training: bool = False) -> 
         if options["others"]:
             moved = _labels_first(gm, options["target"], linear)
             if isinstance(moved, str):
-                remarks.append(Remark("fused_cross_entropy", "X4:no-match", ce.name, moved))
+                remarks.append(Remark("fused_cross_entropy", Rule.X4_NO_MATCH, ce.name, moved, missed=True))
                 continue
             low_out = _returned_low(gm, linear) if training else False
             fused = _fuse_returning_logits(gm, runtime.linear_cross_entropy, linear, ce, (h, w, b, options["target"]), kwargs)
@@ -109,10 +109,10 @@ def fuse_linear_cross_entropy(gm: fx.GraphModule, *, training: bool = False) -> 
             gm.graph.erase_node(ce)
             fused._rename(f"{ce.name}_fused")
         fused.meta["amp_fused_cross_entropy"] = {"linear": linear.name, "cross_entropy": ce.name}
-        remarks.append(Remark("fused_cross_entropy", "X3:fused", ce.name, reason))
+        remarks.append(Remark("fused_cross_entropy", Rule.X3_FUSED, ce.name, reason))
     gm.graph.eliminate_dead_code()  # the logits chain to the loss had no other reader
     gm.recompile()
-    return remarks
+    return result(gm, remarks)
 
 
 def _is_cross_entropy(node: fx.Node) -> bool:

@@ -60,16 +60,18 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import runtime
 from .graph import attribute
 from .kinds import casts_to_fp32, node_arg, target_name
-from .remarks import Remark
+from .rules import Rule
+from .infra import PassResult, Remark, result
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _MUL, _ADD = frozenset({"mul", "__mul__", "__rmul__"}), frozenset({"add", "__add__", "__radd__"})
 _NOOP_CASTS = frozenset({"to", "_to_copy", "float", "type_as"})
 
 
-def fuse_patterns(gm: fx.GraphModule) -> list[Remark]:
+def fuse_patterns(gm: fx.GraphModule) -> PassResult:
     """Rules P1-P3 on ``gm`` in place; one remark per fused or missed pattern."""
     remarks: list[Remark] = []
     for node in list(gm.graph.nodes):  # nothing is erased before the dead-code pass (_tidied)
@@ -83,11 +85,9 @@ def fuse_patterns(gm: fx.GraphModule) -> list[Remark]:
     return _tidied(gm, remarks)
 
 
-def fuse_gated_activation(gm: fx.GraphModule) -> list[Remark]:
+def fuse_gated_activation(gm: fx.GraphModule) -> PassResult:
     """Rule P4 on a training graph in place (after casts are inserted: the two ops' dtypes are
     settled); one remark per gated product."""
-    from amp_compiler.passes import runtime
-
     remarks = []
     for silu in [n for n in gm.graph.nodes if _is(n, {"silu"}) and not n.kwargs.get("inplace")]:
         if len(silu.users) != 1 or not _is(next(iter(silu.users)), _MUL):
@@ -98,7 +98,7 @@ def fuse_gated_activation(gm: fx.GraphModule) -> list[Remark]:
             continue
         a = node_arg(silu, 0, ("self", "input"), None)
         new = _replace(gm, mul, runtime.silu_mul, (a, other), {}, "silu_mul")
-        remarks.append(Remark("fused_patterns", "P4:silu-mul", new.name,
+        remarks.append(Remark("fused_patterns", Rule.P4_SILU_MUL, new.name,
                               f"silu('{a.name}') * '{other.name}' keeps its two inputs for backward and "
                               "computes silu again there: the activation is not kept as well"))
     return _tidied(gm, remarks)
@@ -108,11 +108,9 @@ _ACTIVATIONS = frozenset({"gelu", "relu", "silu", "silu_mul"})
 _FLATTENS = frozenset({"view", "reshape", "_unsafe_view"})
 
 
-def recompute_activations(gm: fx.GraphModule) -> list[Remark]:
+def recompute_activations(gm: fx.GraphModule) -> PassResult:
     """Rule P5 on a training graph in place (after casts are inserted and P4); one remark per
     activation whose output is no longer kept for backward."""
-    from amp_compiler.passes import runtime
-
     remarks = []
     for act in [n for n in gm.graph.nodes if _is(n, _ACTIVATIONS) and not n.kwargs.get("inplace")]:
         found = _activation_product(act)
@@ -131,7 +129,7 @@ def recompute_activations(gm: fx.GraphModule) -> list[Remark]:
         product.args = (x, gate, weight, bias, kind, transposed)
         name = product.name
         what = "silu(x) * gate" if kind == "silu_mul" else f"{kind}(x)"
-        remarks.append(Remark("fused_patterns", "P5:recompute-activation", name,
+        remarks.append(Remark("fused_patterns", Rule.P5_RECOMPUTE, name,
                               f"{what} ('{act.name}') over '{x.name}' is read only by '{name}': "
                               "backward computes it again from x, so it is not kept beside x"))
     return _tidied(gm, remarks)
@@ -171,10 +169,8 @@ def _flattens_to_rows(view: fx.Node, act: fx.Node) -> bool:
         and shape[-1] == size
 
 
-def fuse_rotary(gm: fx.GraphModule) -> list[Remark]:
+def fuse_rotary(gm: fx.GraphModule) -> PassResult:
     """Rule P6 on a training graph in place; one remark per rotary embedding fused."""
-    from amp_compiler.passes import runtime
-
     remarks = []
     for add in [n for n in gm.graph.nodes if _is(n, _ADD) and "alpha" not in n.kwargs]:
         found = _rotary(add)
@@ -183,7 +179,7 @@ def fuse_rotary(gm: fx.GraphModule) -> list[Remark]:
         x, cos, sin = found
         # the add becomes the fused call (its name and plan decision stay); the rest goes
         add.target, add.args, add.kwargs = runtime.rotary, (x, cos, sin), {}
-        remarks.append(Remark("fused_patterns", "P6:rotary", add.name,
+        remarks.append(Remark("fused_patterns", Rule.P6_ROTARY, add.name,
                               f"'{x.name}' * '{cos.name}' + rotate_half('{x.name}') * '{sin.name}' "
                               "computes the same forward, and autograd's gradient without the "
                               "slices' zero-filled gradients (5 kernels instead of 9)"))
@@ -237,14 +233,13 @@ def _rotated_half_of(cat: fx.Node):
     return None
 
 
-def _tidied(gm: fx.GraphModule, remarks: list[Remark]) -> list[Remark]:
-    """After a rewrite that fused something: the unread nodes gone, the graph checked and its
-    code regenerated; ``remarks`` returned."""
-    if remarks:
+def _tidied(gm: fx.GraphModule, remarks: list[Remark]) -> PassResult:
+    """After a rewrite that fused something: the unread nodes gone and the code regenerated."""
+    out = result(gm, remarks)
+    if out.modified:
         gm.graph.eliminate_dead_code()
-        gm.graph.lint()
         gm.recompile()
-    return remarks
+    return out
 
 
 # -- matching helpers ---------------------------------------------------------------------------
@@ -319,20 +314,20 @@ def _gelu_tanh(gm: fx.GraphModule, tanh: fx.Node) -> list[Remark]:
                 and node_arg(pw, 1, "exponent", None) in (3, 3.0):
             x, cube = cand_x, (cand_c, pw)
     if x is None:
-        return [_missed(tanh, "P1", "a tanh of a sum, but not sqrt(2/pi) * (x + 0.044715 * x ** 3)")]
+        return [_missed(tanh, Rule.P1_NO_MATCH, "a tanh of a sum, but not sqrt(2/pi) * (x + 0.044715 * x ** 3)")]
     one_plus = next(iter(tanh.users), None) if len(tanh.users) == 1 else None
     if _with_scalar(one_plus, _ADD, 1.0) is not tanh or len(one_plus.users) != 1:
-        return [_missed(tanh, "P1", "the GELU's inner tanh is not read as 1 + tanh(...) only")]
+        return [_missed(tanh, Rule.P1_NO_MATCH, "the GELU's inner tanh is not read as 1 + tanh(...) only")]
     out = next(iter(one_plus.users))
     half = next((o for o in _operands(out) if o is not one_plus), None) if _is(out, _MUL) else None
     if _with_scalar(half, _MUL, 0.5) is not x or not _only_reader(half, out):
-        return [_missed(tanh, "P1", "1 + tanh(...) is not multiplied by 0.5 * x")]
+        return [_missed(tanh, Rule.P1_NO_MATCH, "1 + tanh(...) is not multiplied by 0.5 * x")]
     chain = [inner, pre, *cube, tanh, one_plus]
     if not all(len(n.users) == 1 for n in chain):
-        return [_missed(tanh, "P1", "an intermediate value of the GELU is read elsewhere")]
+        return [_missed(tanh, Rule.P1_NO_MATCH, "an intermediate value of the GELU is read elsewhere")]
     target = torch.ops.aten.gelu.default if _is_aten(out) else F.gelu
     new = _replace(gm, out, target, (x,), {"approximate": "tanh"}, "gelu")
-    return [Remark("fused_patterns", "P1:gelu-tanh", new.name,
+    return [Remark("fused_patterns", Rule.P1_GELU_TANH, new.name,
                    f"0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))) over '{x.name}' is "
                    "gelu(x, approximate='tanh'): one kernel forward and backward instead of 8 and "
                    "~10, and only x kept for backward")]
@@ -351,28 +346,28 @@ def _rms_norm(gm: fx.GraphModule, rsqrt: fx.Node) -> list[Remark]:
     dims = node_arg(mean, 1, "dim", None)
     dims = dims if isinstance(dims, (list, tuple)) else [dims]
     if not (_is(square, {"pow", "__pow__"}) and node_arg(square, 1, "exponent", None) in (2, 2.0)):
-        return [_missed(rsqrt, "P2", "rsqrt(mean(...) + eps) of something other than a square")]
+        return [_missed(rsqrt, Rule.P2_NO_MATCH, "rsqrt(mean(...) + eps) of something other than a square")]
     base = node_arg(square, 0, ("self", "input"), None)
     if node_arg(mean, 2, "keepdim", False) is not True:
-        return [_missed(rsqrt, "P2", "the mean of squares does not keep its dimension")]
+        return [_missed(rsqrt, Rule.P2_NO_MATCH, "the mean of squares does not keep its dimension")]
     out = next(iter(rsqrt.users)) if len(rsqrt.users) == 1 else None
     x = next((o for o in _operands(out) if o is not rsqrt), None) if _is(out, _MUL) else None
     if x is None or not (x is base or (_is(base, _NOOP_CASTS) and node_arg(base, 0, ("self", "input"), None) is x)):
-        return [_missed(rsqrt, "P2", "the normalised value is not the squared one times rsqrt(...)")]
+        return [_missed(rsqrt, Rule.P2_NO_MATCH, "the normalised value is not the squared one times rsqrt(...)")]
     size = _last_size(x)
     if size is None or dims[0] not in (-1, _rank(x) - 1 if _rank(x) else -1) or len(dims) != 1:
-        return [_missed(rsqrt, "P2", "the norm is not over the last dimension of a known size")]
+        return [_missed(rsqrt, Rule.P2_NO_MATCH, "the norm is not over the last dimension of a known size")]
     if not _fp32(x, base):
-        return [_missed(rsqrt, "P2", "the input is not fp32 as captured: the op chain promotes, "
+        return [_missed(rsqrt, Rule.P2_NO_MATCH, "the input is not fp32 as captured: the op chain promotes, "
                                      "rms_norm would not")]
     if not all(len(n.users) == 1 for n in (square, mean, plus)) or \
             (base is not x and len(base.users) != 1):
-        return [_missed(rsqrt, "P2", "an intermediate value of the norm is read elsewhere")]
+        return [_missed(rsqrt, Rule.P2_NO_MATCH, "an intermediate value of the norm is read elsewhere")]
     weight, last = _weight(gm, out, size)
     target = torch.ops.aten.rms_norm.default if _is_aten(out) else F.rms_norm
     new = _replace(gm, last, target, (x, [size], weight, eps), {}, "rms_norm")
     with_weight = f" and the weight '{weight.name}'" if weight is not None else ""
-    return [Remark("fused_patterns", "P2:rms-norm", new.name,
+    return [Remark("fused_patterns", Rule.P2_RMS_NORM, new.name,
                    f"x * rsqrt(mean(x**2, -1) + {eps:g}){with_weight} over '{x.name}' is "
                    f"rms_norm(x, [{size}], eps={eps:g}): one kernel forward and backward instead "
                    "of 5 and ~8, and no normalised copy kept for backward")]
@@ -423,6 +418,6 @@ def _rank(node: fx.Node) -> int | None:
     return len(shape) if shape is not None else None
 
 
-def _missed(node: fx.Node, rule: str, why: str) -> Remark:
-    return Remark("fused_patterns", f"{rule}:no-match", node.name, f"{why}: left unfused (P3)")
+def _missed(node: fx.Node, rule: Rule, why: str) -> Remark:
+    return Remark("fused_patterns", rule, node.name, f"{why}: left unfused (P3)", missed=True)
 

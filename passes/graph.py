@@ -35,6 +35,7 @@ from typing import Iterator
 
 import networkx as nx
 import torch
+import torch.fx as fx
 
 
 def attribute(root, target: str):
@@ -133,3 +134,9 @@ class DataflowGraph:
 
     def topological(self) -> list[str]:
         return list(self._order)
+
+
+def keep_when_dead(node: fx.Node) -> bool:
+    """Nodes dead-code elimination keeps although nobody reads them: inputs (the signature),
+    submodule calls (torch.export's guard checks) and impure nodes (asserts, writes, RNG)."""
+    return node.op in ("placeholder", "output", "call_module") or node.is_impure()

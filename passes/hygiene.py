@@ -34,7 +34,7 @@ still cost a kernel launch and a node on every call. Rules:
 
 Each removal is a ``Remark``; ``convert`` keeps them in ``plan.meta["rewrites"]``.
 
-    >>> remarks = clean_graph(gm)
+    >>> remarks = clean_graph(gm).remarks
     >>> remarks[0].rule
     'H1:metadata-assert'
 """
@@ -46,8 +46,10 @@ import functools
 import torch
 import torch.fx as fx
 
+from .graph import keep_when_dead
+from .infra import PassResult, Remark, result
 from .kinds import node_arg, target_name
-from .remarks import Remark, keep_when_dead
+from .rules import Rule
 
 _ASSERT_METADATA = frozenset({"_assert_tensor_metadata"})
 # dropout spellings: ``(input, p, train)`` by position, or ``p=`` / ``train=`` / ``training=``
@@ -70,17 +72,17 @@ def _inert_dropout(node: fx.Node) -> bool:
     return train is False or (isinstance(p, (int, float)) and p == 0)
 
 
-def clean_graph(gm: fx.GraphModule) -> list[Remark]:
-    """Apply H1-H8 to ``gm`` in place (recompiled); returns what was removed."""
+def clean_graph(gm: fx.GraphModule) -> PassResult:
+    """Apply H1-H8 to ``gm`` in place (recompiled); one remark per node removed."""
     graph = gm.graph
     removals: list[Remark] = []
     bodies = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
     for name, body in gm.named_children():  # H8
         if name in bodies and isinstance(body, fx.GraphModule):
             removals += [Remark(r.pass_name, r.rule, f"{name}.{r.node}", r.reason)
-                         for r in clean_graph(body)]
+                         for r in clean_graph(body).remarks]
 
-    def removed(node: fx.Node, rule: str, reason: str) -> None:
+    def removed(node: fx.Node, rule: Rule, reason: str) -> None:
         removals.append(Remark("hygiene", rule, node.name, reason))
 
     for node in list(graph.nodes):
@@ -88,37 +90,36 @@ def clean_graph(gm: fx.GraphModule) -> list[Remark]:
             continue
         name = target_name(node)
         if name in _ASSERT_METADATA and not node.users:
-            removed(node, "H1:metadata-assert",
+            removed(node, Rule.H1_METADATA_ASSERT,
                     "restated a capture-time dtype that mixed precision changes on purpose")
             graph.erase_node(node)
         elif _inert_dropout(node) and isinstance(node.args[0], fx.Node):
-            removed(node, "H2:inert-dropout", "dropout that cannot drop (eval mode or p=0) is its input")
+            removed(node, Rule.H2_INERT_DROPOUT, "dropout that cannot drop (eval mode or p=0) is its input")
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif name == "slice" and _whole_slice(node):
-            removed(node, "H7:whole-slice", "a slice that keeps every element is its input")
+            removed(node, Rule.H7_WHOLE_SLICE, "a slice that keeps every element is its input")
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif name in _ALIASES and node.args and isinstance(node.args[0], fx.Node):
-            removed(node, "H3:alias", "an alias of its input")
+            removed(node, Rule.H3_ALIAS, "an alias of its input")
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif name in _CATS and _drop_empty_operands(node):
-            removals.append(Remark("hygiene", "H5:empty-cat", node.name,
+            removals.append(Remark("hygiene", Rule.H5_EMPTY_CAT, node.name,
                                    "operands with no elements (an empty key/value cache) dropped"))
     # H6 after H5: the empty cache a constant's copy was made for is gone only now
     for node in list(graph.nodes):
         if node.op == "call_function" and target_name(node) in _WRITES and _dead_write(node):
-            removed(node, "H6:dead-write", f"writes into '{node.args[0].name}', a tensor the graph "
+            removed(node, Rule.H6_DEAD_WRITE, f"writes into '{node.args[0].name}', a tensor the graph "
                     "made itself and never reads")
             graph.erase_node(node)
     before = {n.name for n in graph.nodes}
     graph.eliminate_dead_code(is_impure_node=keep_when_dead)
-    removals += [Remark("hygiene", "H4:dead-code", n, "its value is never read")
+    removals += [Remark("hygiene", Rule.H4_DEAD_CODE, n, "its value is never read")
                  for n in sorted(before - {n.name for n in graph.nodes})]
-    graph.lint()
     gm.recompile()
-    return removals
+    return result(gm, removals)
 
 
 def _whole_slice(node: fx.Node) -> bool:

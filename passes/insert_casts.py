@@ -49,10 +49,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph import DataflowGraph
-from .kinds import LEAF_PARAMS_FOLLOW
 
-from .plan import PrecisionPlan, dtype_name
+from .dtypes import dtype_name, short_name
+from .graph import DataflowGraph, attribute
+from .infra import PassResult, Remark, result
+from .kinds import LEAF_PARAMS_FOLLOW
+from .plan import PrecisionPlan
+from .rules import Rule, rule_family
+from .runtime import module_in_dtype
+from .slots import castable
 
 # Elementwise kinds whose kernels apply torch's type promotion (fp16 op fp32 -> fp32).
 PROMOTING = frozenset({"add", "sub", "mul", "div", "where", "maximum", "minimum"})
@@ -71,6 +76,11 @@ class CastRecord:
     dtype: torch.dtype
     consumers: tuple[str, ...]
     is_param: bool
+    rule: str = ""     # I1 (one consumer), I2 (shared), I5 (an output restored)
+    reason: str = ""
+
+    def remark(self) -> Remark:
+        return Remark("insert_casts", self.rule, self.node, self.reason)
 
 
 @dataclass
@@ -81,11 +91,6 @@ class InsertCastsResult:
     @property
     def count(self) -> int:
         return len(self.casts)
-
-
-def _short(dtype: torch.dtype) -> str:
-    return {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32",
-            torch.float64: "f64"}.get(dtype, dtype_name(dtype))
 
 
 def model_float_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -106,8 +111,9 @@ def model_float_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, *,
-                 model_dtype: torch.dtype | None = None) -> InsertCastsResult:
-    """Rewrite ``gm`` in place (rules I1-I7); recompiles it.
+                 model_dtype: torch.dtype | None = None) -> PassResult:
+    """Rewrite ``gm`` in place (rules I1-I9); recompiles it. One remark per cast (and per fill
+    value I9 changed); ``facts`` is the ``InsertCastsResult``: the casts and I9's notes.
 
     ``model_dtype``: the dtype outputs without a recorded dtype are restored to (I5); None takes
     ``model_float_dtype(gm)`` (``gm`` holds the user's parameters).
@@ -123,10 +129,7 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
 
     def source_key(n: fx.Node):
         if n.op == "get_attr":  # tied parameters: one tensor, two names (I2)
-            obj = gm
-            for part in str(n.target).split("."):
-                obj = getattr(obj, part)
-            return ("tensor", id(obj))
+            return ("tensor", id(attribute(gm, str(n.target))))
         return ("node", n.name)
 
     def cast_of(value: fx.Node, dtype: torch.dtype, before: fx.Node) -> fx.Node:
@@ -134,7 +137,7 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
         if key not in cache:
             with fxg.inserting_before(before):
                 c = fxg.call_method("to", (value, dtype))
-            c._rename(f"{value.name}_{_short(dtype)}")
+            c._rename(f"{value.name}_{short_name(dtype)}")
             c.meta["amp_cast"] = {"source": value.name, "dtype": dtype}
             cache[key] = c
             users[c] = []
@@ -152,7 +155,7 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
             continue
         v = graph.vertex(node.name)
         precision = d.precision if d is not None else None
-        if precision is not None and v.role == "compute" and d.rule != "R0:passthrough":
+        if precision is not None and v.role == "compute" and d.rule != Rule.R0_PASSTHROUGH:
             castable = set(graph.float_inputs(node.name))
             replaced: dict[fx.Node, fx.Node] = {}
             promotes = precision == torch.float32 and v.kind in PROMOTING and any(
@@ -190,8 +193,23 @@ def insert_casts(gm: fx.GraphModule, graph: DataflowGraph, plan: PrecisionPlan, 
         runtime_dtype[node.name] = _output_dtype(v, d)
 
     gm.recompile()
-    return InsertCastsResult([CastRecord(c.name, s, dt, tuple(users[c]), p) for c, s, dt, p in records],
-                             saturated)
+    casts = [_record(c, s, dt, tuple(users[c]), p) for c, s, dt, p in records]
+    remarks = [c.remark() for c in casts] + [Remark("insert_casts", Rule.I9_SATURATED_FILL, n, note)
+                                              for n, note in saturated.items()]
+    return result(gm, remarks, facts=InsertCastsResult(casts, saturated))
+
+
+def _record(node: fx.Node, source: str, dtype: torch.dtype, consumers: tuple[str, ...],
+            is_param: bool) -> CastRecord:
+    """A cast with its rule and reason: an output restored (I5), or read by its consumers."""
+    what = f"parameter '{source}'" if is_param else f"'{source}'"
+    if consumers == ("output",):
+        rule, reason = Rule.I5_OUTPUTS, f"{what} goes back to {dtype_name(dtype)}, the dtype the model returns"
+    else:
+        rule = Rule.I2_ONE_PER_DTYPE if len(consumers) > 1 else Rule.I1_CASTABLE
+        reason = (f"{what} is read in {dtype_name(dtype)} by {', '.join(consumers)}"
+                  + (f": one cast shared by {len(consumers)} consumers" if len(consumers) > 1 else ""))
+    return CastRecord(node.name, source, dtype, consumers, is_param, rule, reason)
 
 
 def _saturate_fill(node: fx.Node, dtype: torch.dtype, kind: str) -> str | None:
@@ -232,8 +250,6 @@ def _promotes_others(n: fx.Node, node: fx.Node, graph: DataflowGraph) -> bool:
 
 
 def _run_leaf_in_dtype(fxg: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
-    from amp_compiler.passes.runtime import module_in_dtype
-
     with fxg.inserting_before(node):
         module = fxg.get_attr(str(node.target))
         call = fxg.call_function(module_in_dtype, (module, dtype, *node.args), dict(node.kwargs))
@@ -258,14 +274,12 @@ def _output_dtype(v, d) -> torch.dtype | None:
 
 def _replace_castable_inputs(node: fx.Node, replaced: dict, graph: DataflowGraph) -> None:
     """Swap inputs for their casts, except at positions that are not castable (e.g. indices)."""
-    from amp_compiler.capture.frontend import _castable  # same slot rules as the dataflow edges
-
     has_meta = "val" in node.meta
     kind = graph.vertex(node.name).kind
 
     def sub(a, position, key):
         if isinstance(a, fx.Node):
-            if a in replaced and _castable(kind, position, key, has_meta):
+            if a in replaced and castable(kind, position, key, has_meta):
                 return replaced[a]
             return a
         if isinstance(a, (list, tuple)):
@@ -293,7 +307,7 @@ def _restore_outputs(fxg, out_node, graph, plan, runtime_dtype, cast_of, users,
             # fx recorded nothing: only a value whose dtype the plan chose can differ from the
             # model's (user casts and float64 keep theirs: the plan gives them no new precision)
             d = plan.get(src.name)
-            chosen = d is not None and d.precision is not None and not d.rule.startswith("R0:")
+            chosen = d is not None and d.precision is not None and rule_family(d.rule) != "R0"
             want = model_dtype if chosen and have in (torch.float16, torch.bfloat16, torch.float32) else None
         if want is None or have is None or have == want or not want.is_floating_point:
             continue

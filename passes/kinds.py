@@ -11,8 +11,12 @@ tables that map names to kinds. They are data: add a name here, never an ``if`` 
 
 from __future__ import annotations
 
+import builtins
+import operator
+
 import torch
 import torch.fx as fx
+from torch import nn
 
 # Aliases from torch-level names (function ``__name__``, method names, aten overload packet
 # names) to canonical kinds. Names not listed map to themselves (``"gelu"`` -> ``"gelu"``),
@@ -189,3 +193,39 @@ LEAF_MODULE_KINDS: dict[str, str] = {
 # Leaf kinds whose parameters must share the compute dtype (cuDNN RNNs); batch/instance norm
 # leaves accept a low-precision input with fp32 parameters and need no parameter cast.
 LEAF_PARAMS_FOLLOW: frozenset[str] = frozenset({"rnn"})
+
+
+def fqn(cls: type) -> str:
+    """A class's full name, as the leaf-module table keys it: ``torch.nn.modules.rnn.LSTM``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def leaf_kind(m: nn.Module) -> str | None:
+    """Kind of a leaf module class, subclasses included (resnet's BatchNorm2d is one)."""
+    for cls in type(m).__mro__:
+        kind = LEAF_MODULE_KINDS.get(fqn(cls))
+        if kind is not None:
+            return kind
+    return None
+
+
+def node_kind(node: fx.Node, gm: fx.GraphModule) -> str:
+    """Canonical kind of an FX node."""
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "get_attr":
+        return "param"
+    if node.op == "output":
+        return "output"
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if node.target == "_guards_fn" or type(mod).__name__.endswith("GuardsFn"):
+            return "guards"
+        return leaf_kind(mod) or f"module:{type(mod).__name__}"
+    if node.op == "call_function" and node.target is builtins.getattr:
+        # ``z.real``, ``x.mT`` are tensors; ``x.shape``, ``x.dtype`` metadata
+        attr = node.args[1] if len(node.args) > 1 else None
+        return TENSOR_ATTRIBUTES.get(attr, "shape") if isinstance(attr, str) else "shape"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return "getitem"
+    return torch_kind(target_name(node))

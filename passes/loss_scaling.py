@@ -28,7 +28,7 @@ Rules:
         the unfused backward would compute (no fp16 underflow), and backward divides by the
         scale it was handed only to apply the incoming gradient.
 
-    >>> found = insert_loss_scaling(gm, scaler.scale_tensor("cpu"))
+    >>> found = insert_loss_scaling(gm, scaler.scale_tensor("cpu"), kinds).facts
     >>> found  # the name of the wrapped loss node, or None
     'cross_entropy'
 """
@@ -42,7 +42,10 @@ import torch
 import torch.fx as fx
 
 from .graph import attribute
+from .infra import PassResult, Remark, result
 from .policy import DENY
+from .rules import Rule
+from .runtime import module_in_dtype, module_unscaled, scale_loss_grad, unscale_grads
 
 SCALE_ATTR = "_amp_loss_scale"
 _REDUCTIONS = frozenset({"mean", "sum"})
@@ -85,13 +88,14 @@ def find_loss(gm: fx.GraphModule, kinds: dict[str, str]) -> fx.Node | None:
     return candidate if kind in LOSS_KINDS or scalar_reduction else None
 
 
-def insert_loss_scaling(gm: fx.GraphModule, scale: torch.Tensor, kinds: dict[str, str]) -> str | None:
-    """Rules L1-L3 on ``gm`` in place; ``scale`` is the scaler's own scale tensor."""
-    from amp_compiler.passes.runtime import scale_loss_grad
-
+def insert_loss_scaling(gm: fx.GraphModule, scale: torch.Tensor, kinds: dict[str, str]) -> PassResult:
+    """Rules L1-L5 on ``gm`` in place; ``scale`` is the scaler's own scale tensor. ``facts``: the
+    loss node's name, or None when the graph returns no scalar loss (L3)."""
     loss = find_loss(gm, kinds)
     if loss is None:
-        return None
+        return result(gm, [Remark("loss_scaling", Rule.L3_LOGITS, "output", "the graph returns no "
+                                  "scalar loss: scale it with amp.scaler.scale(loss).backward()",
+                                  missed=True)], facts=None)
     # a plain attribute, not a buffer: .to()/.half() must not replace the scaler's own tensor
     setattr(gm, SCALE_ATTR, scale)
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -111,16 +115,18 @@ def insert_loss_scaling(gm: fx.GraphModule, scale: torch.Tensor, kinds: dict[str
     for node in gm.graph.nodes:  # L5: fused cross-entropy computes its gradients scaled
         if node.meta.get("amp_fused_cross_entropy") is not None:
             node.kwargs = {**node.kwargs, "scale": s}
-    unscale_leaves(gm, s)
+    routed = unscale_leaves(gm, s)
     gm.recompile()
-    return loss.name
+    return result(gm, [
+        Remark("loss_scaling", Rule.L2_SCALE_GRAD, wrapped.name, f"the gradient of loss '{loss.name}' "
+               "starts from the loss scale; forward returns the true loss"),
+        Remark("loss_scaling", Rule.L4_UNSCALE, wrapped.name, f"{routed} parameters, inputs and leaf "
+               "modules divide their gradients by the scale: .grad holds true gradients")], facts=loss.name)
 
 
 def unscale_leaves(gm: fx.GraphModule, scale_node: fx.Node) -> int:
     """Rule L4: route every trainable parameter, every input and every leaf module with
     trainable parameters through the division by the scale; returns how many were routed."""
-    from amp_compiler.passes.runtime import module_in_dtype, module_unscaled
-
     graph = gm.graph
     # the scale is read once, before anything reads a parameter or an input (torch.export's
     # graphs read their parameters before their placeholders)
@@ -161,8 +167,6 @@ def _route(graph: fx.Graph, scale_node: fx.Node, members: list[fx.Node], name: s
     """Read ``members`` through one ``unscale_grads(scale, *members)`` node: placed after the
     last of them (parameter reads read no value, so they move up beside the first), each
     member's other users rewired to its ``getitem``."""
-    from amp_compiler.passes.runtime import unscale_grads
-
     last = members[0]
     for node in members[1:]:
         if node.op == "get_attr":

@@ -37,17 +37,19 @@ Rules:
 
 The pass runs to a fixed point. Each rewrite is recorded as a remark (rule, node, reason).
 
-    >>> model, remarks = place_casts(model)
+    >>> remarks = place_casts(model).remarks
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from .infra import PassResult, Remark, result
+from .onnx_graph import SHORT, fresh_name
+from .rules import Rule
 
 FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE)
 # C2: (a, b) where b holds every value of a exactly (a float widening).
@@ -63,17 +65,6 @@ MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
 # C4: initializers up to this many elements are folded even when that widens them (scales,
 # biases, fill values: a few KiB); larger ones keep their narrow storage and the Cast.
 SMALL = 4096
-SHORT = {TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16", TensorProto.FLOAT: "f32",
-         TensorProto.DOUBLE: "f64"}
-
-
-@dataclass(frozen=True)
-class PlacementRemark:
-    """One rewrite: the rule (``C1``..``C6``), the node it removed or moved, and why."""
-
-    rule: str
-    node: str
-    reason: str
 
 
 def _to(node: onnx.NodeProto) -> int | None:
@@ -134,23 +125,15 @@ def _foldable(tensor: TensorProto, to: int) -> bool:
     return not widens or int(np.prod(tensor.dims, dtype=np.int64)) <= SMALL
 
 
-def fresh_name(used: set[str], base: str) -> str:
-    name, k = base, 1
-    while name in used:
-        k += 1
-        name = f"{base}_{k}"
-    used.add(name)
-    return name
-
-
-def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PlacementRemark]]:
-    """Rules C1-C6 on the top-level graph of ``model``, in place; returns (model, remarks).
+def place_casts(model: onnx.ModelProto) -> PassResult:
+    """Rules C1-C6 on the top-level graph of ``model``, in place; one remark per Cast removed or
+    moved.
 
     Subgraph bodies (If/Loop/Scan) are not rewritten, and a value a body reads from the outer
     graph is never renamed away (its producer stays).
     """
     g = model.graph
-    remarks: list[PlacementRemark] = []
+    remarks: list[Remark] = []
     types = _types(model)
     outputs = {o.name for o in g.output}
     graph_inputs = {i.name for i in g.input}
@@ -197,7 +180,7 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
                 if first is not None and removable(c.output[0]):
                     replace_uses(c.output[0], first.output[0])
                     nodes.remove(c)
-                    remarks.append(PlacementRemark("C6", c.name, f"the same {c.op_type} of the same "
+                    remarks.append(_remark(Rule.C6_SAME_MOVE, c.name, f"the same {c.op_type} of the same "
                                                    f"inputs as '{first.name}'"))
                     return True
                 seen_moves.setdefault(key, c)
@@ -210,14 +193,14 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
             if have == to and removable(y):  # C1
                 replace_uses(y, x)
                 nodes.remove(c)
-                remarks.append(PlacementRemark("C1", c.name, f"'{x}' already has element type {to}"))
+                remarks.append(_remark(Rule.C1_IDENTITY_CAST, c.name, f"'{x}' already has element type {to}"))
                 return True
             inner = producer.get(x)
             if inner is not None and inner.op_type == "Cast" and _default_domain(inner):  # C2
                 a, b = types.get(inner.input[0]), _to(inner)
                 if (a, b) in WIDENS:
                     c.input[0] = inner.input[0]
-                    remarks.append(PlacementRemark("C2", c.name, f"reads '{inner.input[0]}' directly: "
+                    remarks.append(_remark(Rule.C2_WIDENING, c.name, f"reads '{inner.input[0]}' directly: "
                                                    f"'{inner.name}' widens {SHORT.get(a)} -> "
                                                    f"{SHORT.get(b)} exactly"))
                     if not readers.get(x, [])[1:] and removable(x):
@@ -227,7 +210,7 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
             if first is not None and removable(y):  # C3
                 replace_uses(y, first.output[0])
                 nodes.remove(c)
-                remarks.append(PlacementRemark("C3", c.name, f"'{first.name}' already casts '{x}' "
+                remarks.append(_remark(Rule.C3_SIBLINGS, c.name, f"'{first.name}' already casts '{x}' "
                                                f"to the same type"))
                 return True
             seen_casts.setdefault((x, to), c)
@@ -242,7 +225,7 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
                     folded[key] = name
                 replace_uses(y, folded[key])
                 nodes.remove(c)
-                remarks.append(PlacementRemark("C4", c.name, f"initializer '{x}' stored as "
+                remarks.append(_remark(Rule.C4_INITIALIZER, c.name, f"initializer '{x}' stored as "
                                                f"{SHORT[to]} ('{folded[key]}')"))
                 return True
             move = inner
@@ -277,7 +260,7 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
                 at = nodes.index(c)
                 nodes[at:at + 1] = [new_cast, copy]
             types[y] = to
-            remarks.append(PlacementRemark("C5", c.name, f"moved above {move.op_type} "
+            remarks.append(_remark(Rule.C5_MOVE_UP, c.name, f"moved above {move.op_type} "
                                            f"'{move.name}' to meet a cast of '{data}'"))
             return True
         return False
@@ -295,7 +278,11 @@ def place_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Placement
     g.node.extend(nodes)
     if remarks:  # recorded shapes and types of moved values are stale: inference redoes them
         del g.value_info[:]
-    return model, remarks
+    return result(model, remarks)
+
+
+def _remark(rule: Rule, node: str, reason: str) -> Remark:
+    return Remark("onnx_cast_placement", rule, node, reason)
 
 
 def _topo_sort(nodes: list[onnx.NodeProto], g: onnx.GraphProto) -> None:

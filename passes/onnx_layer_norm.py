@@ -5,21 +5,21 @@ out, its ``Pow`` is an R2 deny op, so in a low plan every norm is an fp32 island
 its borders; as one ``LayerNormalization`` (opset >= 17, ``stash_type=1``: mean and variance in
 float32 whatever the input type) it runs low with none, and ONNX Runtime runs one kernel.
 
-The pattern, over the last axis only, every intermediate read by the pattern alone:
+Rule N1: the pattern, over the last axis only, every intermediate read by the pattern alone:
 
-    L1  m = ReduceMean(x, axes=[-1])          (axes an attribute, or an input from opset 18)
-    L2  d = Sub(x, m)
-    L3  p = Pow(d, 2) or Mul(d, d)
-    L4  v = ReduceMean(p, axes=[-1])
-    L5  s = Sqrt(Add(v, eps))                 (eps a scalar initializer)
-    L6  n = Div(d, s)
-    L7  y = Mul(n, gamma), then optionally Add(y, beta): 1-D initializers become the node's Scale
+    1.  m = ReduceMean(x, axes=[-1])          (axes an attribute, or an input from opset 18)
+    2.  d = Sub(x, m)
+    3.  p = Pow(d, 2) or Mul(d, d)
+    4.  v = ReduceMean(p, axes=[-1])
+    5.  s = Sqrt(Add(v, eps))                 (eps a scalar initializer)
+    6.  n = Div(d, s)
+    7.  y = Mul(n, gamma), then optionally Add(y, beta): 1-D initializers become the node's Scale
         and B (Scale has no default, so a norm without an affine gamma is left written out).
 
 becomes ``LayerNormalization(x, gamma, beta, axis=-1, epsilon=eps)`` writing the last output of
 the pattern. Models below opset 17 are left as they are (``convert_onnx(opset=17)`` first).
 
-    >>> model, fused = fuse_layer_norms(model)
+    >>> fused = fuse_layer_norms(model).facts
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
+from .infra import PassResult, Remark, result
 from .onnx_cast_placement import value_readers
+from .onnx_graph import opset_of
+from .rules import Rule
 
 MIN_OPSET = 17
 # what a fused node's Decision adds to its reason
 FUSED_NOTE = ("O11: fused from its written-out form (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, "
               "Div, Mul, Add): one LayerNormalization computes in fp32 inside (stash_type=1)")
-
-
-def _opset(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _last_axis_only(node: onnx.NodeProto, inits: dict) -> bool:
@@ -55,10 +54,11 @@ def _scalar(name: str, inits: dict) -> float | None:
     return float(a.reshape(-1)[0]) if a.size == 1 else None
 
 
-def fuse_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Rules L1-L7 on the top-level graph, in place; returns (model, names of the fused nodes)."""
-    if (_opset(model) or 0) < MIN_OPSET:
-        return model, []
+def fuse_layer_norms(model: onnx.ModelProto) -> PassResult:
+    """Rule N1 (pattern steps 1-7) on the top-level graph, in place; one remark per fused node,
+    ``facts`` their names."""
+    if (opset_of(model) or 0) < MIN_OPSET:
+        return result(model, facts=[])
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     outputs = {o.name for o in g.output}
@@ -95,7 +95,8 @@ def fuse_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
         keep = [v for v in g.value_info if v.name in made]
         del g.value_info[:]
         g.value_info.extend(keep)
-    return model, fused
+    return result(model, [Remark("onnx_layer_norm", Rule.N1_LAYER_NORM, n, FUSED_NOTE) for n in fused],
+                  facts=fused)
 
 
 def _match(mean, readers, only, inits, outputs):

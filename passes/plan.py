@@ -19,12 +19,11 @@ from typing import Iterator, Mapping
 
 import torch
 
+from amp_compiler.errors import PlanError
+
+from .dtypes import LOW_DTYPES, TORCH_DTYPES, dtype_name
 from .policy import CATEGORIES
-
-
-def dtype_name(dtype: torch.dtype | None) -> str:
-    """Short printable name: 'float16', 'bfloat16', 'float32', or '-'."""
-    return "-" if dtype is None else str(dtype).replace("torch.", "")
+from .rules import Rule, rule_family
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,22 @@ class PrecisionPlan(Mapping[str, Decision]):
         return PrecisionPlan(merged, low_dtype=self.low_dtype, device_type=self.device_type,
                              meta=self.meta)
 
+    def with_meta(self, **entries) -> "PrecisionPlan":
+        """A new plan with ``meta`` entries added or replaced."""
+        return PrecisionPlan(dict(self._decisions), low_dtype=self.low_dtype,
+                             device_type=self.device_type, meta={**self.meta, **entries})
+
+    def with_remarks(self, remarks) -> "PrecisionPlan":
+        """A new plan with the remarks of passes (``passes.infra.Remark``) appended to
+        ``meta["rewrites"]`` (taken) and ``meta["missed"]``, as rows (pass, rule, node, reason)."""
+        remarks = list(remarks)
+        if not remarks:
+            return self
+        taken = [r.as_row() for r in remarks if not r.missed]
+        missed = [r.as_row() for r in remarks if r.missed]
+        return self.with_meta(rewrites=[*self.meta.get("rewrites", ()), *taken],
+                              missed=[*self.meta.get("missed", ()), *missed])
+
     def low_nodes(self) -> list[str]:
         return [n for n, d in self.items() if d.precision == self.low_dtype]
 
@@ -124,24 +139,18 @@ MAX_PLAN_DEPTH = 16   # what to_json writes nests 5 deep (meta -> casts -> cast 
 
 _TOP_KEYS = ("format", "low_dtype", "device_type", "meta", "nodes")
 _DECISION_FIELDS = ("kind", "category", "precision", "rule", "reason")
-_LOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # the policy categories plus the bookkeeping ones classify gives sources and non-float values
 _BOOKKEEPING = ("input", "param", "const", "output", "non_float", "factory", "cast")
 _CATEGORIES = frozenset(CATEGORIES) | frozenset(_BOOKKEEPING)
-# every torch dtype by its printed name ("float16", "int8", "float8_e4m3fn", ...): a parameter or
-# buffer may be stored in any of them, and the plan records what it is stored as (rule R0)
-_TORCH_DTYPES = {dtype_name(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _RULE = re.compile(r"[A-Z][0-9]+:[A-Za-z0-9_-]+\Z")
 # known meta entries and their JSON types (others are kept as the user stored them)
 _META_TYPES = {"casts": list, "rewrite_attention": bool, "capture": str, "tolerance": dict,
-               "range_findings": list, "rewrites": list, "graph": int, "graphs": int,
+               "range_findings": list, "rewrites": list, "missed": list, "graph": int, "graphs": int,
                "source": str, "opset": int, "keep_io_types": bool, "fp64": str}
 _CAST_FIELDS = {"node": str, "source": str, "dtype": str, "consumers": list, "is_param": bool}
 
 
-def _fail(source: str, where: str, problem: str) -> "PlanError":
-    from amp_compiler.errors import PlanError
-
+def _fail(source: str, where: str, problem: str) -> PlanError:
     return PlanError(f"{source}: {where}: {problem}" if where else f"{source}: {problem}")
 
 
@@ -214,9 +223,9 @@ def _plan_from_data(cls, data, source: str) -> PrecisionPlan:
         raise _fail(source, "", f"not a plan written by PrecisionPlan.to_json ({problem}; it "
                                 f"writes exactly {', '.join(_TOP_KEYS)})")
     low_name = data["low_dtype"]
-    if not isinstance(low_name, str) or low_name not in _LOW_DTYPES:
+    if not isinstance(low_name, str) or low_name not in LOW_DTYPES:
         raise _fail(source, "low_dtype", f"{_show(low_name)} is not float16 or bfloat16")
-    low = _LOW_DTYPES[low_name]
+    low = LOW_DTYPES[low_name]
     device_type = _want(source, "device_type", data["device_type"], str, "a device type string")
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", device_type):
         raise _fail(source, "device_type", f"{_show(device_type)} is not a device type "
@@ -266,28 +275,28 @@ def _check_precision(source: str, where: str, d: dict, low: torch.dtype) -> torc
     """
     text, rule, category = d["precision"], d["rule"], d["category"]
     place = f"{where}.precision"
-    got = None if text == "-" else _TORCH_DTYPES.get(text)
+    got = None if text == "-" else TORCH_DTYPES.get(text)
     if got is None and text != "-":
         raise _fail(source, place, f"{_show(text)} is not a torch dtype name (float16, float32, "
                                    f"...) or '-'")
-    if rule == "R0:source":
+    if rule == Rule.R0_SOURCE:
         if category not in ("input", "param", "const"):
             raise _fail(source, f"{where}.rule", f"R0:source is for inputs, parameters and "
                                                  f"buffers, not category {category!r}")
         return got
-    if rule in ("R0:factory", "R0:passthrough"):
+    if rule in (Rule.R0_FACTORY, Rule.R0_PASSTHROUGH):
         if got is not None and not got.is_floating_point:
             raise _fail(source, place, f"{text!r} under {rule} is not a floating dtype or '-'")
         return got
-    if rule == "R0:float64":
+    if rule == Rule.R0_FLOAT64:
         allowed = (torch.float64,)
-    elif rule == "R0:module-dtype":
+    elif rule == Rule.R0_MODULE_DTYPE:
         allowed = (torch.float16, torch.bfloat16, torch.float32)
-    elif rule == "R9:complex":
+    elif rule == Rule.R9_COMPLEX:
         allowed = (torch.float32,)
-    elif rule in ("R0:output", "R0:non-float", "R0:user-cast"):
+    elif rule in (Rule.R0_OUTPUT, Rule.R0_NON_FLOAT, Rule.R0_USER_CAST):
         allowed = ()
-    elif rule.startswith("R0:"):
+    elif rule_family(rule) == "R0":
         raise _fail(source, f"{where}.rule", f"{rule!r} is not a rule this version writes")
     else:
         allowed = (low, torch.float32)
@@ -295,7 +304,7 @@ def _check_precision(source: str, where: str, d: dict, low: torch.dtype) -> torc
         names = [dtype_name(a) for a in allowed] + ["'-'"]
         choice = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
         raise _fail(source, place, f"{text!r} is not {choice}"
-                                   + (f" (rule {rule})" if rule.startswith(("R0:", "R9:")) else ""))
+                                   + (f" (rule {rule})" if rule_family(rule) in ("R0", "R9") else ""))
     return got
 
 

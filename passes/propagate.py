@@ -92,6 +92,7 @@ from .classify import Classification
 from .graph import DataflowGraph
 from .plan import Decision, PrecisionPlan, dtype_name
 from .policy import Policy
+from .rules import Rule
 
 FP32 = torch.float32
 _WIDE = (torch.float64, torch.complex128)
@@ -131,32 +132,32 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
     for v in graph.vertices():
         c = cat[v.name]
         if c == "input":
-            decide(v.name, v.dtype if v.is_float else None, "R0:source", "model input: keeps the dtype the caller passes")
+            decide(v.name, v.dtype if v.is_float else None, Rule.R0_SOURCE, "model input: keeps the dtype the caller passes")
         elif c in ("param", "const"):
             what = "parameter" if c == "param" else "buffer/constant"
-            decide(v.name, v.dtype, "R0:source", f"{what}: stored as {dtype_name(v.dtype)}, cast once per use dtype")
+            decide(v.name, v.dtype, Rule.R0_SOURCE, f"{what}: stored as {dtype_name(v.dtype)}, cast once per use dtype")
         elif c == "output":
-            decide(v.name, None, "R0:output", "graph outputs are restored to their original dtype")
+            decide(v.name, None, Rule.R0_OUTPUT, "graph outputs are restored to their original dtype")
         elif c == "non_float":
-            decide(v.name, None, "R0:non-float", "no floating-point value (indices, masks or shapes): never cast")
+            decide(v.name, None, Rule.R0_NON_FLOAT, "no floating-point value (indices, masks or shapes): never cast")
         elif c == "factory":
-            decide(v.name, v.dtype if v.is_float else None, "R0:factory", "creates a tensor of its declared dtype")
+            decide(v.name, v.dtype if v.is_float else None, Rule.R0_FACTORY, "creates a tensor of its declared dtype")
         elif c == "cast":
-            decide(v.name, None, "R0:user-cast", "explicit cast in the model: honoured as written")
+            decide(v.name, None, Rule.R0_USER_CAST, "explicit cast in the model: honoured as written")
         elif v.dtype is not None and not v.dtype.is_floating_point and not v.is_complex:
-            decide(v.name, None, "R0:non-float", f"produces {dtype_name(v.dtype)}: never cast")
+            decide(v.name, None, Rule.R0_NON_FLOAT, f"produces {dtype_name(v.dtype)}: never cast")
         elif v.dtype in _WIDE or any(
                 graph.vertex(p).dtype in _WIDE
                 or (p in decided and decided[p].precision == torch.float64)  # fx: no recorded dtypes
                 for p in [*graph.float_inputs(v.name), *graph.complex_inputs(v.name)]):
-            decide(v.name, torch.float64, "R0:float64", "float64 values are left in float64, as torch.autocast does")
+            decide(v.name, torch.float64, Rule.R0_FLOAT64, "float64 values are left in float64, as torch.autocast does")
         elif c == "complex":
             continue  # R9, pinned below
         elif not list(graph.float_inputs(v.name)):
-            decide(v.name, None, "R0:passthrough", "only unpacks or indexes its input: keeps its producer's dtype")
+            decide(v.name, None, Rule.R0_PASSTHROUGH, "only unpacks or indexes its input: keeps its producer's dtype")
         elif (owner := own_dtype(v.name)) is not None:
             path, dtype = owner
-            decide(v.name, dtype, "R0:module-dtype",
+            decide(v.name, dtype, Rule.R0_MODULE_DTYPE,
                    f"parameters of '{path}' are stored as {dtype_name(dtype)} by the user: computes in "
                    f"{dtype_name(dtype)}, as the model does (values from the converted model are cast "
                    f"to {dtype_name(dtype)} where they enter)")
@@ -168,20 +169,20 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
     # R8 -- an op with no low-precision kernel on this device is fp32, force_low or not
     for n, entry in cls.keep_fp32.items():
         if n in open_:
-            paint[n] = (FP32, "R6:keep_fp32", f"keep_fp32={entry!r}")
+            paint[n] = (FP32, Rule.R6_KEEP_FP32, f"keep_fp32={entry!r}")
     for n in open_:
         if cat[n] == "complex" and n not in paint:
             what = "makes complex values" if graph.vertex(n).is_complex else "reads complex values"
-            paint[n] = (FP32, "R9:complex", f"{graph.vertex(n).kind} {what}: torch has no complex "
+            paint[n] = (FP32, Rule.R9_COMPLEX, f"{graph.vertex(n).kind} {what}: torch has no complex "
                         f"{lowname} (and few complex32 kernels), so it computes in float32, complex "
                         f"values in complex64")
     for n, why in cls.no_kernel.items():
         if n in open_ and n not in paint:
-            paint[n] = (FP32, "R8:no-kernel", f"{graph.vertex(n).kind} has no {lowname} kernel on "
+            paint[n] = (FP32, Rule.R8_NO_KERNEL, f"{graph.vertex(n).kind} has no {lowname} kernel on "
                         f"this {policy.device_type} (probed: {why}): fp32")
     for n, entry in cls.force_low.items():
         if n in open_ and n not in paint:
-            paint[n] = (low, "R6:force_low", f"force_low={entry!r}")
+            paint[n] = (low, Rule.R6_FORCE_LOW, f"force_low={entry!r}")
 
     # R1:user-fp32 -- a matrix op on the model's own fp32 casts stays fp32, as written
     for n in open_:
@@ -189,7 +190,7 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
             continue
         operands = list(graph.float_inputs(n))
         if operands and all(_user_fp32_cast(graph, cat, p) for p in operands):
-            paint[n] = (FP32, "R1:user-fp32", f"{graph.vertex(n).kind}: the model casts every operand to "
+            paint[n] = (FP32, Rule.R1_USER_FP32, f"{graph.vertex(n).kind}: the model casts every operand to "
                         "float32 itself (code written for torch.autocast(enabled=False), e.g. rotary "
                         "phases): computes in float32, as written")
 
@@ -198,13 +199,13 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
         if n in paint:
             continue
         if cat[n] == "allow":
-            paint[n] = (low, "R1:allow", f"{graph.vertex(n).kind}: matrix-unit op, computes in {lowname}")
+            paint[n] = (low, Rule.R1_ALLOW, f"{graph.vertex(n).kind}: matrix-unit op, computes in {lowname}")
 
     # R2 -- deny ops fp32, spread forward through infer/clear
     queue = deque()
     for n in open_:
         if cat[n] == "deny" and n not in paint:
-            paint[n] = (FP32, "R2:deny", f"{graph.vertex(n).kind}: numerically unsafe in {lowname} (overflow or accumulation error)")
+            paint[n] = (FP32, Rule.R2_DENY, f"{graph.vertex(n).kind}: numerically unsafe in {lowname} (overflow or accumulation error)")
             queue.append((n, n))
     while queue:
         n, origin = queue.popleft()
@@ -213,14 +214,14 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
                 continue
             if type_promotion and _zero_dim_beside_tensors(graph, c, n):
                 continue  # a 0-dim fp32 scale does not promote its dimensioned partner
-            paint[c] = (FP32, "R2:deny-spread", f"fed (through elementwise/movement ops) by fp32-required node '{origin}'")
+            paint[c] = (FP32, Rule.R2_DENY_SPREAD, f"fed (through elementwise/movement ops) by fp32-required node '{origin}'")
             queue.append((c, origin))
 
     allow_nodes = [n for n, p in paint.items() if p[0] == low]
     free = {n for n in open_ if n not in paint and cat[n] in _TRAVERSABLE}
     # the pieces of a split/chunk (getitem, R0:passthrough) are transparent to the reach: a
     # gated MLP's ``gate, up = linear(x).chunk(2)`` then ``silu(gate) * up`` is between low ops
-    through = {n for n, d in decided.items() if d.rule == "R0:passthrough"}
+    through = {n for n, d in decided.items() if d.rule == Rule.R0_PASSTHROUGH}
 
     # R3 -- infer/clear between two low ops, unless an input is a real fp32 value
     down = _reach(graph, allow_nodes, free, forward=True, through=through)
@@ -262,7 +263,7 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
                 changed = True
                 own = decided[blocker].precision if blocker in decided else None
                 what = f"a {dtype_name(own)} value of the user's" if own not in (None, FP32) else "an fp32 value"
-                paint[n] = (FP32, "R3:fp32-input", f"input '{blocker}' is {what}: rounding it would add error, so like autocast's type promotion this stays fp32")
+                paint[n] = (FP32, Rule.R3_FP32_INPUT, f"input '{blocker}' is {what}: rounding it would add error, so like autocast's type promotion this stays fp32")
     # R3:fp32-consumer -- a movement op that carries an fp32_acc op's value to an fp32 op
     changed = True
     while changed:
@@ -273,12 +274,12 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
             if origin is not None:
                 between.discard(n)
                 changed = True
-                paint[n] = (FP32, "R3:fp32-consumer",
+                paint[n] = (FP32, Rule.R3_FP32_CONSUMER,
                             f"carries the value of '{origin}' ({graph.vertex(origin).kind}, which accumulates in "
                             f"fp32) to fp32 op '{sink}': rounding it to {lowname} on the way would lose what "
                             f"'{sink}' keeps, so it stays fp32 and '{origin}' emits fp32 (R5)")
     for n in between:
-        paint[n] = (low, "R3:between-low", f"on a path between {lowname} ops: keeping it {lowname} avoids two casts")
+        paint[n] = (low, Rule.R3_BETWEEN_LOW, f"on a path between {lowname} ops: keeping it {lowname} avoids two casts")
 
     # R4 -- low spreads through clear chains
     clear_free = {n for n in free if cat[n] == "clear" and n not in paint}
@@ -297,7 +298,7 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
                 grew = True
     for n in _reach(graph, seeds, clear_free, forward=True) | back:
         if n in clear_free:
-            paint[n] = (low, "R4:clear-chain", f"data movement next to {lowname} ops: stays {lowname} for free")
+            paint[n] = (low, Rule.R4_CLEAR_CHAIN, f"data movement next to {lowname} ops: stays {lowname} for free")
 
     # R5 -- fp32_acc ops: low iff producer and all consumers are low (fixed point)
     acc = [n for n in open_ if cat[n] == "fp32_acc" and n not in paint]
@@ -312,17 +313,17 @@ def propagate(graph: DataflowGraph, cls: Classification, policy: Policy, *,
     for n in acc:
         kind = graph.vertex(n).kind
         if n in tentative:
-            paint[n] = (low, "R5:fp32-acc-low", f"{kind} accumulates in fp32 inside its kernel; producer and consumers are {lowname}, so it stays {lowname}")
+            paint[n] = (low, Rule.R5_FP32_ACC_LOW, f"{kind} accumulates in fp32 inside its kernel; producer and consumers are {lowname}, so it stays {lowname}")
         else:
-            paint[n] = (FP32, "R5:fp32-acc-fp32", f"{kind} needs fp32 here: its producer or a consumer is fp32 (or a graph output)")
+            paint[n] = (FP32, Rule.R5_FP32_ACC_FP32, f"{kind} needs fp32 here: its producer or a consumer is fp32 (or a graph output)")
 
     # R7 -- the rest is fp32
     for n in open_:
         if n not in paint:
             if cat[n] == "unknown":
-                paint[n] = (FP32, "R7:unknown", f"op '{graph.vertex(n).target or graph.vertex(n).kind}' is not in the policy tables: fp32 (add it to keep_fp32/force_low to decide)")
+                paint[n] = (FP32, Rule.R7_UNKNOWN, f"op '{graph.vertex(n).target or graph.vertex(n).kind}' is not in the policy tables: fp32 (add it to keep_fp32/force_low to decide)")
             else:
-                paint[n] = (FP32, "R7:follow-fp32", "not between low-precision ops: stays fp32, as autocast's type promotion leaves it")
+                paint[n] = (FP32, Rule.R7_FOLLOW_FP32, "not between low-precision ops: stays fp32, as autocast's type promotion leaves it")
 
     for n, (precision, rule, reason) in paint.items():
         decide(n, precision, rule, reason)
@@ -439,7 +440,7 @@ def _neighbours_low(graph, n, paint, tentative, decided, low) -> bool:
         if m in paint:
             return paint[m][0] == low
         d = decided.get(m)
-        if d is not None and d.rule == "R0:passthrough":
+        if d is not None and d.rule == Rule.R0_PASSTHROUGH:
             return all(is_low(p) for p in graph.producers(m))
         return False
 
@@ -451,7 +452,7 @@ def _neighbours_low(graph, n, paint, tentative, decided, low) -> bool:
     # a pass-through consumer (getitem) is low if the things it feeds are
     for c in list(consumers):
         d = decided.get(c)
-        if d is not None and d.rule == "R0:passthrough":
+        if d is not None and d.rule == Rule.R0_PASSTHROUGH:
             consumers.remove(c)
             consumers.extend(graph.consumers(c))
     return bool(producers) and all(is_low(p) for p in producers) and all(
@@ -463,7 +464,7 @@ def _resolve_passthrough(graph: DataflowGraph, decided: dict[str, Decision]) -> 
     out = dict(decided)
     for n in graph:
         d = out[n]
-        if d.rule != "R0:passthrough":
+        if d.rule != Rule.R0_PASSTHROUGH:
             continue
         precisions = {out[p].precision for p in graph.producers(n)
                       if graph.vertex(p).is_float is not False and out[p].precision is not None}

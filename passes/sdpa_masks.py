@@ -38,8 +38,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .graph import keep_when_dead
+from .infra import PassResult, Remark, result
 from .kinds import target_name, torch_kind
-from .remarks import Remark, keep_when_dead
+from .rules import Rule
 
 _SDPA_NAMES = frozenset({"scaled_dot_product_attention"})
 # SDPA's signature after (query, key, value): names and positions
@@ -196,8 +198,9 @@ def _last_axis_strided(mask: fx.Node) -> bool:
         return False
 
 
-def fold_sdpa_masks(gm: fx.GraphModule) -> list[Remark]:
-    """Apply S1-S3 to every SDPA node of ``gm`` in place (recompiled when anything changed)."""
+def fold_sdpa_masks(gm: fx.GraphModule) -> PassResult:
+    """Apply S1-S3 to every SDPA node of ``gm`` in place (recompiled when anything changed); a
+    missed remark for a mask that stays as it is."""
     folds: list[Remark] = []
     graph = gm.graph
     for node in list(graph.nodes):
@@ -210,11 +213,11 @@ def fold_sdpa_masks(gm: fx.GraphModule) -> list[Remark]:
         kind = _fold_kind(mask, node.args[0], node.args[1])
         if kind == "all":
             _set_params(node, attn_mask=None)
-            folds.append(Remark("sdpa_masks", "S1:mask-all-kept", node.name, "the mask, computed from sizes only, "
+            folds.append(Remark("sdpa_masks", Rule.S1_MASK_ALL_KEPT, node.name, "the mask, computed from sizes only, "
                                   "keeps every position: dropped, so the fused kernels (flash too) apply"))
         elif kind == "causal":
             _set_params(node, attn_mask=None, is_causal=True)
-            folds.append(Remark("sdpa_masks", "S2:mask-causal", node.name, "the mask, computed from sizes only, is "
+            folds.append(Remark("sdpa_masks", Rule.S2_MASK_CAUSAL, node.name, "the mask, computed from sizes only, is "
                                   "the causal triangle: is_causal=True instead, so the fused kernels apply"))
         elif _last_axis_strided(mask):
             with graph.inserting_before(node):
@@ -222,10 +225,13 @@ def fold_sdpa_masks(gm: fx.GraphModule) -> list[Remark]:
             if "val" in mask.meta:
                 dense.meta["val"] = mask.meta["val"].contiguous()
             node.replace_input_with(mask, dense)
-            folds.append(Remark("sdpa_masks", "S3:mask-contiguous", node.name, "the mask's key axis was not "
+            folds.append(Remark("sdpa_masks", Rule.S3_MASK_CONTIGUOUS, node.name, "the mask's key axis was not "
                                   "contiguous (an expand): made contiguous, as the fused kernels need"))
-    if folds:
+        else:
+            folds.append(Remark("sdpa_masks", Rule.S1_MASK_ALL_KEPT, node.name, "the mask is neither "
+                                "computed from sizes only nor strided (a padding mask): kept as it is",
+                                missed=True))
+    if any(not r.missed for r in folds):
         graph.eliminate_dead_code(is_impure_node=keep_when_dead)
-        graph.lint()
         gm.recompile()
-    return folds
+    return result(gm, folds)

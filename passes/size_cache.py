@@ -40,7 +40,8 @@ from torch import nn
 
 from .graph import attribute
 from .kinds import target_name
-from .remarks import Remark
+from .infra import PassResult, Remark, result
+from .rules import Rule
 
 CAPACITY = 8
 MIN_OPS = 2
@@ -88,8 +89,9 @@ def _tracing() -> bool:
             or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()))
 
 
-def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[Remark]:
-    """Rules K1-K3 on ``gm`` in place; one remark for the cached region, or none."""
+def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> PassResult:
+    """Rules K1-K3 on ``gm`` in place; one remark for the cached region, or for a region too
+    small to cache (missed)."""
     graph = gm.graph
     sizes = [n for n in graph.nodes if n.op == "call_function" and target_name(n) in _SIZES
              and all(a.op == "placeholder" for a in n.all_input_nodes)]
@@ -108,7 +110,10 @@ def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[R
                   and n.target is not operator.getitem]
     in_bodies = [m for b in inside & bodies for m in _body_ops(gm, b)]
     if len(tensor_ops) + len(in_bodies) < MIN_OPS:
-        return []
+        small = [Remark("size_cache", Rule.K3_NOT_CACHED, name, f"{len(tensor_ops) + len(in_bodies)} "
+                        f"ops computed from sizes only, fewer than {MIN_OPS}: a cache lookup would "
+                        f"cost more than they do", missed=True)] if tensor_ops or in_bodies else []
+        return result(gm, small)
     region = [n for n in graph.nodes if n in inside]
     frontier = [n for n in region if any(u not in inside for u in n.users)]
     used_sizes = [s for s in sizes if any(u in inside for u in s.users)]
@@ -138,13 +143,12 @@ def cache_size_only(gm: fx.GraphModule, name: str = "_amp_size_cache") -> list[R
         n.replace_all_uses_with(out, delete_user_cb=lambda u: u not in inside)
     for n in reversed(region):
         graph.erase_node(n)
-    graph.lint()
     gm.recompile()
     kinds = sorted({target_name(n) for n in tensor_ops + in_bodies})
-    return [Remark("size_cache", "K2:cached", name,
+    return result(gm, [Remark("size_cache", Rule.K2_CACHED, name,
                    f"{len(region)} ops computed from the inputs' sizes and buffers only "
                    f"({', '.join(kinds)}) run once per input shape, then come from a cache of "
-                   f"{CAPACITY} shapes: {len(frontier)} values")]
+                   f"{CAPACITY} shapes: {len(frontier)} values")])
 
 
 def op_count(gm: fx.GraphModule) -> dict[str, int]:

@@ -27,9 +27,9 @@ The search, and why it needs O(log n) full evaluations:
        Error may not fall monotonically with the prefix length; bisection then still returns a
        measured passing prefix, just not necessarily the shortest.
 
-``amp_builder`` captures the model once and builds a converted module per fp32 set in a few
-milliseconds (propagate + insert_casts + fold_weights on a copy of the graph), instead of a full
-``convert()`` per evaluation.
+``amp_compiler.convert.amp_builder`` captures the model once and builds a converted module per
+fp32 set in a few milliseconds (the plan with the set pinned, then convert's own rewrite stages on
+a copy of the graph), instead of a full ``convert()`` per evaluation.
 
     >>> build = amp_builder(model, example_inputs, dtype=torch.float16)
     >>> result = repair_to_tolerance(build, model, calibration, 1e-3, build.low_candidates())
@@ -39,7 +39,6 @@ milliseconds (propagate + insert_casts + fold_weights on a copy of the graph), i
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -50,13 +49,13 @@ from torch import nn
 
 from amp_compiler.errors import ConfigError, ToleranceError
 
-from .classify import override_entries
 from .graph import DataflowGraph
-from .plan import PrecisionPlan, dtype_name
+from .plan import dtype_name
 from .metrics import float_tensors, rel_error
-from .ranges import check_calibration, plan_with_overrides, run_in_dtype
+from .range_recorder import check_calibration, run_in_dtype
+from .rules import Rule
 
-RULE = "T1:tolerance"
+RULE = Rule.T1_TOLERANCE
 # Output elements whose error is within this factor of the largest steer the backward pass: the
 # max-norm error is decided there, and a handful of elements is a steadier target than one.
 _WORST_BAND = 0.5
@@ -94,87 +93,6 @@ class TolerancePlan:
                 f"(baseline {self.baseline_error:.3g}); {len(self.fp32_nodes)} of "
                 f"{self.candidates} candidates moved to fp32 ({self.low_fraction:.0%} left low); "
                 f"{self.evaluations} evaluations")
-
-
-# -- building converted modules cheaply ---------------------------------------------------------
-
-class AmpBuilder:
-    """Captures ``model`` once; ``builder(fp32_nodes)`` returns a converted AmpModule with those
-    nodes pinned fp32 (rule T1) in milliseconds. Eval-mode conversion, weights folded, as
-    ``convert(model, example_inputs, dtype=..., training=False)`` does. ``captured=(gm, source)``
-    reuses a capture made elsewhere (it must not be rewritten while the builder is used);
-    ``overrides`` (e.g. ``range_overrides``) are pinned in every build.
-
-        >>> build = AmpBuilder(model, None, dtype=torch.float16)
-        >>> amp = build(frozenset({"linear_1"}))
-        >>> amp.plan["linear_1"].rule
-        'T1:tolerance'
-    """
-
-    def __init__(self, model: nn.Module, example_inputs: tuple | None = None, *,
-                 dtype="float16", keep_fp32: Iterable = (), force_low: Iterable = (),
-                 overrides: Mapping[str, tuple[str, str]] | None = None,
-                 captured: tuple[fx.GraphModule, str] | None = None) -> None:
-        from amp_compiler.convert import model_device_type, resolve_dtype
-        from amp_compiler.capture.frontend import build_dataflow, capture
-
-        if example_inputs is not None and not isinstance(example_inputs, tuple):
-            example_inputs = (example_inputs,)
-        self.low_dtype = resolve_dtype(dtype)
-        self.device_type = model_device_type(model, example_inputs)
-        if captured is not None:
-            # convert() already holds the un-rewritten eval-mode capture: no second capture
-            self.graph_module, self.source = captured
-        else:
-            was_training = model.training
-            try:
-                model.eval()
-                self.graph_module, self.source = capture(model, example_inputs)
-            finally:
-                model.train(was_training)
-        self.dataflow: DataflowGraph = build_dataflow(self.graph_module)
-        self.keep_fp32, self.force_low = override_entries(keep_fp32), override_entries(force_low)
-        self.overrides = dict(overrides or {})
-        self.builds = 0
-
-    def plan(self, fp32_nodes: Iterable[str] | Mapping[str, tuple[str, str]] = ()) -> PrecisionPlan:
-        """The plan with ``fp32_nodes`` pinned (a mapping node -> (rule, reason) names why)."""
-        pins = dict(self.overrides)
-        for n in fp32_nodes:
-            pins.setdefault(n, fp32_nodes[n] if isinstance(fp32_nodes, Mapping)
-                            else (RULE, "moved to fp32 by the tolerance search"))
-        return plan_with_overrides(self.dataflow, self.low_dtype, self.device_type,
-                                   keep_fp32=self.keep_fp32, force_low=self.force_low, overrides=pins)
-
-    def low_candidates(self) -> list[str]:
-        """Compute nodes the plan with nothing moved runs in low precision (graph order)."""
-        plan = self.plan()
-        return [n for n in plan.low_nodes() if self.dataflow.vertex(n).role == "compute"
-                and plan[n].rule != "R0:passthrough"]
-
-    def __call__(self, fp32_nodes: frozenset[str] | Mapping[str, tuple[str, str]] = frozenset(), *,
-                 plan: PrecisionPlan | None = None) -> nn.Module:
-        from amp_compiler.module import AmpModule
-        from .fold_weights import fold_weights
-        from .insert_casts import insert_casts
-
-        plan = plan if plan is not None else self.plan(fp32_nodes)
-        # a fresh graph over the same (shared, never modified) parameters: insert_casts and
-        # fold_weights rewrite the copy, the fp32 capture stays intact for the next build
-        gm = fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
-        casts = insert_casts(gm, self.dataflow, plan)
-        fold_weights(gm, casts.casts)
-        self.builds += 1
-        return AmpModule(gm, plan, dataflow=self.dataflow, casts=casts.casts, low_dtype=self.low_dtype,
-                         training=False, folded=True, source=self.source)
-
-
-def amp_builder(model: nn.Module, example_inputs: tuple | None = None, *, dtype="float16",
-                keep_fp32: Iterable = (), force_low: Iterable = (),
-                overrides: Mapping[str, tuple[str, str]] | None = None) -> AmpBuilder:
-    """``AmpBuilder(...)``: the ``build_amp`` callback ``repair_to_tolerance`` wants, fast."""
-    return AmpBuilder(model, example_inputs, dtype=dtype, keep_fp32=keep_fp32,
-                      force_low=force_low, overrides=overrides)
 
 
 # -- sensitivity: one instrumented run per batch ------------------------------------------------
@@ -274,30 +192,29 @@ def measure_contributions(gm: fx.GraphModule, dataflow: DataflowGraph, low: torc
 
 # -- the search ---------------------------------------------------------------------------------
 
-def _reference_graph(build_amp, reference: nn.Module, first_amp: nn.Module, batch: tuple):
-    """The fp32 graph whose node names the candidates use: the builder's own capture, the
-    reference itself when it is a GraphModule, or a fresh capture by the same front end."""
-    from amp_compiler.capture.frontend import build_dataflow, capture
-
-    gm = getattr(build_amp, "graph_module", None)
-    if gm is None:
-        if isinstance(reference, fx.GraphModule):
-            gm = reference
-        else:
-            source = getattr(first_amp, "source", "fx")
-            gm, _ = capture(reference, batch if source == "export" else None)
-    dataflow = getattr(build_amp, "dataflow", None) or build_dataflow(gm)
+def _reference_graph(build_amp, reference: nn.Module, reference_graph):
+    """The fp32 graph whose node names the candidates use, and its DataflowGraph: the builder's
+    own capture (``convert.AmpBuilder``), or ``reference_graph`` as given."""
+    if reference_graph is not None:
+        return reference_graph
+    gm, dataflow = getattr(build_amp, "graph_module", None), getattr(build_amp, "dataflow", None)
+    if gm is None or dataflow is None:
+        raise ConfigError("repair_to_tolerance needs the fp32 graph the candidates name: pass "
+                          "reference_graph=(gm, build_dataflow(gm)) from amp_compiler.capture, or "
+                          "a builder that holds them (amp_compiler.convert.amp_builder)")
     return gm, dataflow
 
 
 def repair_to_tolerance(build_amp: Callable[[frozenset[str]], nn.Module], reference: nn.Module,
                         calibration: Iterable[tuple], eps: float, candidates: list[str], *,
-                        low_dtype: torch.dtype | None = None) -> TolerancePlan:
+                        low_dtype: torch.dtype | None = None,
+                        reference_graph: tuple[fx.GraphModule, DataflowGraph] | None = None) -> TolerancePlan:
     """Guarantee max relative error <= ``eps`` against ``reference`` (fp32) on ``calibration``.
 
     ``build_amp(fp32_nodes)`` builds the converted module with those nodes pinned fp32 (e.g.
     ``amp_builder(model, ex, dtype=...)``, or a lambda around ``convert(..., keep_fp32=
-    tuple("node:" + n for n in nodes))``). ``candidates``: the node names the search may move
+    tuple("node:" + n for n in nodes))``, with ``reference_graph=(gm, dataflow)``: the fp32
+    capture whose nodes the candidates name). ``candidates``: the node names the search may move
     (usually the low-precision compute nodes of the default plan). Raises ToleranceError with
     the best error reached when even all candidates in fp32 miss ``eps``.
 
@@ -335,7 +252,7 @@ def repair_to_tolerance(build_amp: Callable[[frozenset[str]], nn.Module], refere
         raise ToleranceError(f"the converted model's error {base_err:.3g} exceeds tolerance {eps:g} "
                              f"on the calibration data and no node may move to fp32 (no candidates)")
 
-    gm, dataflow = _reference_graph(build_amp, reference, base_module, batches[0])
+    gm, dataflow = _reference_graph(build_amp, reference, reference_graph)
     unknown = [n for n in candidates if n not in dataflow]
     if unknown:
         raise ConfigError(f"tolerance candidates {unknown[:5]} are not nodes of the captured graph; "
@@ -378,7 +295,7 @@ def repair_to_tolerance(build_amp: Callable[[frozenset[str]], nn.Module], refere
                        f"{hi} most harmful nodes in fp32 the error is {err:.3g} <= ε {eps:g} "
                        f"(was {base_err:.3g})")
              for n in order[:hi]}
-    if isinstance(build_amp, AmpBuilder):
+    if getattr(build_amp, "takes_reasons", False):
         module = build_amp(moved)  # same nodes, so the same numbers; its plan now says why
     return TolerancePlan(eps, moved, {n: contrib[n] for n in order}, err, base_err, evaluations,
                          len(candidates), module, tuple(history))

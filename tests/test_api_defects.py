@@ -177,7 +177,7 @@ def test_cli_report_of_a_plan_with_escapes_and_markup(tmp_path, capsys):
 # -- ONNX files that are invalid as given ---------------------------------------------------------
 
 def test_an_invalid_onnx_file_is_blamed_on_the_file(tmp_path, capsys):
-    pytest.importorskip("amp_compiler.onnx.frontend")
+    pytest.importorskip("amp_compiler.onnx.convert")
     import onnx
 
     path = tmp_path / "old.onnx"

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from amp_compiler.capture.frontend import build_dataflow, capture
+from amp_compiler.capture import build_dataflow, capture
 from amp_compiler.models import build
 from amp_compiler.passes.attention import AttentionMatch, rewrite_attention
 from amp_compiler.passes.classify import classify
@@ -158,7 +158,7 @@ def rewritten(flavour: str, model: nn.Module, ex: tuple):
     """(original gm, rewritten gm, matches), both captured from ``model``."""
     gm = make(flavour, model, ex)
     ref = copy.deepcopy(gm)
-    return ref, gm, rewrite_attention(gm)
+    return ref, gm, rewrite_attention(gm).facts
 
 
 class Zoo(nn.Module):
@@ -272,7 +272,7 @@ def test_near_misses_are_left_alone(flavour):
     model = zoo(list(NEAR_MISSES.values())).eval()
     gm = make(flavour, model, inputs())
     before = gm.code
-    matches = rewrite_attention(gm)
+    matches = rewrite_attention(gm).facts
     assert matches == [], [m.matched_nodes for m in matches]
     assert gm.code == before
     assert not sdpa_nodes(gm)
@@ -283,7 +283,7 @@ def test_softmax_dim3_needs_a_recorded_rank():
     torch.manual_seed(0)
     model = Attn(softmax="dim3").eval()
     ex = inputs()
-    assert rewrite_attention(make("fx", model, ex)) == []
+    assert rewrite_attention(make("fx", model, ex)).facts == []
     ref, gm, matches = rewritten("export", model, ex)
     assert len(matches) == 1 and matches[0].causal
     assert rel_err(gm(*ex), ref(*ex)) < 1e-6
@@ -300,7 +300,7 @@ def test_plain_symbolic_trace_with_module_leaves():
     assert rel_err(gm(*ex), ref(*ex)) < 1e-6
     # an nn.Dropout module with p > 0 reads its training flag at run time: not matched
     model = Attn(p=0.2).train()
-    assert rewrite_attention(fx.symbolic_trace(model)) == []
+    assert rewrite_attention(fx.symbolic_trace(model)).facts == []
 
 
 @pytest.mark.parametrize("flavour", ["fx", "export"])
@@ -389,7 +389,7 @@ def test_gpt_export_graph(gpt_export):
     gm, ref = copy.deepcopy(captured), copy.deepcopy(captured)
     before = {n.name: n for n in gm.graph.nodes}
     dead_before = {name for name, n in before.items() if not n.users and n.op != "output"}
-    matches = rewrite_attention(gm)
+    matches = rewrite_attention(gm).facts
     assert [m.sdpa_node for m in matches] == ["softmax", "softmax_1"]  # one per layer
     assert all(m.causal and m.scale is None and not m.has_mask for m in matches)
     assert not op_names(gm) & {"softmax", "masked_fill", "tril", "eq", "ones", "matmul"}
@@ -412,14 +412,14 @@ def test_gpt_export_graph(gpt_export):
     assert rel_err(first(gm(wide)), model(wide)) < 1e-5
     # a second run finds nothing left to rewrite and changes nothing
     code = gm.code
-    assert rewrite_attention(gm) == [] and gm.code == code
+    assert rewrite_attention(gm).facts == [] and gm.code == code
 
 
 @pytest.mark.parametrize("flavour", ["fx", "export"])
 def test_bert_padding_mask(bert_tiny, flavour):
     model, ex, captured = bert_tiny
     gm, ref = copy.deepcopy(captured[flavour]), copy.deepcopy(captured[flavour])
-    matches = rewrite_attention(gm)
+    matches = rewrite_attention(gm).facts
     assert len(matches) == 2
     assert all(not m.causal and m.has_mask for m in matches)
     masks = {n.kwargs["attn_mask"].name for n in sdpa_nodes(gm)}
@@ -437,7 +437,7 @@ def test_bert_padding_mask(bert_tiny, flavour):
 
 def _amp_pipeline(gm: fx.GraphModule, *, rewrite: bool):
     """convert()'s stages by hand, with the attention rewrite between capture and dataflow."""
-    matches = rewrite_attention(gm) if rewrite else []
+    matches = rewrite_attention(gm).facts if rewrite else []
     dataflow = build_dataflow(gm)
     policy = policy_for("cpu", torch.bfloat16)
     plan = propagate(dataflow, classify(dataflow, policy), policy)

@@ -1,4 +1,4 @@
-"""Tests of amp_compiler.bench.suite (``amp-compiler bench``) on CPU with tiny models.
+"""Tests of amp_compiler.bench.workloads (``amp-compiler bench``) on CPU with tiny models.
 
 Each run is 1 round x 2 steps: the numbers are not benchmarks here, the test checks that every
 metric is measured, lands in the JSON file and is consistent with the others.
@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from amp_compiler.bench import suite as bench
+from amp_compiler.bench import command, measure, workloads
+from amp_compiler.passes import metrics
 
 FAST = ["--device", "cpu", "--dtype", "bfloat16", "--size", "tiny",
         "--rounds", "1", "--steps", "2", "--warmup", "1"]
@@ -20,7 +21,7 @@ FAST = ["--device", "cpu", "--dtype", "bfloat16", "--size", "tiny",
 
 def run_bench(tmp_path, *args: str) -> dict:
     out = tmp_path / "result.json"
-    assert bench.main([*FAST, *args, "--out", str(out)]) == 0
+    assert command.main([*FAST, *args, "--out", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -74,7 +75,7 @@ def test_train_mlp_fills_every_metric(tmp_path):
 
 def test_infer_gpt_with_half_and_default_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert bench.main([*FAST, "--model", "gpt", "--mode", "infer", "--seq-len", "16",
+    assert command.main([*FAST, "--model", "gpt", "--mode", "infer", "--seq-len", "16",
                        "--variants", "fp32,autocast,amp,half"]) == 0
     path = tmp_path / "bench" / "results" / "gpt-infer-cpu-bfloat16.json"
     result = json.loads(path.read_text())
@@ -115,11 +116,11 @@ def test_loss_steps_fp16_train_same_init(tmp_path):
 
 
 def test_variants_start_from_the_same_weights_and_train_their_own_copy():
-    cfg = bench._resolve(["--model", "mlp", "--device", "cpu", "--dtype", "bfloat16"])
-    master, inputs = bench._build(cfg, with_targets=True)
+    cfg = workloads._resolve(["--model", "mlp", "--device", "cpu", "--dtype", "bfloat16"])
+    master, inputs = workloads._build(cfg, with_targets=True)
     before = {k: t.clone() for k, t in master.state_dict().items()}
-    fp32 = bench.make_variant("fp32", master, inputs, cfg)
-    amp = bench.make_variant("amp", master, inputs, cfg)
+    fp32 = workloads.make_variant("fp32", master, inputs, cfg)
+    amp = workloads.make_variant("amp", master, inputs, cfg)
     for v in (fp32, amp):
         params = {n.removeprefix("graph_module."): p for n, p in v.module.named_parameters()}
         assert params.keys() == before.keys() - {k for k, _ in master.named_buffers()}
@@ -136,7 +137,7 @@ def test_variants_start_from_the_same_weights_and_train_their_own_copy():
 
 
 def test_rel_error_and_cast_counting():
-    assert bench.rel_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])) == 0.5
+    assert metrics.rel_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])) == 0.5
     lin = torch.nn.Linear(4, 3)
     x = torch.randn(2, 4)
 
@@ -144,9 +145,9 @@ def test_rel_error_and_cast_counting():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return lin(x)
 
-    assert bench.count_to_copy(autocast_linear) == 3  # input, weight, bias
-    assert bench.count_to_copy(lambda: x * 0.5) == 0  # scalar wrapping is not a cast
-    assert bench.count_to_copy(lambda: x.to(torch.bfloat16)) == 1
+    assert measure.count_to_copy(autocast_linear) == 3  # input, weight, bias
+    assert measure.count_to_copy(lambda: x * 0.5) == 0  # scalar wrapping is not a cast
+    assert measure.count_to_copy(lambda: x.to(torch.bfloat16)) == 1
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -161,7 +162,7 @@ def test_rel_error_and_cast_counting():
     (["--batch", "two"], "invalid int"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys, tmp_path):
-    code = bench.main(["--device", "cpu", *args, "--out", str(tmp_path / "x.json")])
+    code = command.main(["--device", "cpu", *args, "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and fragment in err, err
@@ -169,5 +170,5 @@ def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys, tmp_path):
 
 
 def test_help_exits_0(capsys):
-    assert bench.main(["--help"]) == 0
+    assert command.main(["--help"]) == 0
     assert "--loss-steps" in capsys.readouterr().out

@@ -15,11 +15,11 @@ import torch
 
 import amp_compiler as ac
 
+from amp_compiler.bench import command
 from amp_compiler.bench import onnx_files as bench_onnx
-from amp_compiler.bench import suite as bench
 from amp_compiler.bench import table as bench_table
 from amp_compiler.models import build
-from amp_compiler.onnx.frontend import convert_onnx
+from amp_compiler.onnx.convert import convert_onnx
 
 FAST = ["--mode", "onnx", "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup", "1",
         "--error-batch", "0"]
@@ -30,7 +30,7 @@ def _files_opened_in_a_child_first(monkeypatch, ort_no_crash):
     """The bench opens every file it builds in this process: a child ONNX Runtime opens and runs
     each one first (conftest ``ort_no_crash``), so a file that crashes ONNX Runtime fails the
     test rather than ending the test run."""
-    build_files = bench_onnx._make_files
+    build_files = bench_onnx.make_files
 
     def checked(cfg, model, inputs, progress):
         files = build_files(cfg, model, inputs, progress)
@@ -38,12 +38,12 @@ def _files_opened_in_a_child_first(monkeypatch, ort_no_crash):
             ort_no_crash(proto, inputs)
         return files
 
-    monkeypatch.setattr(bench_onnx, "_make_files", checked)
+    monkeypatch.setattr(bench_onnx, "make_files", checked)
 
 
 def run(tmp_path, *args: str) -> dict:
     out = tmp_path / "onnx.json"
-    assert bench.main([*FAST, *args, "--out", str(out)]) == 0  # through bench's entry point
+    assert command.main([*FAST, *args, "--out", str(out)]) == 0  # through bench's entry point
     return json.loads(out.read_text())
 
 
@@ -118,7 +118,7 @@ def test_files_dir_builds_once_and_the_run_reads_those_files(tmp_path, capsys):
     """--build-only writes the files (the slow part, on many CPU cores at once); the timed run
     with the same --files-dir reads them: a file changed on disk is the one measured."""
     keep = tmp_path / "files"
-    assert bench.main([*FAST, "--model", "mlp", "--files", "fp32,convert_onnx", "--files-dir", str(keep),
+    assert command.main([*FAST, "--model", "mlp", "--files", "fp32,convert_onnx", "--files-dir", str(keep),
                        "--build-only"]) == 0
     assert "built convert_onnx, fp32" in capsys.readouterr().out
     ours = keep / f"mlp-tiny-float16-opsetdefault-{bench_onnx.code_digest()}-convert_onnx.onnx"
@@ -138,23 +138,23 @@ def test_files_dir_builds_again_after_a_code_change(tmp_path, capsys, monkeypatc
     (or a converter's version) changes, the run builds afresh instead of measuring the old file."""
     keep = tmp_path / "files"
     argv = [*FAST, "--model", "mlp", "--files", "fp32,convert_onnx", "--files-dir", str(keep), "--build-only"]
-    assert bench.main(argv) == 0
+    assert command.main(argv) == 0
     before = sorted(p.name for p in keep.iterdir())
     assert len(before) == 2 and all(bench_onnx.code_digest() in name for name in before)
     monkeypatch.setattr(bench_onnx, "code_digest", lambda: "0ther0ne")
-    assert bench.main(argv) == 0
+    assert command.main(argv) == 0
     after = sorted(p.name for p in keep.iterdir())
     assert len(after) == 4 and sum("0ther0ne" in name for name in after) == 2
     capsys.readouterr()
 
 
 def test_build_only_needs_a_files_dir(capsys, tmp_path):
-    assert bench.main([*FAST, "--build-only", "--out", str(tmp_path / "x.json")]) == 2
+    assert command.main([*FAST, "--build-only", "--out", str(tmp_path / "x.json")]) == 2
     assert "--files-dir" in capsys.readouterr().err
 
 
 def test_batch_list_must_hold_positive_integers(capsys, tmp_path):
-    assert bench.main([*FAST, "--batch", "1,x", "--out", str(tmp_path / "x.json")]) == 2
+    assert command.main([*FAST, "--batch", "1,x", "--out", str(tmp_path / "x.json")]) == 2
     assert "--batch '1,x'" in capsys.readouterr().err
 
 
@@ -190,7 +190,7 @@ def test_bfloat16_drops_onnxconverter_common(tmp_path):
     (["--steps", "0"], "--steps"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys, tmp_path):
-    code = bench.main(["--mode", "onnx", "--device", "cpu", *args, "--out", str(tmp_path / "x.json")])
+    code = command.main(["--mode", "onnx", "--device", "cpu", *args, "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x.json").exists()
@@ -198,7 +198,7 @@ def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
-    assert bench.main(["--mode", "onnx", "--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
+    assert command.main(["--mode", "onnx", "--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
     assert "--device cpu" in capsys.readouterr().err
 
 

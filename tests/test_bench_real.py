@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import amp_compiler
-from amp_compiler.bench import suite as bench
-from amp_compiler.bench import real as bench_real
+from amp_compiler.bench import command, real_config, real_models
 from amp_compiler.bench import table as bench_table
-from amp_compiler.bench.real import SPECS, Spec, WithLoss
+from amp_compiler.bench.real_models import SPECS, Spec, WithLoss
 
 FAST = ["--suite", "real", "--tiny", "--device", "cpu", "--steps", "2", "--rounds", "1",
         "--warmup", "1"]
@@ -35,7 +34,7 @@ HF_MODELS = [name for name, spec in SPECS.items() if spec.library == "transforme
 
 def run_suite(out: Path, *args: str) -> dict[tuple[str, str], dict]:
     """Run the suite into ``out``; its files by (model, mode)."""
-    assert bench.main([*FAST, *args, "--out", str(out)]) == 0
+    assert command.main([*FAST, *args, "--out", str(out)]) == 0
     files = [json.loads(p.read_text()) for p in sorted(out.glob("real-*.json"))]
     return {(d["model"], d["mode"]): d for d in files}
 
@@ -305,7 +304,7 @@ def test_small_batch_runtimes_compile_modes_cuda_graphs_and_batches(tmp_path, pr
 
 
 def test_inference_batches():
-    shapes = bench_real.batch_shapes
+    shapes = real_models.batch_shapes
     assert shapes(SPECS["gpt2"], "infer", False, (1, 32)) == [(1, 64), (32, 64)]
     assert shapes(SPECS["resnet50"], "infer", False, (1, "train", 32)) == \
         [(1, 224), (128, 224), (32, 224)]
@@ -358,7 +357,7 @@ def test_markdown_table(suite, capsys):
     (["--infer-batches", "one"], "--infer-batches"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys, tmp_path):
-    code = bench.main(["--suite", "real", "--device", "cpu", *args, "--out", str(tmp_path)])
+    code = command.main(["--suite", "real", "--device", "cpu", *args, "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and fragment in err, err
@@ -366,10 +365,10 @@ def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys, tmp_path):
 
 
 def test_help(capsys):
-    assert bench.main(["--suite", "real", "--help"]) == 0
+    assert command.main(["--suite", "real", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--tiny" in text and "--modes" in text and "--no-compile" in text
-    assert bench.main(["--help"]) == 0
+    assert command.main(["--help"]) == 0
     assert "--suite" in capsys.readouterr().out
 
 
@@ -385,14 +384,14 @@ def test_full_configurations_are_the_issue_s():
         assert models[name].config._attn_implementation != "eager", name
     c = models["t5"].config
     assert (c.d_model, c.num_layers, c.num_heads, c.d_ff, c.vocab_size) == (512, 6, 8, 2048, 32128)
-    assert bench_real.batch_shapes(SPECS["gpt2"], "infer", False) == [(1, 64), (8, 1024)]
-    assert bench_real.batch_shapes(SPECS["resnet50"], "train", False) == [(128, 224)]
+    assert real_models.batch_shapes(SPECS["gpt2"], "infer", False) == [(1, 64), (8, 1024)]
+    assert real_models.batch_shapes(SPECS["resnet50"], "train", False) == [(128, 224)]
 
 
 def test_file_names():
     def path(*args: str) -> str:
-        suite = bench_real._resolve(["--device", "cpu", *args])
-        return Path(bench_real.out_path(suite, SPECS["t5"], "infer")).name
+        suite = real_config._resolve(["--device", "cpu", *args])
+        return Path(real_config.out_path(suite, SPECS["t5"], "infer")).name
 
     assert path() == "real-t5-infer-bfloat16.json"  # T5's own dtype
     assert path("--dtype", "float16", "--tiny") == "real-t5-infer-float16-tiny.json"

@@ -14,7 +14,7 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.errors import ConfigError
-from amp_compiler.capture.frontend import build_dataflow, capture
+from amp_compiler.capture import build_dataflow, capture
 from amp_compiler.models import build
 from amp_compiler.passes.classify import classify
 from amp_compiler.passes.policy import CATEGORIES, policy_for

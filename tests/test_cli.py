@@ -24,8 +24,8 @@ from amp_compiler.models import build
 from amp_compiler.passes.plan import PrecisionPlan
 
 HAS_ONNX_EXPORT = importlib.util.find_spec("amp_compiler.onnx.export") is not None
-HAS_ONNX_FRONTEND = importlib.util.find_spec("amp_compiler.onnx.frontend") is not None
-HAS_BENCH = importlib.util.find_spec("amp_compiler.bench.suite") is not None
+HAS_ONNX_FRONTEND = importlib.util.find_spec("amp_compiler.onnx.convert") is not None
+HAS_BENCH = importlib.util.find_spec("amp_compiler.bench.command") is not None
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -322,7 +322,7 @@ def test_bench_gets_the_rest_of_argv(capsys, monkeypatch):
         code, _, err = run(capsys, "bench", "--model", "mlp")
         assert_one_line_error(code, err, "bench command is not available")
         return
-    import amp_compiler.bench.suite as bench
+    import amp_compiler.bench.command as bench
 
     seen = []
     monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)

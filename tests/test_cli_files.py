@@ -85,8 +85,8 @@ def test_inspect_replaces_a_link_only_with_overwrite(tmp_path, capsys):
 
 
 def test_export_onnx_treats_a_dangling_link_as_existing(tmp_path):
-    pytest.importorskip("amp_compiler.onnx.export")
-    from amp_compiler.onnx.export import OnnxFileExistsError, check_destination, save_model
+    pytest.importorskip("amp_compiler.onnx.io")
+    from amp_compiler.onnx.io import OnnxFileExistsError, check_destination, save_model
 
     import onnx
     from onnx import helper
@@ -109,7 +109,7 @@ def _failing_export(monkeypatch):
         Path(path).write_bytes(b"half a file")  # what a crash mid-write would leave
         raise OnnxError("export failed on purpose")
 
-    monkeypatch.setattr("amp_compiler.cli._onnx_export_fn", lambda: export)
+    monkeypatch.setattr("amp_compiler.commands._onnx_export_fn", lambda: export)
 
 
 def test_a_failing_step_leaves_no_folder(tmp_path, capsys, monkeypatch):
@@ -180,7 +180,7 @@ def test_out_of_the_wrong_type(tmp_path, capsys):
 
 def test_nothing_writes_modules_with_torch_save():
     """A torch.save straight to its destination leaves a truncated file when interrupted: the
-    project has none; one added later must go through onnx_export.replacing (this test says so)."""
+    project has none; one added later must go through amp_compiler.onnx.io.replacing (this test says so)."""
     root = Path(__file__).resolve().parent.parent
     sources = [p for d in ("amp_compiler", "passes", "models") for p in (root / d).rglob("*.py")]
     assert sources

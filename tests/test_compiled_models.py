@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import amp_compiler as ac
-from amp_compiler.bench.real import SPECS, TINY_IMAGE, TINY_SEQ, make_batch, output_field
+from amp_compiler.bench.real_models import SPECS, TINY_IMAGE, TINY_SEQ, make_batch, output_field
 
 
 def _grads(model) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Front end (amp_compiler/capture/frontend.py): what capture hands the passes: torch.export's
+"""Front end (amp_compiler/capture/): what capture hands the passes: torch.export's
 ``dynamic_shapes`` follow forward's signature (``*args``, keywords); module paths are the user's.
 functionalize and the autograd.Function capture have their own test files.
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.errors import TraceError
-from amp_compiler.capture.frontend import build_dataflow, capture, symbolic_capture
+from amp_compiler.capture import build_dataflow, capture, symbolic_capture
 
 from conftest import DTYPES, EPS, assert_unchanged, convert_via, rel_err, snapshot
 

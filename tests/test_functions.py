@@ -15,7 +15,7 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.errors import UnsupportedModelError
-from amp_compiler.capture.frontend import symbolic_capture
+from amp_compiler.capture import symbolic_capture
 from amp_compiler.capture.functions import FunctionCall
 
 from conftest import EPS, assert_unchanged, convert_via, rel_err, snapshot

@@ -16,8 +16,9 @@ import transformers as T
 from torch import nn
 
 import amp_compiler as ac
-from amp_compiler.capture.frontend import capture
+from amp_compiler.capture import capture
 from amp_compiler.passes.fused_patterns import fuse_patterns, fuse_rotary
+from amp_compiler.passes.infra import PassResult
 
 from conftest import DTYPES
 
@@ -171,7 +172,7 @@ def test_the_pass_on_a_graph_without_the_formulas_changes_nothing():
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU(approximate="tanh"), nn.LayerNorm(8))
     gm, _ = capture(model, (torch.randn(2, 8),), dynamic_shapes=None)
     before = gm.code
-    assert fuse_patterns(gm) == [] and gm.code == before
+    assert fuse_patterns(gm).remarks == () and gm.code == before
 
 
 def _saved_bytes(fn):
@@ -202,11 +203,11 @@ def test_p4_the_gated_mlp_keeps_its_two_inputs_only(dtype, monkeypatch):
 
     batch = _batch(3, 2, 64)
     convert_module = sys.modules["amp_compiler.convert"]
-    monkeypatch.setattr(convert_module, "recompute_activations", lambda gm: [])  # P4 alone
+    monkeypatch.setattr(convert_module, "recompute_activations", lambda gm: PassResult(gm, False))  # P4 alone
     kept, grads = {}, {}
     for rule in (True, False):
         if not rule:
-            monkeypatch.setattr(convert_module, "fuse_gated_activation", lambda gm: [])
+            monkeypatch.setattr(convert_module, "fuse_gated_activation", lambda gm: PassResult(gm, False))
         model = _llama_mlp_wide()
         amp = ac.convert(model, example_kwargs=batch, dtype=dtype)
         rules = [r[1] for r in amp.plan.meta["rewrites"]]
@@ -289,7 +290,7 @@ def test_p5_an_activation_read_by_a_linear_layer_is_computed_again_in_backward(f
     kept, grads, losses = {}, {}, {}
     for rule in (True, False):
         if not rule:
-            monkeypatch.setattr(convert_module, "recompute_activations", lambda gm: [])
+            monkeypatch.setattr(convert_module, "recompute_activations", lambda gm: PassResult(gm, False))
         model = _mlp_model(family)
         amp = ac.convert(model, example_kwargs=batch, dtype=dtype)
         rows = [r for r in amp.plan.meta["rewrites"] if r[1] == "P5:recompute-activation"]
@@ -378,7 +379,7 @@ def test_p6_rotary_embeddings_run_one_backward_node_each(dtype, monkeypatch):
     nodes, grads, losses = {}, {}, {}
     for rule in (True, False):
         if not rule:
-            monkeypatch.setattr(convert_module, "fuse_rotary", lambda gm: [])
+            monkeypatch.setattr(convert_module, "fuse_rotary", lambda gm: PassResult(gm, False))
         model = _small("llama").train()
         amp = ac.convert(model, example_kwargs=batch, dtype=dtype)
         rows = [r for r in amp.plan.meta["rewrites"] if r[1] == "P6:rotary"]
@@ -424,5 +425,5 @@ def test_p6_rotary_matches_the_formula_and_leaves_near_misses():
     args = (x.detach().float(), cos.float(), sin.float())
     for swapped, rules in ((False, ["P6:rotary"]), (True, [])):
         gm = torch.export.export(Rotation(swapped), args).module()
-        assert [r.rule for r in fuse_rotary(gm)] == rules
+        assert [r.rule for r in fuse_rotary(gm).remarks] == rules
         assert torch.equal(gm(*args), Rotation(swapped)(*args))

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import amp_compiler as ac
-from amp_compiler.capture.frontend import capture, export_capture
+from amp_compiler.capture import capture, export_capture
 from amp_compiler.passes.hygiene import clean_graph
-from amp_compiler.passes.remarks import Remark
+from amp_compiler.passes.infra import Remark
 from conftest import (EPS, assert_within_autocast, autocast_error_or_skip, cast_nodes, rel_err,
                       runtime_dtypes)
 
@@ -169,7 +169,7 @@ def test_h1_metadata_asserts_removed_and_remarked():
     raw = _raw_export(model, _x())
     asserts = _names(raw, "_assert_tensor_metadata")
     assert asserts, "torch.export no longer writes dtype asserts before .to(): the test is moot"
-    remarks = clean_graph(raw)
+    remarks = list(clean_graph(raw).remarks)
     assert _names(raw, "_assert_tensor_metadata") == []
     h1 = [r for r in remarks if r.rule == "H1:metadata-assert"]
     assert sorted(r.node for r in h1) == sorted(asserts)
@@ -199,7 +199,7 @@ def test_h8_bodies_of_higher_order_ops_are_cleaned_too():
     bodies = {name: m for name, m in raw.named_children() if isinstance(m, fx.GraphModule)}
     inner = {name: _names(m, "_assert_tensor_metadata") for name, m in bodies.items()}
     assert any(inner.values()), "torch.export keeps no dtype assert in the region's body: moot"
-    remarks = clean_graph(raw)
+    remarks = list(clean_graph(raw).remarks)
     assert all(_names(m, "_assert_tensor_metadata") == [] for m in bodies.values())
     named = {r.node for r in remarks if r.rule == "H1:metadata-assert"}
     assert {f"{b}.{n}" for b, names in inner.items() for n in names} <= named
@@ -287,7 +287,7 @@ def test_h3_alias_is_its_input():
     raw = _raw_export(model, _x())
     aliases = _names(raw, "alias")
     assert aliases
-    remarks = clean_graph(raw)
+    remarks = list(clean_graph(raw).remarks)
     assert _names(raw, "alias") == []
     assert [r.node for r in remarks if r.rule == "H3:alias"] == aliases
     x = _x(3, 4, seed=1)
@@ -306,7 +306,7 @@ def test_h4_dead_code_removed_side_effects_kept():
     writes = _names(raw, "copy_")
     draws = _names(raw, "rand")
     assert writes and draws
-    remarks = clean_graph(raw)
+    remarks = list(clean_graph(raw).remarks)
     assert _names(raw, "mul") == []
     assert set(dead_mul) <= {r.node for r in remarks if r.rule == "H4:dead-code"}
     assert [n.name for n in raw.graph.nodes if n.op == "call_module"] == guards
@@ -413,7 +413,7 @@ def test_h6_dead_writes_and_h7_whole_slices_removed():
     gm = _fresh_writes_graph()
     x = _x(3, 4)
     expected = gm(x)
-    rules = _rules(clean_graph(gm))
+    rules = _rules(clean_graph(gm).remarks)
     assert rules.count("H6:dead-write") == 1 and rules.count("H7:whole-slice") == 1
     assert len(_names(gm, "copy_")) == 1  # the write that is read stays
     assert not _names(gm, "lift_fresh_copy") and not _names(gm, "detach")

@@ -1,4 +1,4 @@
-"""Graph views of a plan (amp_compiler.view.inspect): structure of the view, each format
+"""Graph views of a plan (amp_compiler.view): structure of the view, each format
 well-formed (DOT, SVG, HTML, Mermaid), collapsing by module path, the bare-plan table, and one
 headless-Chromium rendering of the HTML page (skipped without Debian's ``chromium``)."""
 
@@ -18,9 +18,15 @@ import pytest
 import torch
 
 import amp_compiler as ac
-from amp_compiler.view import inspect as ig
 from amp_compiler.models import build
 from amp_compiler.passes.plan import PrecisionPlan
+from amp_compiler.view import graph_view as graph_view_module
+from amp_compiler.view.graph_view import graph_view
+from amp_compiler.view.page import to_html
+from amp_compiler.view.report import plan_table
+from amp_compiler.view.style import ACC_STROKE, CAST_EDGE, STYLES
+from amp_compiler.view.svg import to_svg
+from amp_compiler.view.text import to_dot, to_mermaid
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +44,7 @@ def gpt():
 
 @pytest.fixture(scope="module")
 def gpt_view(gpt):
-    return ig.graph_view(gpt, collapse="none", title="gpt tiny")
+    return graph_view(gpt, collapse="none", title="gpt tiny")
 
 
 def _low_nodes(amp) -> set[str]:
@@ -93,13 +99,13 @@ def nx_is_dag(view) -> bool:
 def test_view_with_params_shows_parameter_casts_in_training():
     model, inputs = build("mlp", "tiny")
     amp = ac.convert(model, inputs, dtype="float16", training=True)  # weights cast per step
-    view = ig.graph_view(amp, collapse="none", show_params=True)
+    view = graph_view(amp, collapse="none", show_params=True)
     param_casts = [c for c in amp.casts if c.is_param]
     assert param_casts
     for c in param_casts:
         assert view.nodes[c.node].style == "cast"
         assert view.nodes[c.source].style == "param"
-    hidden = ig.graph_view(amp, collapse="none")
+    hidden = graph_view(amp, collapse="none")
     assert not any(c.node in hidden.nodes for c in param_casts)
     # hidden parameter casts are still listed on the node that receives them
     linear = next(n for n in hidden.nodes.values() if n.info.get("kind") == "linear")
@@ -113,7 +119,7 @@ _DOT_EDGE = re.compile(r'^  "((?:[^"\\]|\\.)+)" -> "((?:[^"\\]|\\.)+)" \[(.*)\];
 
 
 def test_dot_is_well_formed(gpt_view):
-    text = ig.to_dot(gpt_view)
+    text = to_dot(gpt_view)
     lines = text.splitlines()
     assert lines[0] == "digraph amp_plan {" and lines[-1] == "}"
     nodes = [m for m in map(_DOT_NODE.match, lines) if m]
@@ -121,12 +127,12 @@ def test_dot_is_well_formed(gpt_view):
     assert len(nodes) == len(gpt_view.nodes) and len(edges) == len(gpt_view.edges)
     names = {m.group(1) for m in nodes}
     assert all(m.group(1) in names and m.group(2) in names for m in edges)
-    cast_edges = [m for m in edges if ig.CAST_EDGE in m.group(3)]
+    cast_edges = [m for m in edges if CAST_EDGE in m.group(3)]
     assert len(cast_edges) == sum(e.cast is not None for e in gpt_view.edges)
     attrs = {m.group(1): m.group(2) for m in nodes}
     assert 'shape="hexagon"' in attrs["layer_norm_bf16"]
-    assert f'color="{ig.ACC_STROKE}"' in attrs["softmax"] and 'penwidth="3"' in attrs["softmax"]
-    assert ig.STYLES["low"]["fill"] in attrs["linear"] and ig.STYLES["fp32"]["fill"] in attrs["layer_norm"]
+    assert f'color="{ACC_STROKE}"' in attrs["softmax"] and 'penwidth="3"' in attrs["softmax"]
+    assert STYLES["low"]["fill"] in attrs["linear"] and STYLES["fp32"]["fill"] in attrs["layer_norm"]
     # every statement is one of: graph/node/edge defaults, a node, an edge
     body = [ln for ln in lines[1:-1] if not (_DOT_NODE.match(ln) or _DOT_EDGE.match(ln))]
     assert all(re.match(r"^  (graph|node|edge) \[.*\];$", ln) for ln in body), body
@@ -134,7 +140,7 @@ def test_dot_is_well_formed(gpt_view):
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
 def test_dot_renders_with_graphviz(gpt_view):
-    done = subprocess.run(["dot", "-Tsvg"], input=ig.to_dot(gpt_view), capture_output=True,
+    done = subprocess.run(["dot", "-Tsvg"], input=to_dot(gpt_view), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     root = ET.fromstring(done.stdout.encode())
@@ -148,7 +154,7 @@ def _svg_nodes(root) -> list:
 
 
 def test_builtin_svg_is_valid_xml_with_a_box_per_node(gpt_view):
-    svg = ig.to_svg(gpt_view, engine="builtin")
+    svg = to_svg(gpt_view, engine="builtin")
     root = ET.fromstring(svg)
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
     boxes = _svg_nodes(root)
@@ -158,7 +164,7 @@ def test_builtin_svg_is_valid_xml_with_a_box_per_node(gpt_view):
     ns = "{http://www.w3.org/2000/svg}"
     for name, node in gpt_view.nodes.items():
         shape = by_name[name].find(f"{ns}polygon" if node.style == "cast" else f"{ns}rect")
-        assert shape is not None and shape.get("fill") == ig.STYLES[node.style]["fill"], name
+        assert shape is not None and shape.get("fill") == STYLES[node.style]["fill"], name
     # boxes do not overlap within a row
     rects = [(float(r.get("x")), float(r.get("y")), float(r.get("width")))
              for g in boxes for r in g.findall(f"{ns}rect")[:1]]
@@ -174,17 +180,17 @@ def test_builtin_svg_is_valid_xml_with_a_box_per_node(gpt_view):
 
 def test_svg_engine_choice(gpt_view):
     if shutil.which("dot"):
-        ET.fromstring(ig.to_svg(gpt_view, engine="dot").encode())
+        ET.fromstring(to_svg(gpt_view, engine="dot").encode())
     else:
         with pytest.raises(ac.ConfigError, match="graphviz"):
-            ig.to_svg(gpt_view, engine="dot")
+            to_svg(gpt_view, engine="dot")
     with pytest.raises(ac.ConfigError):
-        ig.to_svg(gpt_view, engine="neato")
+        to_svg(gpt_view, engine="neato")
 
 
 @pytest.mark.parametrize("engine", ["builtin", "auto"])
 def test_html_is_one_offline_page(gpt, gpt_view, engine):
-    page = ig.to_html(gpt_view, engine=engine)
+    page = to_html(gpt_view, engine=engine)
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 1
     assert not re.search(r"https?://", page), "no external URL, not even a namespace"
     assert not re.search(r"<link\b|\bsrc\s*=|@import|url\((?!#)", page)
@@ -200,7 +206,7 @@ def test_html_is_one_offline_page(gpt, gpt_view, engine):
 
 
 def test_mermaid_flowchart(gpt_view):
-    text = ig.to_mermaid(gpt_view)
+    text = to_mermaid(gpt_view)
     lines = text.splitlines()
     assert lines[0] == "flowchart TD"
     node_lines = [ln for ln in lines if re.match(r"^  n\d+[\[\(\{]", ln)]
@@ -218,7 +224,7 @@ def test_mermaid_flowchart(gpt_view):
 # -- collapsing ----------------------------------------------------------------------------------
 
 def test_collapse_groups_by_module_path_with_counts(gpt, gpt_view):
-    view = ig.graph_view(gpt, collapse=3)
+    view = graph_view(gpt, collapse=3)
     groups = {n.label: n for n in view.nodes.values() if n.group}
     assert {"transformer.h.0", "transformer.h.1"} <= set(groups)
     assert len(view.nodes) < len(gpt_view.nodes) / 3
@@ -234,22 +240,22 @@ def test_collapse_groups_by_module_path_with_counts(gpt, gpt_view):
     assert block.fp32_acc  # it holds layer norms and softmax
     # edges between groups keep the cast mark: layer_norm_4 -> (cast) -> lm_head's linear
     assert any(e.cast for e in view.edges if e.dst == "group:lm_head")
-    assert ig.to_mermaid(view).count("[[") == len(groups)
-    ET.fromstring(ig.to_svg(view, engine="builtin"))  # cycles between groups still lay out
+    assert to_mermaid(view).count("[[") == len(groups)
+    ET.fromstring(to_svg(view, engine="builtin"))  # cycles between groups still lay out
 
 
 def test_collapse_auto_kicks_in_past_the_threshold(gpt, gpt_view, monkeypatch):
-    assert ig.graph_view(gpt).collapsed_depth is None  # 2-layer gpt: under the threshold
-    sizes = {d: len(ig.graph_view(gpt, collapse=d).nodes) for d in range(1, 7)}
+    assert graph_view(gpt).collapsed_depth is None  # 2-layer gpt: under the threshold
+    sizes = {d: len(graph_view(gpt, collapse=d).nodes) for d in range(1, 7)}
     assert sizes[1] < sizes[3] < sizes[4] < len(gpt_view.nodes)
-    monkeypatch.setattr(ig, "AUTO_COLLAPSE_NODES", sizes[3])
-    view = ig.graph_view(gpt)
+    monkeypatch.setattr(graph_view_module, "AUTO_COLLAPSE_NODES", sizes[3])
+    view = graph_view(gpt)
     # the most detailed grouping that fits under the threshold
     assert view.collapsed_depth == 3 and len(view.nodes) == sizes[3]
-    monkeypatch.setattr(ig, "AUTO_COLLAPSE_NODES", 2)  # nothing fits: one level
-    assert ig.graph_view(gpt).collapsed_depth == 1
+    monkeypatch.setattr(graph_view_module, "AUTO_COLLAPSE_NODES", 2)  # nothing fits: one level
+    assert graph_view(gpt).collapsed_depth == 1
     with pytest.raises(ac.ConfigError):
-        ig.graph_view(gpt, collapse="deep")
+        graph_view(gpt, collapse="deep")
 
 
 # -- a saved plan as a table ---------------------------------------------------------------------
@@ -259,21 +265,21 @@ def _rows(table) -> list[str]:
 
 
 def test_plan_table_from_json(gpt):
-    from amp_compiler.cli import plan_with_casts
+    from amp_compiler.commands import plan_with_casts
 
     plan = PrecisionPlan.from_json(plan_with_casts(gpt).to_json(indent=1))
-    fp32 = set(_rows(ig.plan_table(plan, only="fp32")))
+    fp32 = set(_rows(plan_table(plan, only="fp32")))
     assert fp32 == {n for n in gpt.plan.fp32_nodes()
                     if gpt.plan[n].category not in ("non_float",)}
-    assert set(_rows(ig.plan_table(plan, only="low"))) == _low_nodes(gpt)
-    assert _rows(ig.plan_table(plan, only="casts")) == [c.node for c in gpt.casts]
-    why = ig.plan_table(plan, why="softmax")
+    assert set(_rows(plan_table(plan, only="low"))) == _low_nodes(gpt)
+    assert _rows(plan_table(plan, only="casts")) == [c.node for c in gpt.casts]
+    why = plan_table(plan, why="softmax")
     assert gpt.plan["softmax"].reason in list(why.columns[1]._cells)
     with pytest.raises(ac.ConfigError, match="no node named"):
-        ig.plan_table(plan, why="nope")
+        plan_table(plan, why="nope")
     bare = PrecisionPlan.from_json(gpt.plan.to_json())
     with pytest.raises(ac.ConfigError, match="lists no casts"):
-        ig.plan_table(bare, only="casts")
+        plan_table(bare, only="casts")
 
 
 # -- headless Chromium ---------------------------------------------------------------------------
@@ -328,7 +334,7 @@ def _png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_html_renders_in_headless_chromium(gpt_view, tmp_path):
     page = tmp_path / "gpt.html"
-    page.write_text(ig.to_html(gpt_view, engine="builtin"), encoding="utf-8")
+    page.write_text(to_html(gpt_view, engine="builtin"), encoding="utf-8")
     url = f"{page.as_uri()}#focus=softmax"
     shot = tmp_path / "shot.png"
     done = _chromium(url, tmp_path, f"--screenshot={shot}")
@@ -339,7 +345,7 @@ def test_html_renders_in_headless_chromium(gpt_view, tmp_path):
     assert len(colours) > 200, "a blank or near-blank screenshot"
     near = lambda hexcol: sum(n for px, n in colours.items()  # noqa: E731
                               if sum(abs(px[i] - int(hexcol[1 + 2 * i:3 + 2 * i], 16)) for i in range(3)) < 12)
-    assert near(ig.STYLES["low"]["fill"]) > 2000  # green boxes are on screen
+    assert near(STYLES["low"]["fill"]) > 2000  # green boxes are on screen
     # the script ran: the page is marked ready and the focused node's decision is in the tooltip
     dom = _chromium(url, tmp_path, "--dump-dom").stdout
     assert 'data-ready="1"' in dom and 'data-focus="softmax"' in dom

@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 import amp_compiler.passes.onnx_rewrite as rw
 from amp_compiler.bench.onnx_files import export_fp32
 from amp_compiler.models import build
-from amp_compiler.onnx.frontend import convert_onnx
+from amp_compiler.onnx.convert import convert_onnx
+from amp_compiler.passes.infra import PassResult
 from amp_compiler.passes.onnx_cast_placement import MOVEMENT, place_casts
 
 F32, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
@@ -58,7 +59,8 @@ def _apply(m: onnx.ModelProto, feeds: dict, ort_no_crash):
     before = _run(m, feeds)
     after = onnx.ModelProto()
     after.CopyFrom(m)
-    after, remarks = place_casts(after)
+    placed = place_casts(after)
+    after, remarks = placed.graph_module, placed.remarks
     onnx.checker.check_model(after, full_check=True)
     ort_no_crash(after, None)
     for a, b in zip(before, _run(after, feeds)):
@@ -159,7 +161,7 @@ def test_c5_moves_nothing_that_removes_no_cast(ort_no_crash):
 
 def _without_pass(monkeypatch, source):
     with monkeypatch.context() as mp:
-        mp.setattr(rw, "place_casts", lambda m: (m, []))
+        mp.setattr(rw, "place_casts", lambda m: PassResult(m, False))
         return convert_onnx(source)
 
 

@@ -1,4 +1,4 @@
-"""Tests for ``convert_onnx`` (amp_compiler.onnx.frontend + passes.onnx_rewrite).
+"""Tests for ``convert_onnx`` (amp_compiler.onnx.convert + frontend + passes.onnx_rewrite).
 
 fp32 ONNX files of the reference models (tiny presets, ``torch.onnx.export``) are converted and
 compared, on the same file and the same inputs (batch 64), with onnxconverter-common's
@@ -37,8 +37,11 @@ from onnxconverter_common import float16 as occ
 from amp_compiler.bench.onnx_files import MINCAST, export_fp32
 from amp_compiler.errors import ConfigError, OnnxError
 from amp_compiler.models import build
-from amp_compiler.onnx.export import OnnxFileExistsError, ort_providers
-from amp_compiler.onnx.frontend import ONNX_OPS, build_onnx_dataflow, convert_onnx, prepare
+from amp_compiler.onnx.convert import convert_onnx
+from amp_compiler.onnx.frontend import ONNX_OPS, build_onnx_dataflow, prepare
+from amp_compiler.onnx.io import OnnxFileExistsError
+from amp_compiler.onnx.session import ort_providers
+from amp_compiler.passes.infra import PassResult
 from amp_compiler.passes.kinds import TORCH_ALIASES
 from amp_compiler.passes.policy import NON_FLOAT, policy_for
 from amp_compiler.reference import ReferenceUnavailable, autocast_run
@@ -512,17 +515,17 @@ def test_w9_moves_a_batch_transpose_below_the_low_matmul(ort_run, monkeypatch):
     crashed (SIGSEGV) building the session. Ours computes the same values with the same casts."""
     from onnx.reference import ReferenceEvaluator
 
-    from amp_compiler.passes import onnx_rewrite
+    from amp_compiler.passes import onnx_rewrite, onnx_transposes
 
     source = _batch_first_linear()
     with monkeypatch.context() as mp:  # the file as it was without W9 (never opened in ORT here)
-        mp.setattr(onnx_rewrite, "sink_transposes", lambda model: ([], []))
+        mp.setattr(onnx_rewrite, "sink_transposes", lambda model: PassResult(model, False, (), ([], [])))
         before = convert_onnx(source)
-    assert len(onnx_rewrite.transpose_hazards(before)) == 1
+    assert len(onnx_transposes.transpose_hazards(before)) == 1
     ours, plan = convert_onnx(source, return_plan=True)
     onnx.checker.check_model(ours, full_check=True)
     assert plan["mm"].precision == plan["bias"].precision == torch.float16
-    assert onnx_rewrite.transpose_hazards(ours) == []
+    assert onnx_transposes.transpose_hazards(ours) == []
     moved = _w9_moved(ours)
     assert [n.op_type for n in moved] == ["Transpose"]
     reason = next(p.value for p in moved[0].metadata_props if p.key == "amp_compiler.reason")
@@ -543,7 +546,7 @@ def test_w9_shared_cast_stays_one_cast_and_unmovable_matches_are_reported(ort_no
     move, the Cast stays one. A transposed right operand cannot move: left and reported."""
     from onnx.reference import ReferenceEvaluator
 
-    from amp_compiler.passes.onnx_rewrite import hazard_message, sink_transposes, transpose_hazards
+    from amp_compiler.passes.onnx_transposes import hazard_message, sink_transposes, transpose_hazards
 
     rng = np.random.default_rng(5)
 
@@ -559,7 +562,7 @@ def test_w9_shared_cast_stays_one_cast_and_unmovable_matches_are_reported(ort_no
                      helper.make_tensor_value_info("k", FP16, [10, "n", 8])],
                     [f16("wq", (32, 8)), f16("wk", (32, 8))])
     fixed = onnx.ModelProto.FromString(shared.SerializeToString())
-    moved, left = sink_transposes(fixed)
+    moved, left = sink_transposes(fixed).facts
     onnx.checker.check_model(fixed, full_check=True)
     assert sorted(moved) == ["mm_k", "mm_q"] and left == [] and transpose_hazards(fixed) == []
     assert casts(fixed) == 1 and len(_w9_moved(fixed)) == 2
@@ -574,7 +577,7 @@ def test_w9_shared_cast_stays_one_cast_and_unmovable_matches_are_reported(ort_no
     right = _model(nodes, [helper.make_tensor_value_info("x", FP16, [8, "n", 32])],
                    [helper.make_tensor_value_info("y", FP16, ["n", 5, 32])], [f16("w", (5, 8))])
     before = right.SerializeToString()
-    moved, left = sink_transposes(right)
+    moved, left = sink_transposes(right).facts
     assert moved == [] and [(h.matmul, h.slot, h.transpose) for h in left] == [("mm", 1, "transpose")]
     assert right.SerializeToString() == before
     assert "disabled_optimizers=['MatmulTransposeFusion']" in hazard_message(left)

@@ -1,4 +1,4 @@
-"""Tests for ``amp_compiler.onnx.export``: export_onnx, onnx_session and verify_onnx.
+"""Tests for ``amp_compiler.onnx.export``: export_onnx, onnx_session and verify_onnx (``.session``).
 
 Every reference model (tiny presets) is converted with example inputs (torch.export front end),
 exported, loaded in ONNX Runtime (CPU provider) and compared with the AmpModule.
@@ -26,7 +26,9 @@ from onnx import TensorProto, numpy_helper
 import amp_compiler as ac
 from amp_compiler.errors import AmpCompilerError, ConfigError, OnnxError
 from amp_compiler.models import build
-from amp_compiler.onnx.export import OnnxFileExistsError, export_onnx, onnx_session, verify_onnx
+from amp_compiler.onnx.export import export_onnx
+from amp_compiler.onnx.io import OnnxFileExistsError
+from amp_compiler.onnx.session import onnx_session, verify_onnx
 from amp_compiler.passes.insert_casts import PROMOTING
 from amp_compiler.passes.size_cache import SizeCache
 
@@ -227,7 +229,7 @@ def test_no_partial_file_when_writing_fails(tmp_path, monkeypatch):
             fh.write(proto.SerializeToString()[:100])  # a truncated file, then the disk "fills"
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("amp_compiler.onnx.export.onnx.save_model", failing_save)
+    monkeypatch.setattr("amp_compiler.onnx.io.onnx.save_model", failing_save)
     with pytest.raises(OSError, match="No space"):
         export_onnx(amp, inputs, target)
     assert os.listdir(tmp_path) == []
@@ -318,7 +320,7 @@ def test_bf16_export_computes_convs_in_float32_and_passes_the_checker(tmp_path, 
 
 
 def test_legaliser_leaves_a_valid_fp16_export_untouched(tmp_path, ort_no_crash):
-    from amp_compiler.onnx.export import legalise_types
+    from amp_compiler.onnx.legalise import legalise_types
 
     model, x, amp, m = _conv_export(torch.float16, tmp_path)
     ort_no_crash(m, (x,))
@@ -333,11 +335,11 @@ def test_legaliser_leaves_a_valid_fp16_export_untouched(tmp_path, ort_no_crash):
 def test_legaliser_copies_a_shared_initializer_and_casts_computed_values_once():
     from onnx import helper
 
-    from amp_compiler.onnx.export import legalise_types
+    from amp_compiler.onnx.legalise import legalise_types
 
     bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
     w = numpy_helper.from_array(torch.randn(4, 4).numpy(), "w")
-    w = ac.passes.onnx_rewrite.convert_tensor(w, bf16)[0]
+    w = ac.passes.onnx_graph.convert_tensor(w, bf16)[0]
     nodes = [
         helper.make_node("Cast", ["x"], ["xb"], to=bf16, name="cast_in"),
         helper.make_node("MatMul", ["xb", "w"], ["h"], name="mm"),      # bf16 allowed
@@ -409,7 +411,7 @@ def test_type_promotion_is_made_explicit_before_export(tmp_path, ort_no_crash):
     assert verify_onnx(path, amp, (x,))["max_rel"] < 1e-3
 
 
-# -- ONNX Runtime must not crash on our files (passes.onnx_rewrite W9) --------------------------------
+# -- ONNX Runtime must not crash on our files (passes.onnx_transposes W9) -----------------------------
 
 def _transformer_encoder():
     torch.manual_seed(0)
@@ -429,7 +431,7 @@ def test_transformer_encoder_file_does_not_crash_onnx_runtime(dtype, tmp_path, o
     Transpose now sits below the MatMul (W9): same Casts, same node count, same values."""
     from onnx.reference import ReferenceEvaluator
 
-    from amp_compiler.passes.onnx_rewrite import transpose_hazards
+    from amp_compiler.passes.onnx_transposes import transpose_hazards
 
     model, x = _transformer_encoder()
     amp = ac.convert(model, (x,), dtype=dtype, training=False)

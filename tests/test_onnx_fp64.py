@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from amp_compiler.errors import ConfigError
-from amp_compiler.onnx.frontend import convert_onnx
+from amp_compiler.onnx.convert import convert_onnx
 from amp_compiler.passes.onnx_fp64 import fp64_to_fp32
 
 F64, F32, F16 = TensorProto.DOUBLE, TensorProto.FLOAT, TensorProto.FLOAT16
@@ -76,12 +76,13 @@ def test_fp32_computes_in_float32_and_the_low_plan_applies(ort_no_crash):
 
 
 def test_the_rewrite_names_what_it_changed():
-    model, changed = fp64_to_fp32(_double_model())
+    converted = fp64_to_fp32(_double_model())
+    model, changed = converted.graph_module, converted.facts
     assert "initializer 'w'" in changed and "input 'offset'" in changed and "output 'y'" in changed
     assert any(c.startswith("Cast") for c in changed) and any(c.startswith("ConstantOfShape") for c in changed)
-    _, nothing = fp64_to_fp32(helper.make_model(helper.make_graph(
+    nothing = fp64_to_fp32(helper.make_model(helper.make_graph(
         [helper.make_node("Relu", ["a"], ["b"])], "g", [helper.make_tensor_value_info("a", F32, [1])],
-        [helper.make_tensor_value_info("b", F32, [1])])))
+        [helper.make_tensor_value_info("b", F32, [1])]))).facts
     assert nothing == []
 
 

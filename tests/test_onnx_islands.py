@@ -17,7 +17,8 @@ import torch
 
 from amp_compiler.bench.onnx_files import Positional, export_fp32
 from amp_compiler.errors import ConfigError
-from amp_compiler.onnx.frontend import build_onnx_dataflow, convert_onnx, prepare
+from amp_compiler.onnx.convert import convert_onnx
+from amp_compiler.onnx.frontend import build_onnx_dataflow, prepare
 from amp_compiler.onnx.islands import generated_samples, islands, mean_error
 
 
@@ -119,7 +120,7 @@ def test_bad_island_arguments_are_config_errors(gpt2, kwargs, fragment):
 
 
 def test_bfloat16_trades_need_the_cuda_provider(gpt2):
-    from amp_compiler.onnx.export import ort_providers
+    from amp_compiler.onnx.session import ort_providers
 
     if "CUDAExecutionProvider" in ort_providers():
         pytest.skip("ONNX Runtime has its CUDA provider here: bfloat16 trades are measured on it")

@@ -17,7 +17,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from amp_compiler.onnx.frontend import convert_onnx, prepare
+from amp_compiler.onnx.convert import convert_onnx
+from amp_compiler.onnx.frontend import prepare
 from amp_compiler.passes.onnx_layer_norm import fuse_layer_norms
 
 F32 = TensorProto.FLOAT
@@ -65,10 +66,11 @@ def test_a_torchscript_layer_norm_is_fused_at_opset_17(ort_no_crash):
 
 def test_the_fused_fp32_graph_computes_the_same_values(ort_no_crash):
     _, source = _export()
-    from amp_compiler.onnx.frontend import convert_opset
+    from amp_compiler.onnx.convert import convert_opset
 
     written = prepare(convert_opset(source, 17))
-    fused, names = fuse_layer_norms(onnx.load_from_string(written.SerializeToString()))
+    fused_result = fuse_layer_norms(onnx.load_from_string(written.SerializeToString()))
+    fused, names = fused_result.graph_module, fused_result.facts
     assert len(names) == 1
     onnx.checker.check_model(fused, full_check=True)
     x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32) * 3
@@ -78,7 +80,8 @@ def test_the_fused_fp32_graph_computes_the_same_values(ort_no_crash):
 
 def test_below_opset_17_nothing_is_fused():
     _, source = _export(14)
-    model, names = fuse_layer_norms(prepare(source))
+    fused_result = fuse_layer_norms(prepare(source))
+    model, names = fused_result.graph_module, fused_result.facts
     assert names == [] and sum(n.op_type == "ReduceMean" for n in model.graph.node) == 2
 
 
@@ -110,7 +113,8 @@ def _written(*, square="pow", axes=(-1,), extra_reader=False, gamma=True):
 @pytest.mark.parametrize("square", ["pow", "mul"])
 def test_both_spellings_of_the_square_fuse(square, ort_no_crash):
     written = _written(square=square)
-    fused, names = fuse_layer_norms(onnx.load_from_string(written.SerializeToString()))
+    fused_result = fuse_layer_norms(onnx.load_from_string(written.SerializeToString()))
+    fused, names = fused_result.graph_module, fused_result.facts
     assert len(names) == 1 and [n.op_type for n in fused.graph.node] == ["LayerNormalization", "Relu"]
     x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
     np.testing.assert_allclose(_run(fused, x, ort_no_crash), _run(written, x, ort_no_crash), rtol=1e-5, atol=1e-6)
@@ -118,5 +122,6 @@ def test_both_spellings_of_the_square_fuse(square, ort_no_crash):
 
 @pytest.mark.parametrize("change", [{"axes": (0,)}, {"extra_reader": True}, {"gamma": False}])
 def test_what_is_not_a_layer_norm_is_left_alone(change):
-    model, names = fuse_layer_norms(_written(**change))
+    fused_result = fuse_layer_norms(_written(**change))
+    model, names = fused_result.graph_module, fused_result.facts
     assert names == [] and sum(n.op_type == "ReduceMean" for n in model.graph.node) == 2

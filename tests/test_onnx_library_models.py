@@ -30,7 +30,7 @@ from onnxconverter_common import float16 as occ
 
 from amp_compiler.bench.onnx_files import Positional, _batch_of, export_fp32
 from amp_compiler.errors import ConfigError
-from amp_compiler.onnx.frontend import convert_onnx
+from amp_compiler.onnx.convert import convert_onnx
 
 LAYERS = 2  # the suite's tiny configurations
 F16, F32 = TensorProto.FLOAT16, TensorProto.FLOAT

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 import amp_compiler as ac
 import amp_compiler.passes.plan as plan_module
-from amp_compiler.cli import main, plan_with_casts
+from amp_compiler.cli import main
+from amp_compiler.commands import plan_with_casts
 from amp_compiler.errors import AmpCompilerError, PlanError
 from amp_compiler.models import NAMES, build
 from amp_compiler.passes.plan import PrecisionPlan
@@ -117,7 +118,7 @@ def test_calibration_and_tolerance_metadata_round_trip():
 
 
 def test_onnx_plans_round_trip(tmp_path):
-    pytest.importorskip("amp_compiler.onnx.frontend")
+    pytest.importorskip("amp_compiler.onnx.convert")
     from test_cli import _tiny_onnx
 
     src = tmp_path / "fp32.onnx"

@@ -218,7 +218,7 @@ def test_r3_an_fp32_parameter_with_a_dimension_blocks_like_type_promotion(dtype)
 
 def test_r3_parameters_do_not_block_without_type_promotion():
     """ONNX graphs (type_promotion=False): the same graph keeps the scaled branch low."""
-    from amp_compiler.capture.frontend import build_dataflow, capture
+    from amp_compiler.capture import build_dataflow, capture
 
     model, x = LayerScale().eval(), torch.randn(2, 3, 32, 32)
     gm, _ = capture(model, (x,))

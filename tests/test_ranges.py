@@ -11,15 +11,24 @@ from torch import nn
 
 import amp_compiler as ac
 from amp_compiler.errors import ConfigError
-from amp_compiler.capture.frontend import build_dataflow, capture
+from amp_compiler.capture import build_dataflow, capture
 from amp_compiler.models import build
 from amp_compiler.passes.insert_casts import insert_casts
-from amp_compiler.passes.ranges import (THRESHOLDS, apply_overrides, collect_ranges, plan_from_ranges,
-                                        plan_with_overrides, plan_with_ranges, range_findings,
-                                        range_overrides)
+from amp_compiler.passes.range_recorder import collect_ranges
+from amp_compiler.passes.ranges import (THRESHOLDS, apply_overrides, plan_from_ranges, plan_with_overrides,
+                                        range_findings, range_overrides)
 from conftest import rel_err, runtime_dtypes
 
 FP16, BF16 = torch.float16, torch.bfloat16
+
+
+def plan_with_ranges(model, calibration, *, dtype, **overrides):
+    """convert()'s range stages on an eval-mode fx capture: capture -> DataflowGraph ->
+    collect_ranges -> plan_from_ranges (D1-D4 pins); returns (gm, graph, plan)."""
+    gm, _ = capture(model, mode=False)
+    graph = build_dataflow(gm)
+    ranges = collect_ranges(gm, calibration, graph=graph, low_dtypes=(dtype,))
+    return gm, graph, plan_from_ranges(graph, ranges, dtype, "cpu", **overrides)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,7 +69,7 @@ def test_collect_ranges_records_max_reduction_and_accumulator():
     model = Overflowing(scale=10.0).eval()
     cal = batches(3, seed=1)
     gm, _ = capture(model)
-    ranges = collect_ranges(gm, cal)
+    ranges = collect_ranges(gm, cal, graph=build_dataflow(gm))
     with torch.no_grad():
         h = [torch.relu(model.fc1(x)) for (x,) in cal]
         y = [model.fc2(a) for a in h]
@@ -84,7 +93,7 @@ def test_collect_ranges_counts_values_below_smallest_normal():
             return x * 1.0
 
     x = torch.tensor([[1e-6, 2e-5, 1e-4, 0.0, 1.0, -3e-7, 5e-5, 2.0]])
-    r = collect_ranges(capture(Scale())[0], [(x,)])["mul"]
+    r = collect_ranges(gm := capture(Scale())[0], [(x,)], graph=build_dataflow(gm))["mul"]
     # 7 non-zero values, 4 of them below fp16's 6.1e-5; none below bf16's 1.2e-38
     assert r.nonzero == 7
     assert r.below_normal["float16"] == pytest.approx(4 / 7)
@@ -97,9 +106,9 @@ def test_calibration_with_nonfinite_values_is_refused(bad, what):
     cal = batches(3, seed=1)
     cal[1][0][2, 5] = bad
     with pytest.raises(ConfigError, match=f"calibration batch 1 contains {what} at input 0"):
-        collect_ranges(gm, cal)
+        collect_ranges(gm, cal, graph=build_dataflow(gm))
     with pytest.raises(ConfigError, match="calibration is empty"):
-        collect_ranges(gm, [])
+        collect_ranges(gm, [], graph=build_dataflow(gm))
 
 
 # -- D1: the planted overflow --------------------------------------------------------------------
@@ -118,7 +127,7 @@ def test_planted_overflow_is_pinned_fp32_with_its_evidence():
         out = plain(*held[0])
     assert not torch.isfinite(out).all()
 
-    gm, graph, plan = plan_with_ranges(model, None, cal, dtype=FP16)
+    gm, graph, plan = plan_with_ranges(model, cal, dtype=FP16)
     d = plan["linear_1"]
     assert (d.precision, d.rule) == (torch.float32, "D1:overflow")
     assert f"observed max|x| = {observed:.3g} > data_max 16384 on 4 of 4 calibration batches" in d.reason
@@ -158,9 +167,9 @@ def test_data_max_is_a_knob_and_is_checked():
 def test_user_overrides_keep_precedence():
     model = Overflowing().eval()
     cal = batches(2, seed=1)
-    _, _, plan = plan_with_ranges(model, None, cal, dtype=FP16, force_low=("node:linear_1",))
+    _, _, plan = plan_with_ranges(model, cal, dtype=FP16, force_low=("node:linear_1",))
     assert (plan["linear_1"].precision, plan["linear_1"].rule) == (FP16, "R6:force_low")
-    _, _, plan = plan_with_ranges(model, None, cal, dtype=FP16, keep_fp32=("node:linear_1",))
+    _, _, plan = plan_with_ranges(model, cal, dtype=FP16, keep_fp32=("node:linear_1",))
     assert plan["linear_1"].rule == "R6:keep_fp32"
 
 
@@ -193,12 +202,12 @@ def test_underflow_pins_when_most_values_are_subnormal_and_notes_otherwise():
     tiny, normal = Tiny(1e-6).eval(), Tiny(1e-2).eval()
     cal, held = batches(2, seed=1), batches(2, seed=2)
 
-    _, _, plan = plan_with_ranges(tiny, None, cal, dtype=FP16)
+    _, _, plan = plan_with_ranges(tiny, cal, dtype=FP16)
     d = plan["linear"]
     assert (d.precision, d.rule) == (torch.float32, "D2:underflow")
     assert "100.0% of its non-zero values are below float16's smallest normal" in d.reason
     gm_plain = ac.convert(tiny, dtype="float16")
-    gm, graph, plan = plan_with_ranges(tiny, None, cal, dtype=FP16)
+    gm, graph, plan = plan_with_ranges(tiny, cal, dtype=FP16)
     insert_casts(gm, graph, plan)
     with torch.no_grad():
         plain_err = max(rel_err(gm_plain(x), tiny(x)) for (x,) in held)
@@ -259,7 +268,7 @@ def test_cancellation_is_pinned_in_bf16_by_measured_local_error():
     model = Cancellation().eval()
     cal, held = batches(2, seed=1, shape=(8, 16)), batches(2, seed=2, shape=(8, 16))
     plain = ac.convert(model, dtype="bfloat16")
-    gm, graph, plan = plan_with_ranges(model, None, cal, dtype=BF16)
+    gm, graph, plan = plan_with_ranges(model, cal, dtype=BF16)
     d = plan["sub"]
     assert (d.precision, d.rule) == (torch.float32, "D4:precision")
     assert "computed alone in bfloat16" in d.reason

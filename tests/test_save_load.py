@@ -35,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import amp_compiler as ac  # noqa: E402
+import amp_compiler.loading as loading  # noqa: E402
 import amp_compiler.saving as saving  # noqa: E402
 from amp_compiler.errors import ConfigError, SavedFileError  # noqa: E402
 
@@ -136,7 +137,7 @@ def test_fx_module_round_trip_needs_no_examples(tmp_path, training):
     assert torch.equal(loaded(x), amp(x))
     if training:  # fp32 master weights: the fresh model now holds exactly the original's
         assert _same_state(fresh, model)
-    manifest, _, _ = saving.read(path)
+    manifest, _, _ = loading.read(path)
     assert manifest["capture"] == "fx" and manifest["inputs"] is None
     assert manifest["model_class"] == "Small"
 
@@ -147,7 +148,7 @@ def test_export_module_round_trip_rebuilds_positional_examples(tmp_path):
     x = torch.randn(3, 8)
     amp = _quiet(ac.convert, model, (x,), dtype="bfloat16", training=True)
     path = ac.save(amp, tmp_path / "small.amp")
-    manifest, _, _ = saving.read(path)
+    manifest, _, _ = loading.read(path)
     assert manifest["inputs"] == {"args": [{"shape": [3, 8], "dtype": "float32", "input": 0}],
                                   "kwargs": {}}
     torch.manual_seed(5)
@@ -165,7 +166,7 @@ def test_training_module_saved_in_eval_mode_loads_in_eval_mode(tmp_path):
     amp = ac.convert(model, dtype="float16", training=True)
     amp.eval()  # validation between training steps
     path = ac.save(amp, tmp_path / "small.amp")
-    manifest, plan, _ = saving.read(path)
+    manifest, plan, _ = loading.read(path)
     assert manifest["training"] is True and manifest["mode"] == "eval"
     loaded = ac.load(path, Small())
     assert not loaded.training and not loaded.folded
@@ -208,7 +209,7 @@ def test_gpt2_training_fp16_round_trip(tmp_path, gpt2_train):
     finally:
         fresh.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
-    manifest, _, weights = saving.read(path)
+    manifest, _, weights = loading.read(path)
     assert manifest["model_class"] == "GPT2LMHeadModel"
     assert manifest["weights"]["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
     assert weights["lm_head.weight"] is weights["transformer.wte.weight"]
@@ -230,7 +231,7 @@ def test_gpt2_inference_bf16_round_trip(tmp_path, gpt2_infer):
     other = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert torch.equal(loaded(**other).logits, amp(**other).logits)
     # the weights the module computes from: the model's fp32 tensors (alive here), received
-    _, _, weights = saving.read(path)
+    _, _, weights = loading.read(path)
     assert _same_state(fresh, model)
     assert all(torch.equal(weights[k], t) for k, t in model.state_dict().items())
 
@@ -244,7 +245,7 @@ def test_inference_module_without_its_model_saves_the_folded_copies(tmp_path):
     del model  # the fp32 originals of the folded weights are gone; the bf16 copies remain
     gc.collect()
     path = ac.save(amp, tmp_path / "gpt2.amp")
-    _, _, weights = saving.read(path)
+    _, _, weights = loading.read(path)
     low = {k for k, t in weights.items() if t.dtype == torch.bfloat16}
     assert low and all(k.endswith(("weight", "bias")) for k in low)
     assert all(torch.equal(t, original[k].to(t.dtype)) for k, t in weights.items())
@@ -261,10 +262,10 @@ def test_either_state_dict_key_format_saves_the_same_weights(tmp_path, monkeypat
     from amp_compiler.module import AmpModule
 
     _, amp = gpt2_train
-    first = saving.read(ac.save(amp, tmp_path / "a.amp"))[2]
+    first = loading.read(ac.save(amp, tmp_path / "a.amp"))[2]
     monkeypatch.setattr(AmpModule, "state_dict", nn.Module.state_dict)  # the graph module's keys
     assert all(k.startswith("graph_module.") for k in amp.state_dict())
-    second = saving.read(ac.save(amp, tmp_path / "b.amp"))[2]
+    second = loading.read(ac.save(amp, tmp_path / "b.amp"))[2]
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import amp_compiler as ac
-from amp_compiler.capture.frontend import capture
+from amp_compiler.capture import capture
 from amp_compiler.passes.attention import rewrite_attention
 from amp_compiler.passes.sdpa_masks import fold_sdpa_masks, size_only_values
 from conftest import EPS, autocast_error_or_skip, rel_err, runtime_dtypes
@@ -52,7 +52,8 @@ def _is_causal(node: fx.Node) -> bool:
 
 
 def _sdpa_rules(remarks) -> list[str]:
-    return [r.rule for r in remarks if r.pass_name == "sdpa_masks"]
+    """The S rules that fired (a mask left as it is is a missed remark)."""
+    return [r.rule for r in remarks if r.pass_name == "sdpa_masks" and not r.missed]
 
 
 def _g(seed: int) -> torch.Generator:
@@ -308,7 +309,7 @@ def test_attention_rewrite_sees_a_symbolic_length_causal_mask():
     torch.manual_seed(0)
     model = ExplicitCausal().eval()
     gm, _ = capture(model, (torch.randn(2, 8, C),))
-    (match,) = rewrite_attention(gm)
+    (match,) = rewrite_attention(gm).facts
     assert match.causal and not match.has_mask
     (node,) = _sdpa_nodes(gm)
     assert _is_causal(node) and _mask_arg(node) is None
@@ -321,7 +322,7 @@ def test_fold_sdpa_masks_is_idempotent():
     """A second run finds nothing more to fold (is_causal set, masks gone or contiguous)."""
     for kind in ("causal_bool", "all_bool", "padding_strided"):
         _, gm, _ = _captured(kind)
-        assert fold_sdpa_masks(gm) == [], kind
+        assert fold_sdpa_masks(gm).taken == [], kind
 
 
 # -- real models -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import amp_compiler as ac
 from amp_compiler.passes import size_cache
+from amp_compiler.passes.infra import PassResult
 from amp_compiler.passes.size_cache import SizeCache
 
 SMALL = dict(vocab_size=128, num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
@@ -43,7 +44,7 @@ def _ids(shape, seed=1):
 
 
 def _without_cache(monkeypatch):
-    monkeypatch.setattr(sys.modules["amp_compiler.convert"], "cache_size_only", lambda gm: [])
+    monkeypatch.setattr(sys.modules["amp_compiler.convert"], "cache_size_only", lambda gm: PassResult(gm, False))
 
 
 @pytest.mark.parametrize("family", list(MODELS))

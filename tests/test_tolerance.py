@@ -20,7 +20,9 @@ import amp_compiler as ac
 from amp_compiler.errors import ConfigError, ToleranceError
 from amp_compiler.models import build
 from amp_compiler.passes import tolerance as tol
-from amp_compiler.passes.tolerance import amp_builder, repair_to_tolerance
+from amp_compiler.capture import build_dataflow, capture
+from amp_compiler.convert import amp_builder
+from amp_compiler.passes.tolerance import repair_to_tolerance
 from conftest import MODELS, rel_err
 
 FP16 = torch.float16
@@ -162,7 +164,9 @@ def test_convert_as_the_build_callback():
     def build_amp(nodes):
         return ac.convert(model, dtype="float16", keep_fp32=tuple("node:" + n for n in sorted(nodes)))
 
-    via_convert = repair_to_tolerance(build_amp, model, cal, 3e-4, candidates)
+    gm, _ = capture(model)
+    via_convert = repair_to_tolerance(build_amp, model, cal, 3e-4, candidates,
+                                      reference_graph=(gm, build_dataflow(gm)))
     via_builder = repair_to_tolerance(builder, model, cal, 3e-4, candidates)
     assert via_convert.error <= 3e-4
     assert set(via_convert.fp32_nodes) == set(via_builder.fp32_nodes)

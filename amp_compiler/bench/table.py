@@ -8,8 +8,11 @@ and one for the real-model suite (``--suite real``, files ``real-*.json``).
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+
+from amp_compiler.bench.real_models import SPECS
 
 
 def _num(x: float | None, spec: str, before: str = "", after: str = "") -> str:
@@ -114,8 +117,6 @@ REAL_HEADER = ["model", "mode", "batch", "dtype", "variant", "ms/step", "time vs
 
 def _real_key(d: dict) -> tuple:
     """Models in the suite's order, train before infer."""
-    from amp_compiler.bench.real import SPECS
-
     order = list(SPECS).index(d["model"]) if d["model"] in SPECS else len(SPECS)
     return order, d["model"], d["mode"] != "train", d["dtype"], d["config"]
 
@@ -242,8 +243,7 @@ def _measured(files: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+    """Print the tables of the files in ``argv`` (default: every file in bench/results)."""
     parser = argparse.ArgumentParser(
         prog="python -m amp_compiler.bench.table",
         description="Markdown tables (the README's) from `amp-compiler bench` JSON files.")

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from amp_compiler.errors import UnsupportedModelError
-from amp_compiler.capture.frontend import node_kind, target_name
+from amp_compiler.passes.kinds import node_kind, target_name
 
 # Kinds whose result may share memory with their first input (a view, or the input itself when
 # nothing changes: ``to`` in the same dtype, eval-mode dropout): a write through one is seen

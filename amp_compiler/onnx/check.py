@@ -3,7 +3,7 @@ the end of the caller's process.
 
 ONNX Runtime can die on a signal while it builds a session: 1.32's CPU EP segfaults in
 ``InferenceSession(path)`` at the default optimization level on a pattern our export once wrote
-(``passes.onnx_rewrite`` rule W9). A Python process that opens such a file in-process dies with
+(``passes.onnx_transposes`` rule W9). A Python process that opens such a file in-process dies with
 it, pytest and all. ``OrtProbe`` keeps one child Python process (``sys.executable``, importing
 only numpy and onnxruntime; started on first use, started again after it dies) that opens each
 file with default session options, once per execution provider (CPU, and CUDA where ONNX

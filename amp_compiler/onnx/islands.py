@@ -35,15 +35,17 @@ import numpy as np
 import onnx
 import torch
 
-from amp_compiler.onnx.export import onnx_session
+from amp_compiler.onnx.session import onnx_session
 from amp_compiler.passes.metrics import onnx_cast_count, rel_error
-from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES
+from amp_compiler.passes.onnx_graph import FLOAT_TYPES
 from amp_compiler.passes.plan import Decision, PrecisionPlan
+from amp_compiler.passes.rules import Rule
 
 log = logging.getLogger("amp_compiler")
 
 # fp32 for a neighbour's sake: tradable. Everything else fp32 is fp32 for its own sake.
-SOFT_RULES = ("R3:fp32-input", "R3:fp32-consumer", "R5:fp32-acc-fp32", "R7:follow-fp32", "O6:mask")
+SOFT_RULES = frozenset({Rule.R3_FP32_INPUT, Rule.R3_FP32_CONSUMER, Rule.R5_FP32_ACC_FP32,
+                        Rule.R7_FOLLOW_FP32, Rule.O6_MASK})
 ISLAND_MODES = ("keep", "measure")
 BATCH, LENGTH = 2, 32  # generated samples: symbolic dimensions
 SPLITS = 3  # an island refused whole is tried in halves, quarters, eighths
@@ -61,7 +63,7 @@ class Island:
 
 def islands(plan: Mapping[str, Decision], graph) -> list[Island]:
     """Connected regions of tradable fp32 compute nodes (``graph``: the DataflowGraph)."""
-    soft = {n for n, d in plan.items() if d.precision == torch.float32 and d.rule.startswith(SOFT_RULES)
+    soft = {n for n, d in plan.items() if d.precision == torch.float32 and d.rule in SOFT_RULES
             and n in graph and graph.vertex(n).role == "compute"}
     sub = nx.Graph()
     sub.add_nodes_from(soft)
@@ -190,7 +192,7 @@ def trade(source: onnx.ModelProto, plan: PrecisionPlan, graph,
     decisions = {}
     for n, (traded, why) in remarks.items():
         if traded:
-            decisions[n] = current_plan[n].with_(rule="O9:traded", reason=why)
+            decisions[n] = current_plan[n].with_(rule=Rule.O9_TRADED, reason=why)
         else:  # as the plan without trades decided it (not the pin's R6), with what was measured
             decisions[n] = plan[n].with_(reason=f"{plan[n].reason}; {why}")
     return current_plan.replace(decisions), current

@@ -1,7 +1,7 @@
 """Plan rules of the ONNX front end that read the model's patterns and values: O6 (additive
 attention masks clamped), O7 (the tanh-GELU cube), O8 (embedding tables), O10 (tables computed
-from initializers and shapes), and the headroom O3 and O10 share. Their texts are in
-``amp_compiler.onnx.frontend``'s docstring; ``convert_onnx`` calls them in order.
+from initializers and shapes), and the ONNX Runtime runs that measure values (O3, O10). Their
+texts are in ``amp_compiler.onnx.convert``'s docstring; ``convert_onnx`` calls them in order.
 
     >>> masks = clamp_masks(model, torch.float16)    # before the dataflow graph is built
     >>> tables = constant_tables(model, torch.float16, ONNX_OPS)
@@ -18,13 +18,16 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from amp_compiler.onnx.islands import generated_samples
+from amp_compiler.passes.dtypes import dtype_name
 from amp_compiler.passes.onnx_cast_placement import MOVEMENT, value_readers
-from amp_compiler.passes.onnx_rewrite import FLOAT_TYPES, NodeSlots, value_types
-from amp_compiler.passes.plan import Decision, dtype_name
+from amp_compiler.passes.onnx_graph import FLOAT_TYPES, value_types
+from amp_compiler.passes.onnx_rewrite import NodeSlots
+from amp_compiler.passes.plan import Decision
+from amp_compiler.passes.rules import Rule, pass_of
 
 log = logging.getLogger("amp_compiler")
 
-# O3 / O10: values within a quarter of the low dtype's range count as in range (the FX range
+# O10: values within a quarter of the low dtype's range count as in range (the FX range
 # analysis measured held-out maxima up to 1.9x the calibration maxima)
 RANGE_HEADROOM = 4.0
 
@@ -100,7 +103,7 @@ def mask_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex_
                 d = plan.get(vertex_of[i])
                 feeds_softmax = any(nodes[r].op_type == "Softmax" for o in node.output for r in readers.get(o, ()))
                 if node.op_type == "Add" and feeds_softmax and d is not None and d.precision is not None:
-                    out[vertex_of[i]] = d.with_(rule="O6:mask", reason=(
+                    out[vertex_of[i]] = d.with_(rule=Rule.O6_MASK, reason=(
                         f"adds mask '{mask}' (min {minimum:.4g}) clamped to {lowest:g}: Softmax "
                         f"weighs those entries 0 either way; {dtype_name(d.precision)} here: {d.reason}"))
                 for o in node.output:
@@ -188,7 +191,7 @@ def value_ranges(model: onnx.ModelProto, values: list[str], samples, *,
 
 
 def table_note(d: Decision, value_max: float, low: torch.dtype) -> Decision:
-    return d.with_(rule="O10:constant-table", reason=(
+    return d.with_(rule=Rule.O10_CONSTANT_TABLE, reason=(
         f"computed from initializers and shapes only (max|x| {value_max:.4g} on a generated sample): "
         f"a table the graph computes at run time, fp32 and cast once per dtype its readers need, "
         f"like a weight; its {dtype_name(low)} readers do not stay fp32 for it"))
@@ -248,7 +251,7 @@ def table_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex
         d = plan.get(vertex_of[idx])
         table = node.input[0] if node.op_type == "Gather" and node.input else None
         if d is None or table not in inits or d.precision == low or d.kind != "embedding" \
-                or d.rule.startswith(("R6:keep_fp32", "O")):
+                or (d.rule == Rule.R6_KEEP_FP32 or pass_of(d.rule) == "onnx.convert"):
             continue
         if table in low_readers:
             why = (f"table '{table}' is also read by {name} node '{low_readers[table]}': stored "
@@ -259,5 +262,5 @@ def table_decisions(plan: Mapping[str, Decision], model: onnx.ModelProto, vertex
                    f"each looked-up value rounded once, cast up where fp32 ops read it")
         else:
             continue
-        out[vertex_of[idx]] = d.with_(precision=low, rule="O8:low-table", reason=why)
+        out[vertex_of[idx]] = d.with_(precision=low, rule=Rule.O8_LOW_TABLE, reason=why)
     return out
