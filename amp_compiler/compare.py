@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from rich import box
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
+from amp_compiler.capture import capture
 from amp_compiler.errors import ConfigError
 from amp_compiler.passes.plan import dtype_name
 from amp_compiler.passes.metrics import float_tensors, rel_error
@@ -81,10 +85,6 @@ class CompareReport:
     def print(self, top_k: int | None = None, *, console=None) -> None:
         """A rich table in graph order (only the ``top_k`` worst nodes if given) and the
         overflow locator's verdict."""
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-
         console = console or Console()
         rows = self.top(top_k) if top_k else self.rows
         title = "per-node error vs fp32" + (f" (top {top_k})" if top_k else "")
@@ -155,17 +155,11 @@ def _has_nan(value) -> bool:
 
 def _fp32_graph(model: nn.Module, amp: nn.Module, inputs: tuple) -> fx.GraphModule:
     """The model captured the way ``amp`` was (same front end, same mode), so names match."""
-    from amp_compiler.capture import capture
-
     if isinstance(model, fx.GraphModule):
         return model
     source = getattr(amp, "source", "fx")
-    was_training = model.training
-    try:
-        model.train(bool(getattr(amp, "training", False)))
-        gm, _ = capture(model, inputs if source == "export" else None)
-    finally:
-        model.train(was_training)
+    gm, _ = capture(model, inputs if source == "export" else None,
+                    mode=bool(getattr(amp, "training", False)))
     return gm
 
 

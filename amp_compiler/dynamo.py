@@ -34,7 +34,7 @@ from torch import nn
 from amp_compiler.capture import build_dataflow, tidy_captured
 from amp_compiler.capture.functionalize import functionalize
 from amp_compiler.errors import AmpCompilerError, ConfigError
-from amp_compiler.passes.classify import classify, override_entries
+from amp_compiler.passes.classify import _resolve, classify, override_entries
 from amp_compiler.passes.dtypes import resolve_dtype
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.infra import PassManager
@@ -42,7 +42,9 @@ from amp_compiler.passes.insert_casts import CastRecord, insert_casts
 from amp_compiler.passes.plan import Decision, PrecisionPlan
 from amp_compiler.passes.policy import policy_for
 from amp_compiler.passes.propagate import propagate
+from amp_compiler.passes.size_cache import op_count
 from amp_compiler.scaler import new_scaler
+from amp_compiler.view.report import render_report
 
 log = logging.getLogger("amp_compiler")
 
@@ -140,8 +142,6 @@ class AmpBackend:
 
     def op_count(self) -> dict[str, int]:
         """Ops a call runs, summed over the graphs compiled so far (``AmpModule.op_count``)."""
-        from amp_compiler.passes.size_cache import op_count
-
         counts = [op_count(g.graph_module) for g in self.graphs]
         return {k: sum(c[k] for c in counts) for k in ("per_call", "per_shape")}
 
@@ -153,8 +153,6 @@ class AmpBackend:
 
 
 def _matches(dataflow: DataflowGraph, entry) -> bool:
-    from amp_compiler.passes.classify import _resolve
-
     try:
         return bool(_resolve(dataflow, (entry,), "keep_fp32"))
     except ConfigError:
@@ -226,8 +224,6 @@ class DynamoAmpModule(nn.Module):
 
     def report(self, *, only: str | None = None, why: str | None = None, print_: bool = True):
         """The plan of every graph compiled so far, as ``AmpModule.report`` prints it."""
-        from amp_compiler.view.report import render_report
-
         return render_report(self, only=only, why=why, print_=print_)
 
     def state_dict(self, *args, **kwargs):

@@ -29,6 +29,7 @@ from amp_compiler.models import build
 from amp_compiler.onnx.export import export_onnx
 from amp_compiler.onnx.io import OnnxFileExistsError
 from amp_compiler.onnx.session import onnx_session, verify_onnx
+from amp_compiler.passes.infra import PassResult
 from amp_compiler.passes.insert_casts import PROMOTING
 from amp_compiler.passes.size_cache import SizeCache
 
@@ -444,7 +445,7 @@ def test_transformer_encoder_file_does_not_crash_onnx_runtime(dtype, tmp_path, o
 
     # the file as it was without W9 (never opened in ONNX Runtime here)
     with monkeypatch.context() as mp:
-        mp.setattr("amp_compiler.onnx.export.sink_transposes", lambda model: ([], []))
+        mp.setattr("amp_compiler.onnx.export.sink_transposes", lambda model: PassResult(model, False, (), ([], [])))
         before = onnx.load(export_onnx(amp, (x,), tmp_path / "before.onnx"))
     assert len(transpose_hazards(before)) == 2 and not _moved_by_w9(before)
 
