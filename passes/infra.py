@@ -14,7 +14,7 @@ through as they are: they already say what to do.
 
     >>> passes = PassManager()
     >>> result = passes.run(clean_graph, gm)
-    >>> result.modified, [r.rule for r in result.remarks][:1]
+    >>> result.modified, [str(r.rule) for r in result.remarks][:1]
     (True, ['H1:metadata-assert'])
 """
 

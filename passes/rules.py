@@ -5,7 +5,7 @@ what it does. Decisions and remarks carry these ids; the README's rule table and
 A member is the id string itself (``Rule.R1_ALLOW == "R1:allow"``), so plans read back from JSON
 compare equal to it. The family (``"R1"``) is the number a pass's docstring explains at length.
 
-    >>> Rule.R1_ALLOW, Rule.R1_ALLOW.pass_name, Rule.R1_ALLOW.meaning
+    >>> str(Rule.R1_ALLOW), Rule.R1_ALLOW.pass_name, Rule.R1_ALLOW.meaning
     ('R1:allow', 'propagate', 'allow ops (matrix products, convolutions) compute in the low dtype')
     >>> rule_family("D1:overflow")
     'D1'
@@ -72,7 +72,6 @@ class Rule(str, Enum):
     A8_DROPOUT = ("A8:dropout", "attention", "dropout on the probabilities becomes dropout_p")
     A9_NAMING = ("A9:naming", "attention", "the new node is named after the softmax it replaces")
     A10_CLEANUP = ("A10:cleanup", "attention", "nodes left without users by the rewrite are removed")
-    A0_NO_MATCH = ("A0:no-match", "attention", "a softmax that anchors no rewrite, with the rule that failed")
     # -- classify: op kind -> category -------------------------------------------------------
     C1_CATEGORY = ("C1:category", "classify", "a compute op gets the category its kind has in the policy table")
     C2_UNKNOWN = ("C2:unknown", "classify", "kinds no table names are unknown: fp32, they stop propagation")
