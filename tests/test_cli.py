@@ -292,7 +292,7 @@ def test_onnx_target(tmp_path, capsys, ort_no_crash):
     _tiny_onnx(src)
     code, _, err = run(capsys, "convert", str(src), "--out", str(tmp_path / "o"))
     if not HAS_ONNX_FRONTEND:
-        assert_one_line_error(code, err, "onnx_frontend")
+        assert_one_line_error(code, err, "onnx.frontend")
         return
     assert code == 0, err
     converted = onnx.load(str(tmp_path / "o" / "model.onnx"))

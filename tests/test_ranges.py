@@ -22,7 +22,7 @@ from conftest import rel_err, runtime_dtypes
 FP16, BF16 = torch.float16, torch.bfloat16
 
 
-def plan_with_ranges(model, calibration, *, dtype, **overrides):
+def stages_with_ranges(model, calibration, *, dtype, **overrides):
     """convert()'s range stages on an eval-mode fx capture: capture -> DataflowGraph ->
     collect_ranges -> plan_from_ranges (D1-D4 pins); returns (gm, graph, plan)."""
     gm, _ = capture(model, mode=False)
@@ -127,7 +127,7 @@ def test_planted_overflow_is_pinned_fp32_with_its_evidence():
         out = plain(*held[0])
     assert not torch.isfinite(out).all()
 
-    gm, graph, plan = plan_with_ranges(model, cal, dtype=FP16)
+    gm, graph, plan = stages_with_ranges(model, cal, dtype=FP16)
     d = plan["linear_1"]
     assert (d.precision, d.rule) == (torch.float32, "D1:overflow")
     assert f"observed max|x| = {observed:.3g} > data_max 16384 on 4 of 4 calibration batches" in d.reason
@@ -167,9 +167,9 @@ def test_data_max_is_a_knob_and_is_checked():
 def test_user_overrides_keep_precedence():
     model = Overflowing().eval()
     cal = batches(2, seed=1)
-    _, _, plan = plan_with_ranges(model, cal, dtype=FP16, force_low=("node:linear_1",))
+    _, _, plan = stages_with_ranges(model, cal, dtype=FP16, force_low=("node:linear_1",))
     assert (plan["linear_1"].precision, plan["linear_1"].rule) == (FP16, "R6:force_low")
-    _, _, plan = plan_with_ranges(model, cal, dtype=FP16, keep_fp32=("node:linear_1",))
+    _, _, plan = stages_with_ranges(model, cal, dtype=FP16, keep_fp32=("node:linear_1",))
     assert plan["linear_1"].rule == "R6:keep_fp32"
 
 
@@ -202,12 +202,12 @@ def test_underflow_pins_when_most_values_are_subnormal_and_notes_otherwise():
     tiny, normal = Tiny(1e-6).eval(), Tiny(1e-2).eval()
     cal, held = batches(2, seed=1), batches(2, seed=2)
 
-    _, _, plan = plan_with_ranges(tiny, cal, dtype=FP16)
+    _, _, plan = stages_with_ranges(tiny, cal, dtype=FP16)
     d = plan["linear"]
     assert (d.precision, d.rule) == (torch.float32, "D2:underflow")
     assert "100.0% of its non-zero values are below float16's smallest normal" in d.reason
     gm_plain = ac.convert(tiny, dtype="float16")
-    gm, graph, plan = plan_with_ranges(tiny, cal, dtype=FP16)
+    gm, graph, plan = stages_with_ranges(tiny, cal, dtype=FP16)
     insert_casts(gm, graph, plan)
     with torch.no_grad():
         plain_err = max(rel_err(gm_plain(x), tiny(x)) for (x,) in held)
@@ -268,7 +268,7 @@ def test_cancellation_is_pinned_in_bf16_by_measured_local_error():
     model = Cancellation().eval()
     cal, held = batches(2, seed=1, shape=(8, 16)), batches(2, seed=2, shape=(8, 16))
     plain = ac.convert(model, dtype="bfloat16")
-    gm, graph, plan = plan_with_ranges(model, cal, dtype=BF16)
+    gm, graph, plan = stages_with_ranges(model, cal, dtype=BF16)
     d = plan["sub"]
     assert (d.precision, d.rule) == (torch.float32, "D4:precision")
     assert "computed alone in bfloat16" in d.reason
