@@ -34,7 +34,7 @@ from torch import nn
 from amp_compiler.capture import build_dataflow, tidy_captured
 from amp_compiler.capture.functionalize import functionalize
 from amp_compiler.errors import AmpCompilerError, ConfigError
-from amp_compiler.passes.classify import _resolve, classify, override_entries
+from amp_compiler.passes.classify import classify, override_entries, resolve_entries
 from amp_compiler.passes.dtypes import resolve_dtype
 from amp_compiler.passes.graph import DataflowGraph
 from amp_compiler.passes.infra import PassManager
@@ -154,7 +154,7 @@ class AmpBackend:
 
 def _matches(dataflow: DataflowGraph, entry) -> bool:
     try:
-        return bool(_resolve(dataflow, (entry,), "keep_fp32"))
+        return bool(resolve_entries(dataflow, (entry,), "keep_fp32"))
     except ConfigError:
         return False
 

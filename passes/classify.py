@@ -81,8 +81,8 @@ def classify(graph: DataflowGraph, policy: Policy, *, keep_fp32: Iterable = (),
                 why = missing_kernel(v.kind, policy.device_type, policy.low_dtype)
                 if why is not None:
                     no_kernel[v.name] = why
-    return Classification(categories, _resolve(graph, keep_fp32, "keep_fp32"),
-                          _resolve(graph, force_low, "force_low"), no_kernel)
+    return Classification(categories, resolve_entries(graph, keep_fp32, "keep_fp32"),
+                          resolve_entries(graph, force_low, "force_low"), no_kernel)
 
 
 def override_entries(entries, arg: str = "keep_fp32 or force_low") -> tuple:
@@ -109,7 +109,9 @@ def _entry_text(entry) -> str:
     return str(entry)
 
 
-def _resolve(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str]:
+def resolve_entries(graph: DataflowGraph, entries: Iterable, arg: str) -> dict[str, str]:
+    """Rule C4: the compute nodes ``keep_fp32`` / ``force_low`` entries select, node -> the
+    entry that selected it (``arg`` names the argument in errors and warnings)."""
     entries = override_entries(entries, arg)
     selected: dict[str, str] = {}
     compute = [v for v in graph.vertices() if v.role == "compute"]
