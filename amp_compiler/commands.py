@@ -168,8 +168,7 @@ def _onnx_cast_list(model) -> list[dict]:
 def _with_casts(plan, casts: list[dict]) -> PrecisionPlan:
     """``plan`` with ``casts`` in its ``meta`` (so ``report --only casts`` works from the JSON
     alone); the decisions are the same objects."""
-    return PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype,
-                         device_type=plan.device_type, meta={**plan.meta, "casts": casts})
+    return plan.with_meta(casts=casts)
 
 
 def plan_with_casts(amp):

@@ -89,8 +89,7 @@ def numerics_plan(model, example_inputs, gm, source, dataflow, low, device_type,
         pins = {n: v for n, v in pins.items() if n in dataflow}
         plan = plan_with_overrides(dataflow, low, device_type, keep_fp32=keep_fp32,
                                    force_low=force_low, overrides=pins)
-    return PrecisionPlan(dict(plan.items()), low_dtype=low, device_type=device_type,
-                         meta={**plan.meta, **meta})
+    return plan.with_meta(**meta)
 
 
 def check_saved_plan(plan: PrecisionPlan, dataflow) -> PrecisionPlan:
@@ -312,7 +311,7 @@ def lower(model: nn.Module, gm, dataflow, plan: PrecisionPlan, *, training: bool
     if fold:
         folded = passes.run(fold_weights, gm, casts.casts)
         remarks += folded.remarks
-        log.info("folded %d parameter casts", folded.facts)
+        log.info("folded %d parameter casts", len(folded.taken))
     # 7. fp16 training: a loss scaler, the loss gradient scaled inside the graph and divided
     #    again where it leaves it, so that loss.backward() leaves true gradients in .grad
     #    (rules L1-L5; bf16 has fp32's range and needs none)

@@ -20,7 +20,7 @@ Rules:
         ``gm.meta["amp_state_keys"]`` keeps the graph module's state-dict keys before folding
         (the user model's, in its order).
 
-    >>> n = fold_weights(gm, casts).facts
+    >>> folded = fold_weights(gm, casts).taken
     >>> "to(" in gm.code
     False
     >>> [(f.copy, f.source) for f in folded_weights(gm)][:1]
@@ -141,15 +141,13 @@ def _written_attrs(gm: fx.GraphModule) -> set[str]:
 
 
 def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> PassResult:
-    """Apply F1-F5 to ``gm`` in place; one remark per weight folded or left (F4), ``facts`` the
-    number of casts folded."""
+    """Apply F1-F5 to ``gm`` in place; one remark per weight folded (F1, F3) or left (F4)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     written = _written_attrs(gm)
     state_keys = list(gm.state_dict(keep_vars=True))
     gm.meta.setdefault("amp_state_keys", state_keys)
     records = gm.meta.setdefault("amp_folded", [])
     state_keys = set(state_keys)
-    folded = 0
     remarks: list[Remark] = []
     for rec in casts:
         if not rec.is_param or rec.node not in nodes:
@@ -171,7 +169,6 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> PassResult:
             new = gm.graph.get_attr(attr)
         cast_node.replace_all_uses_with(new)
         gm.graph.erase_node(cast_node)
-        folded += 1
         remarks.append(Remark("fold_weights", Rule.F1_FOLD, rec.node, f"'{rec.source}' is stored as a "
                               f"{str(rec.dtype).split('.')[-1]} copy '{attr}', cast once instead of per call"))
     for node in list(gm.graph.nodes):  # F3
@@ -190,7 +187,6 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> PassResult:
                 call = gm.graph.call_module(name, tuple(node.args[2:]), dict(node.kwargs))
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
-            folded += 1
             remarks.append(Remark("fold_weights", Rule.F3_LEAF_COPY, node.name, f"'{mod_node.target}' "
                                   f"runs as a stored {str(dtype).split('.')[-1]} copy '{name}'"))
     for node in list(gm.graph.nodes):
@@ -200,4 +196,4 @@ def fold_weights(gm: fx.GraphModule, casts: list[CastRecord]) -> PassResult:
             if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
                 _delete(gm, target)
     gm.recompile()
-    return result(gm, remarks, facts=folded)
+    return result(gm, remarks)

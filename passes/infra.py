@@ -8,8 +8,8 @@ node it found). Analyses (classify, propagate, ranges, tolerance) return their f
 their reasons in the plan's Decisions instead.
 
 ``PassManager.run`` runs a pass, checks the graph after every rewrite (``fx.Graph.lint``; the
-ONNX checker for models) and turns an unexpected failure into a ``PassError`` that names the
-pass and the passes run before it. Errors we raise on purpose (``AmpCompilerError``) pass
+ONNX pipeline checks the model it returns with the full ONNX checker instead) and turns an
+unexpected failure into a ``PassError`` that names the pass and the passes run before it. Errors we raise on purpose (``AmpCompilerError``) pass
 through as they are: they already say what to do.
 
     >>> passes = PassManager()
@@ -70,17 +70,22 @@ def result(ir: Any, remarks=(), *, modified: bool | None = None, facts: Any = No
     return PassResult(ir, modified, remarks, facts)
 
 
-# protobuf's limit: larger models are checked by ONNX Runtime when it loads them
-_CHECKABLE_BYTES = 2**31 - 1
+def lint(gm: fx.GraphModule) -> None:
+    """``fx.Graph.lint``: every node's inputs defined before it, targets that exist."""
+    gm.graph.lint()
 
 
 class PassManager:
     """Runs passes one after another on one IR, checking the IR after each rewrite.
 
-    ``history`` lists the passes run so far; a failure names them.
+    ``check``: how a rewritten IR is checked (FX's own ``lint`` by default); None where the
+    pipeline checks its result itself (``convert_onnx`` runs the full ONNX checker on the model
+    it returns, and tells a broken source file from a broken rewrite). ``history`` lists the
+    passes run so far; a failure names them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check: Callable[[Any], None] | None = lint) -> None:
+        self.check = check
         self.history: list[str] = []
 
     def run(self, fn: Callable[..., PassResult], ir: Any, *args: Any, **kwargs: Any) -> PassResult:
@@ -94,23 +99,14 @@ class PassManager:
                             f"please report it with the model") from exc
         if not isinstance(out, PassResult):
             raise PassError(f"pass {name} returned {type(out).__name__}, not a PassResult {self._after()}")
-        if out.modified:
-            check(out.graph_module, f"pass {name} left an invalid graph {self._after()}")
+        if out.modified and self.check is not None:
+            try:
+                self.check(out.graph_module)
+            except Exception as exc:  # noqa: BLE001
+                raise PassError(f"pass {name} left an invalid graph {self._after()}: "
+                                f"{type(exc).__name__}: {exc}") from exc
         self.history.append(name)
         return out
 
     def _after(self) -> str:
         return f"after {', '.join(self.history)}" if self.history else "as the first pass"
-
-
-def check(ir: Any, what: str) -> None:
-    """``fx.Graph.lint`` for FX graphs, the ONNX checker for ONNX models; PassError on failure."""
-    try:
-        if isinstance(ir, fx.GraphModule):
-            ir.graph.lint()
-        elif type(ir).__name__ == "ModelProto" and ir.ByteSize() < _CHECKABLE_BYTES:
-            import onnx  # the ONNX checker, only for ONNX passes: torch users need not load onnx
-
-            onnx.checker.check_model(ir)
-    except Exception as exc:  # noqa: BLE001
-        raise PassError(f"{what}: {type(exc).__name__}: {exc}") from exc

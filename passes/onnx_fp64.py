@@ -41,25 +41,27 @@ def fp64_to_fp32(model: onnx.ModelProto) -> PassResult:
     """Rules E1-E3 on the top-level graph, in place; one remark per value changed, ``facts``
     what changed, in words."""
     g = model.graph
-    changed: list[str] = []
-    remarks: list[tuple[Rule, str, str]] = []
+    changed: list[str] = []  # in words, for the log
+    remarks: list[Remark] = []
+
+    def note(rule: Rule, name: str, what: str, why: str) -> None:
+        changed.append(what)
+        remarks.append(Remark("onnx_fp64", rule, name, why))
+
     for i, t in enumerate(g.initializer):  # E1
         if t.data_type == F64:
             g.initializer[i].CopyFrom(numpy_helper.from_array(
                 numpy_helper.to_array(t).astype(np.float32), t.name))
-            changed.append(f"initializer '{t.name}'")
-            remarks.append((Rule.E1_FP64_INITIALIZERS, t.name, "stored as float32 (rounded to nearest)"))
+            note(Rule.E1_FP64_INITIALIZERS, t.name, f"initializer '{t.name}'", "stored as float32 (rounded to nearest)")
     for node in g.node:  # E2
         attr = _DTYPE_ATTRS.get(node.op_type)
         for a in node.attribute:
             if a.name == attr and a.type == onnx.AttributeProto.INT and a.i == F64:
                 a.i = F32
-                changed.append(f"{node.op_type} '{node.name}'")
-                remarks.append((Rule.E2_FP64_CASTS, node.name, f"{node.op_type} makes float32, not float64"))
+                note(Rule.E2_FP64_CASTS, node.name, f"{node.op_type} '{node.name}'", f"{node.op_type} makes float32, not float64")
             if node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == F64:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32)))
-                changed.append(f"ConstantOfShape '{node.name}'")
-                remarks.append((Rule.E2_FP64_CASTS, node.name, "fills with a float32 value"))
+                note(Rule.E2_FP64_CASTS, node.name, f"ConstantOfShape '{node.name}'", "fills with a float32 value")
     used = {n.name for n in g.node} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     inits = {t.name for t in g.initializer}
     entering = []
@@ -71,8 +73,7 @@ def fp64_to_fp32(model: onnx.ModelProto) -> PassResult:
                     if v == vi.name:
                         node.input[k] = inner
             entering.append(helper.make_node("Cast", [vi.name], [inner], to=F32, name=fresh_name(used, f"amp_fp64_{inner}")))
-            changed.append(f"input '{vi.name}'")
-            remarks.append((Rule.E3_FP64_BORDER, vi.name, "a float64 input, cast to float32 where it enters"))
+            note(Rule.E3_FP64_BORDER, vi.name, f"input '{vi.name}'", "a float64 input, cast to float32 where it enters")
     leaving = []
     for vo in g.output:  # E3: outputs
         if _elem(vo) == F64:
@@ -85,8 +86,7 @@ def fp64_to_fp32(model: onnx.ModelProto) -> PassResult:
                     if v == vo.name:
                         node.input[k] = inner
             leaving.append(helper.make_node("Cast", [inner], [vo.name], to=F64, name=fresh_name(used, f"amp_fp64_{vo.name}")))
-            changed.append(f"output '{vo.name}'")
-            remarks.append((Rule.E3_FP64_BORDER, vo.name, "a float64 output, cast back where it leaves"))
+            note(Rule.E3_FP64_BORDER, vo.name, f"output '{vo.name}'", "a float64 output, cast back where it leaves")
     if entering or leaving:
         nodes = entering + list(g.node) + leaving
         del g.node[:]
@@ -95,6 +95,5 @@ def fp64_to_fp32(model: onnx.ModelProto) -> PassResult:
         keep = [v for v in g.value_info if _elem(v) != F64]
         del g.value_info[:]
         g.value_info.extend(keep)
-    return result(model, [Remark("onnx_fp64", rule, what, why) for rule, what, why in remarks],
-                  facts=changed)
+    return result(model, remarks, facts=changed)
 

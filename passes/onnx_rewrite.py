@@ -41,10 +41,10 @@ Rules:
         the plan does not need -- no-op Casts, exact widening round trips, sibling Casts, Casts of
         initializers, and Casts that meet one of those once moved above a pure movement op --
         without changing any node's precision or any value (ONNX Runtime's outputs stay
-        bit-identical); ``RewriteResult.placement`` lists each rewrite with its rule and reason.
+        bit-identical); the result's remarks list each rewrite with its rule and reason.
 
-    >>> result = rewrite_onnx(model, slots, vertex_of, plan, source_dtypes).facts
-    >>> result.model, len(result.casts), result.converted
+    >>> rewritten = rewrite_onnx(model, slots, vertex_of, plan, source_dtypes)
+    >>> rewritten.graph_module, len(rewritten.facts.casts), rewritten.facts.converted
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from .infra import PassResult, Remark
+from .infra import PassResult
 from .onnx_cast_placement import place_casts
 from .onnx_graph import (FLOAT_TYPES, ONNX_TO_TORCH, SHORT, SUBGRAPH_OPS, TORCH_TO_ONNX, FreshNames,
                          cast_to, convert_tensor, elem_type, outer_references, refresh_value_info,
@@ -81,17 +81,16 @@ class NodeSlots:
 
 @dataclass
 class RewriteResult:
-    """The rewritten model and what changed: casts (value, dtype, cast output name),
-    initializers converted in place, duplicated, and clamped; Transposes moved (W9)."""
+    """What the rewrite changed (the ``facts`` of its PassResult; the model is its
+    ``graph_module``, W9's and W10's remarks its ``remarks``): casts (value, dtype, cast output
+    name), initializers converted in place, duplicated, and clamped; Transposes moved (W9)."""
 
-    model: onnx.ModelProto
     casts: list[tuple[str, int, str]] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
     clamped: list[str] = field(default_factory=list)
     moved_transposes: list[str] = field(default_factory=list)  # W9: MatMuls a Transpose moved below
     hazards: list[TransposeHazard] = field(default_factory=list)  # W9 matches left in place
-    placement: list[Remark] = field(default_factory=list)  # W10: Casts removed or moved
 
 
 def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_of: Mapping[int, str],
@@ -108,7 +107,7 @@ def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_
     g = out.graph
     low = TORCH_TO_ONNX[plan.low_dtype]
     names = FreshNames(out)
-    result = RewriteResult(out)
+    result = RewriteResult()
 
     inits = {t.name: t for t in g.initializer}
     overridable = {i.name for i in g.input} & set(inits)
@@ -241,8 +240,8 @@ def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_
     del g.node[:]
     g.node.extend(new_nodes)
     # W10 -- the same plan with fewer Casts, every value unchanged (onnx_cast_placement C1-C6)
-    result.placement = list(place_casts(out).remarks)
-    if result.placement:
+    placed = place_casts(out).remarks
+    if placed:
         made = {o for n in g.node for o in n.output}
         result.casts = [r for r in result.casts if r[2] in made]
     # W7 -- value_info describes the old dtypes: drop it and infer again
@@ -252,7 +251,7 @@ def rewrite_onnx(model: onnx.ModelProto, slots: Mapping[int, NodeSlots], vertex_
     result.moved_transposes, result.hazards = sunk.facts
     if result.hazards:
         warnings.warn(hazard_message(result.hazards), stacklevel=3)
-    return PassResult(out, True, tuple(result.placement) + sunk.remarks, result)
+    return PassResult(out, True, placed + sunk.remarks, result)
 
 
 def _fold_fill_casts(nodes: list[onnx.NodeProto], result: RewriteResult, *,

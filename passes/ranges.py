@@ -243,6 +243,4 @@ def plan_from_ranges(graph: DataflowGraph, ranges: Mapping[str, ValueRange], low
         overrides.update(new)
     findings = [f for f in range_findings(graph, ranges, low_dtype, data_max=data_max)
                 if f.node in overrides or (f.action == "note" and plan[f.node].precision == low_dtype)]
-    meta = {**plan.meta, "range_findings": [[f.node, f.rule, f.action, f.reason] for f in findings]}
-    return PrecisionPlan(dict(plan.items()), low_dtype=plan.low_dtype, device_type=plan.device_type,
-                         meta=meta)
+    return plan.with_meta(range_findings=[[f.node, f.rule, f.action, f.reason] for f in findings])
